@@ -1,0 +1,149 @@
+"""The ``vmhost`` (service) and ``vmhostctl`` (client) commands.
+
+``vmhostctl`` puts the command first, like systemctl; ``--socket`` and
+``--json`` are accepted before or after it.  Imports stay lazy so a status
+call does not pay for the service's modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from . import __version__
+from .errors import VmhostError
+
+_COMMANDS = ("status", "info", "stop", "force-stop", "logs", "is-alive")
+
+
+def vmhostctl_main(argv: Sequence[str] | None = None) -> int:
+    args = _ctl_parser().parse_args(argv)
+    try:
+        return _ctl(args)
+    except VmhostError as e:
+        print(f"vmhostctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _ctl_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", type=Path, default=argparse.SUPPRESS, help="socket path")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="vmhostctl", parents=[common], description="Control one vmhost-supervised VM."
+    )
+    parser.add_argument("--version", action="version", version=f"vmhostctl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "status": "show the VM's state",
+        "info": "show state, SSH port and backend",
+        "stop": "stop gracefully (agent, ACPI, then force)",
+        "force-stop": "kill the VM now",
+        "logs": "show the VM's journal (vmhost and guest console)",
+        "is-alive": "exit 0 if the vmhost process answers",
+    }
+    for command in _COMMANDS:
+        aliases = ["force_stop"] if command == "force-stop" else []
+        p = sub.add_parser(command, parents=[common], help=helps[command], aliases=aliases)
+        p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
+        if command == "stop":
+            p.add_argument("--timeout", type=int, default=0, help="seconds (default 30)")
+        if command == "logs":
+            p.add_argument("-f", "--follow", action="store_true")
+            p.add_argument("-n", "--lines", type=int, default=10)
+    return parser
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from .client import Client, socket_path
+
+    json_out: bool = getattr(args, "json", False)
+    sock: Path | None = getattr(args, "socket", None)
+    if args.command == "logs" and sock is None:
+        return _local_logs(_name(args), args.lines, args.follow)
+    if sock is None:
+        sock = socket_path(_name(args))
+    client = Client(sock, detail=True)
+    if args.command == "is-alive":
+        return 0 if client.is_alive() else 1
+    if args.command == "logs":
+        for line in client.logs(args.lines, follow=args.follow):
+            print(line, flush=True)
+        return 0
+    if args.command == "stop":
+        response = client.stop(args.timeout)
+    elif args.command in ("force-stop", "force_stop"):
+        response = client.force_stop()
+    elif args.command == "info":
+        response = client.info()
+    else:
+        response = client.status()
+    if json_out:
+        sys.stdout.buffer.write(msgspec.json.encode(response) + b"\n")
+    else:
+        label = args.name or str(sock)
+        print(f"{label}: {response.vm_state or response.state}")
+        if response.pid:
+            print(f"  pid: {response.pid}")
+        if response.ssh_port:
+            print(f"  ssh: 127.0.0.1:{response.ssh_port}")
+        if response.backend:
+            print(f"  backend: {response.backend}")
+    return 0
+
+
+def _name(args: argparse.Namespace) -> str:
+    if not args.name:
+        raise SystemExit(f"vmhostctl {args.command}: give a VM NAME or --socket PATH")
+    return str(args.name)
+
+
+def _local_logs(name: str, lines: int, follow: bool) -> int:
+    """Read the journal here rather than through the server: works when the VM is down too."""
+    import asyncio
+
+    from .logs import entries
+
+    async def show() -> None:
+        async for line in entries(name, lines=lines, follow=follow):
+            print(line, flush=True)
+
+    asyncio.run(show())
+    return 0
+
+
+def vmhost_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmhost", description="Supervise one QEMU VM.")
+    parser.add_argument("--version", action="version", version=f"vmhost {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="boot and supervise VM NAME, serving its control socket")
+    serve.add_argument("name")
+    serve.add_argument("--config", type=Path, help="default: /etc/vmhost/NAME.toml")
+    serve.add_argument(
+        "--socket", type=Path, help="default: activated socket, else /run/vmhost/NAME/vmhost.sock"
+    )
+    serve.add_argument(
+        "--state-dir", type=Path, help="default: $STATE_DIRECTORY, else /var/lib/vmhost/NAME"
+    )
+    serve.add_argument("--pid-file", type=Path, help="written while serving, removed on exit")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+
+    from .service import Options, run
+
+    return run(
+        Options(
+            name=args.name,
+            config=args.config,
+            socket=args.socket,
+            state_dir=args.state_dir,
+            pid_file=args.pid_file,
+            verbose=args.verbose,
+        )
+    )

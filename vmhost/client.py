@@ -1,0 +1,161 @@
+"""Python client for the control socket, the Go ``Client`` in sync and asyncio flavours.
+
+Like the Go client: dial with a 5 s timeout, one request per connection, a
+30 s deadline for the whole exchange, and ``ok:false`` becomes an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import msgspec
+
+from . import protocol
+from .errors import ClientError, ServerError
+from .protocol import Request, Response
+
+DIAL_TIMEOUT = 5.0
+DEADLINE = 30.0
+RUN_DIR = Path("/run/vmhost")
+_MAX_LINE = 1024 * 1024
+R = TypeVar("R")
+
+
+def socket_path(name: str) -> Path:
+    """Where the socket unit puts VM ``name``'s control socket."""
+    from .config import check_name
+
+    return RUN_DIR / check_name(name) / "vmhost.sock"
+
+
+def _result(line: bytes, path: Path) -> Response:
+    if not line.endswith(b"\n"):
+        raise ClientError(f"{path}: connection closed before a complete answer")
+    try:
+        response = protocol.decode_response(line)
+    except msgspec.DecodeError as e:
+        raise ClientError(f"{path}: malformed answer: {e}") from e
+    if not response.ok:
+        raise ServerError(response.error or "request failed")
+    return response
+
+
+class _Calls(Generic[R]):
+    """The Go client's methods, shared by both flavours: each returns ``call``'s result."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dial_timeout: float = DIAL_TIMEOUT,
+        deadline: float = DEADLINE,
+        detail: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.dial_timeout = dial_timeout
+        self.deadline = deadline
+        self.detail = detail
+
+    def call(self, request: Request) -> R:
+        raise NotImplementedError
+
+    def status(self) -> R:
+        return self.call(Request(method=protocol.STATUS, detail=self.detail))
+
+    def info(self) -> R:
+        return self.call(Request(method=protocol.INFO, detail=self.detail))
+
+    def stop(self, timeout_seconds: int = 0) -> R:
+        return self.call(Request(method=protocol.STOP, timeout_seconds=timeout_seconds))
+
+    def force_stop(self) -> R:
+        return self.call(Request(method=protocol.FORCE_STOP))
+
+
+class Client(_Calls[Response]):
+    """Blocking client; each call is one connection."""
+
+    def is_alive(self) -> bool:
+        try:
+            self.status()
+        except ClientError:
+            return False
+        return True
+
+    def call(self, request: Request) -> Response:
+        return next(self._exchange(request))
+
+    def logs(self, lines: int = 10, *, follow: bool = False) -> Iterator[str]:
+        """This VM's journal lines, through the server (a vmhost extension)."""
+        for response in self._exchange(Request(method=protocol.LOGS, lines=lines, follow=follow)):
+            yield response.message
+
+    def _exchange(self, request: Request) -> Iterator[Response]:
+        end = time.monotonic() + self.deadline
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.dial_timeout)
+                sock.connect(str(self.path))
+                sock.settimeout(max(end - time.monotonic(), 0.001))
+                sock.sendall(protocol.encode_request(request))
+                with sock.makefile("rb") as reader:
+                    while line := reader.readline(_MAX_LINE):
+                        yield _result(line, self.path)
+                        if request.method != protocol.LOGS:
+                            return
+                        sock.settimeout(None if request.follow else self.deadline)
+        except OSError as e:
+            raise ClientError(f"{self.path}: {e.strerror or e}") from e
+        if request.method != protocol.LOGS:
+            raise ClientError(f"{self.path}: connection closed without an answer")
+
+
+class AsyncClient(_Calls[Awaitable[Response]]):
+    """asyncio client with the same surface as :class:`Client`."""
+
+    def call(self, request: Request) -> Awaitable[Response]:
+        return self._call(request)
+
+    async def is_alive(self) -> bool:
+        try:
+            await self.status()
+        except ClientError:
+            return False
+        return True
+
+    async def _call(self, request: Request) -> Response:
+        try:
+            async with asyncio.timeout(self.deadline):
+                async with asyncio.timeout(self.dial_timeout):
+                    reader, writer = await asyncio.open_unix_connection(self.path, limit=_MAX_LINE)
+                try:
+                    writer.write(protocol.encode_request(request))
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+        except TimeoutError as e:
+            raise ClientError(f"{self.path}: timed out") from e
+        except (OSError, ValueError) as e:
+            raise ClientError(f"{self.path}: {e}") from e
+        return _result(line, self.path)
+
+    async def logs(self, lines: int = 10, *, follow: bool = False) -> AsyncIterator[str]:
+        request = Request(method=protocol.LOGS, lines=lines, follow=follow)
+        try:
+            async with asyncio.timeout(self.dial_timeout):
+                reader, writer = await asyncio.open_unix_connection(self.path, limit=_MAX_LINE)
+            try:
+                writer.write(protocol.encode_request(request))
+                while line := await reader.readline():
+                    yield _result(line, self.path).message
+            finally:
+                writer.close()
+        except TimeoutError as e:
+            raise ClientError(f"{self.path}: timed out") from e
+        except OSError as e:
+            raise ClientError(f"{self.path}: {e}") from e

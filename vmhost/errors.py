@@ -1,0 +1,39 @@
+"""One error tree for everything vmhost raises, so callers can catch ``VmhostError``."""
+
+from __future__ import annotations
+
+
+class VmhostError(Exception):
+    """Base of every error vmhost raises on purpose."""
+
+
+class ConfigError(VmhostError):
+    """The VM's config cannot be used; the message names the file and the field."""
+
+
+class ProtocolError(VmhostError):
+    """A control-socket message does not decode; its text follows ``invalid request:``."""
+
+
+class ClientError(VmhostError):
+    """A control-socket call failed before an answer came back (connect, timeout, EOF)."""
+
+
+class ServerError(ClientError):
+    """The server answered ``ok:false``; the message is the server's own text."""
+
+
+class AlreadyRunningError(VmhostError):
+    """Another vmhost already serves this socket; starting a second one would steal it."""
+
+
+class ControllerError(VmhostError):
+    """The VM could not be started or controlled."""
+
+
+class VMCrashedError(ControllerError):
+    """QEMU ended without a requested stop or a guest power-off (crash, outside kill)."""
+
+
+class AgentError(ControllerError):
+    """The guest agent was unreachable, too slow, or refused; the cause is chained."""
