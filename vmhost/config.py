@@ -1,0 +1,283 @@
+"""A VM's TOML config, decoded by msgspec into frozen Structs.
+
+Other tools write these files, so the key names are an interface. Every
+problem is reported as ONE :class:`ConfigError` naming the file and the dotted
+field (``/etc/vmhost/demo.toml: network.ssh_port: expected <= 65535, got
+70000``), because the first reader of that message is an operator looking at
+``systemctl status``.  Files the VM needs are checked here, at load, so a typo
+fails the unit before QEMU starts rather than as an obscure QEMU exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from vmhost.errors import ConfigError
+
+CONFIG_DIR: Final = Path("/etc/vmhost")
+MIN_MEMORY_MIB: Final = 64
+"""Below this no Linux guest with an initrd gets to userspace."""
+
+_Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class MachineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    cpus: Annotated[int, msgspec.Meta(ge=1)] = 1
+    memory_mib: Annotated[int, msgspec.Meta(ge=MIN_MEMORY_MIB)] = 256
+    accel: Literal["kvm", "tcg", "auto"] = "auto"
+
+
+class BootConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Direct kernel boot; without it the VM boots from its first disk."""
+
+    kernel: str
+    initrd: str = ""
+    cmdline: str = "console=ttyS0"
+
+
+class DiskConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    path: str
+    format: Literal["raw", "qcow2"] = "raw"
+    read_only: bool = False
+
+
+class NetworkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ssh_port: _Port = 0
+    """Host 127.0.0.1:ssh_port forwards to guest port 22; 0 means no forward."""
+
+
+class ShareConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A host directory the agent mounts in the guest (virtio-9p tag ``shareN``)."""
+
+    path: str
+    guest_path: str
+    read_only: bool = False
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The in-guest agent (stereosd); ``port = 0`` means the guest has none."""
+
+    port: _Port = 0
+    config_file: str = ""
+    ssh_public_key: str = ""
+    secrets: dict[str, str] = {}
+    shares: list[ShareConfig] = []
+
+
+class StopConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 30
+
+
+class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    binary: str = "qemu-system-x86_64"
+    sandbox: bool = True
+    extra_args: list[str] = []
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One VM. File paths in a loaded Config are absolute."""
+
+    machine: MachineConfig = MachineConfig()
+    boot: BootConfig | None = None
+    disks: list[DiskConfig] = []
+    network: NetworkConfig = NetworkConfig()
+    agent: AgentConfig = AgentConfig()
+    stop: StopConfig = StopConfig()
+    qemu: QemuConfig = QemuConfig()
+
+
+_NAME: Final = re.compile(r"[A-Za-z0-9_:@][A-Za-z0-9_.:@-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is safe as one path component, else raise ConfigError.
+
+    systemd unescapes the instance (``vmhost@..%2fetc`` arrives as ``../etc``),
+    so the name is untrusted input that ends up in ``/etc/vmhost/NAME.toml``.
+    """
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"invalid VM name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ . : @ -, "
+            "not starting with . or -"
+        )
+    return name
+
+
+def path_for(name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    return config_dir / f"{check_name(name)}.toml"
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(str(exc), raw)}") from exc
+    config = _resolve(config, path.parent.absolute())
+    problem = _check(config)
+    if problem:
+        raise ConfigError(f"{path}: {problem[0]}: {problem[1]}")
+    return config
+
+
+def _resolve(config: Config, base: Path) -> Config:
+    def absolute(value: str) -> str:
+        return str(base / value) if value else value
+
+    replace = msgspec.structs.replace
+    binary = config.qemu.binary
+    boot = config.boot
+    if boot is not None:
+        boot = replace(boot, kernel=absolute(boot.kernel), initrd=absolute(boot.initrd))
+    return replace(
+        config,
+        boot=boot,
+        disks=[replace(d, path=absolute(d.path)) for d in config.disks],
+        agent=replace(
+            config.agent,
+            config_file=absolute(config.agent.config_file),
+            shares=[replace(s, path=absolute(s.path)) for s in config.agent.shares],
+        ),
+        # A bare command name is looked up in PATH; only a path is resolved.
+        qemu=replace(config.qemu, binary=absolute(binary) if "/" in binary else binary),
+    )
+
+
+def _check(config: Config) -> tuple[str, str] | None:
+    """The first unusable setting as (field, reason), in file order."""
+    boot = config.boot
+    if boot is not None:
+        problem = _file_problem(boot.kernel, write=False)
+        if problem:
+            return "boot.kernel", problem
+        problem = boot.initrd and _file_problem(boot.initrd, write=False)
+        if problem:
+            return "boot.initrd", problem
+    elif not config.disks:
+        return "disks", "nothing to boot: give [boot] or at least one [[disks]]"
+    for i, disk in enumerate(config.disks):
+        problem = _file_problem(disk.path, write=not disk.read_only)
+        if problem:
+            return f"disks[{i}].path", problem
+    ssh, agent = config.network.ssh_port, config.agent.port
+    if agent and agent == ssh:
+        return "agent.port", f"{agent} is already network.ssh_port"
+    problem = config.agent.config_file and _file_problem(config.agent.config_file, write=False)
+    if problem:
+        return "agent.config_file", problem
+    for i, share in enumerate(config.agent.shares):
+        if not Path(share.path).is_dir():
+            return f"agent.shares[{i}].path", f"not a directory: {share.path}"
+        if not share.guest_path.startswith("/"):
+            return f"agent.shares[{i}].guest_path", f"not an absolute path: {share.guest_path!r}"
+    binary = config.qemu.binary
+    if shutil.which(binary) is None:
+        return "qemu.binary", f"not an executable or not in PATH: {binary}"
+    return None
+
+
+def _file_problem(path: str, *, write: bool) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{_reason(exc)}: {path}"
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return f"not a file: {path}"
+    if not os.access(path, os.R_OK):
+        return f"not readable: {path}"
+    if write and not os.access(path, os.W_OK):
+        return f"not writable (or set read_only = true): {path}"
+    return ""
+
+
+def _reason(exc: Exception) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return text[:1].lower() + text[1:]
+
+
+_AT: Final = " - at `$"
+_SEGMENT: Final = re.compile(r"\.(\w+)|\[(\d+|\.\.\.)\]")
+
+
+def _explain(message: str, raw: dict[str, Any]) -> str:
+    """Rewrite msgspec's ``Expected ... - at `$.a.b``` as ``a.b: expected ..., got VALUE``."""
+    text, _, where = message.partition(_AT)
+    segments: list[str | int] = [
+        name if name else (int(index) if index.isdigit() else "...")
+        for name, index in _SEGMENT.findall(where.rstrip("`"))
+    ]
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+        return f"{_dotted([*segments, m[1]])}: unknown key"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", text):
+        return f"{_dotted([*segments, m[1]])}: required"
+    field = _dotted(segments)
+    value = _lookup(raw, segments)
+    if text.startswith("Invalid enum value"):
+        choices = ", ".join(_toml(v) for v in _choices(segments))
+        return f"{field}: expected one of {choices}, got {_toml(value)}"
+    if m := re.fullmatch(r"Expected `(\w+)`, got `(\w+)`", text):
+        expected = "table" if m[1] == "object" else m[1]
+        return f"{field}: expected {expected}, got {m[2] if value is None else _toml(value)}"
+    if m := re.fullmatch(r"Expected `\w+` (.+)", text):  # a constraint: ">= 1"
+        return f"{field}: expected {m[1]}, got {_toml(value)}"
+    return f"{field}: {text}"
+
+
+def _dotted(segments: list[str | int]) -> str:
+    out = ""
+    for s in segments:
+        out += f"[{s}]" if isinstance(s, int) or s == "..." else f".{s}" if out else s
+    return out
+
+
+def _lookup(raw: Any, segments: list[str | int]) -> Any:
+    """The offending value in the parsed TOML; None (never a TOML value) if not addressable."""
+    for s in segments:
+        try:
+            raw = raw[s]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
+
+
+def _choices(segments: list[str | int]) -> tuple[Any, ...]:
+    """The allowed values of the Literal field at ``segments``, from the Struct types."""
+    info: msgspec.inspect.Type = msgspec.inspect.type_info(Config)
+    for s in segments:
+        if isinstance(info, msgspec.inspect.UnionType):
+            info = next(t for t in info.types if isinstance(t, msgspec.inspect.StructType))
+        if isinstance(info, msgspec.inspect.StructType):
+            info = next(f.type for f in info.fields if f.name == s)
+        elif isinstance(info, msgspec.inspect.ListType):
+            info = info.item_type
+    return info.values if isinstance(info, msgspec.inspect.LiteralType) else ()
+
+
+def _toml(value: Any) -> str:
+    """A value as it would be written in TOML, so the message quotes what the user wrote."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
