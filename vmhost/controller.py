@@ -1,0 +1,448 @@
+"""One QEMU process: spawn, supervise through QMP and a pidfd, stop without losing data.
+
+State changes come from three sources only: QMP events, the process exit
+(a pidfd turning readable, so there is no PID-reuse race and no polling) and
+the stop chain.  ``status`` reads the cached state; nothing here blocks the
+event loop on QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final
+
+from qemu.qmp import QMPClient, QMPError, Runstate
+
+from . import qemu
+from .config import Config
+from .errors import ControllerError, VMCrashedError
+from .guest import Agent, provision
+from .protocol import VMState
+
+log = logging.getLogger(__name__)
+
+StateListener = Callable[[VMState, str, str], None]
+"""``(state, message, qmp_event)``: told of every state change, in order."""
+
+QMP_TIMEOUT: Final = 5.0
+PROBE_INTERVAL: Final = 1.0
+PROBE_TIMEOUT: Final = 2.0
+_LAST_STEPS: Final = 1.0  # each of quit / SIGTERM after the deadline
+_PR_SET_PDEATHSIG: Final = 1
+
+
+class Ending(enum.Enum):
+    """Why QEMU ended; decides the final state and the service's exit code."""
+
+    POWEROFF = "guest powered off"
+    REQUESTED = "stop requested"
+    CRASHED = "QEMU crashed"
+    KILLED = "QEMU killed from outside"
+    START_FAILED = "QEMU failed to start"
+
+
+class QemuController:
+    """Supervises one QEMU for one VM; the server's :class:`~vmhost.server.Controller`."""
+
+    backend: Final = "qemu"
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        name: str,
+        state_dir: Path,
+        on_state: StateListener | None = None,
+        on_console: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.state_dir = state_dir
+        self.on_state = on_state
+        self.on_console = on_console
+        self._state = VMState.STARTING
+        self._before_hang = VMState.RUNNING
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+        self._qmp = QMPClient(name)
+        self._agent: Agent | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._exited = asyncio.Event()
+        self._ending: Ending | None = None
+        self._ending_detail = ""
+        self._shutdown_event: dict[str, Any] | None = None
+        self._stop_chain: asyncio.Task[None] | None = None
+        self._stop_requested = False
+        self._step = ""
+        self._step_since = 0.0
+        self._deadline = 0.0
+        self._stderr_tail: deque[str] = deque(maxlen=5)
+
+    # -- what the server reads ------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def ssh_port(self) -> int:
+        return self.config.network.ssh_port
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc is not None else 0
+
+    @property
+    def ending(self) -> Ending | None:
+        return self._ending
+
+    def status_text(self) -> str:
+        """One line for ``STATUS=``: what the VM is doing right now."""
+        if self._state is VMState.STOPPING and self._step:
+            ago = time.monotonic() - self._step_since
+            left = max(self._deadline - time.monotonic(), 0.0)
+            return f"stopping: {self._step} {ago:.0f} s ago, {left:.0f} s left"
+        if self._ending is not None:
+            return f"{self._state.value}: {self._ending.value}{self._ending_detail}"
+        return f"{self._state.value} (QEMU pid {self.pid})" if self.pid else self._state.value
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn QEMU and connect QMP; returns once QEMU runs the guest."""
+        qmp_parent, qmp_child = socket.socketpair()
+        serial_parent, serial_child = socket.socketpair()
+        argv = qemu.argv(
+            self.config,
+            name=self.name,
+            qmp_fd=qmp_child.fileno(),
+            serial_fd=serial_child.fileno(),
+            kvm=qemu.accel_is_kvm(self.config),
+        )
+        log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
+        try:
+            # Popen, not asyncio's: we watch the child through a pidfd, and fork+exec is quick.
+            self._proc = subprocess.Popen(  # noqa: ASYNC220
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(qmp_child.fileno(), serial_child.fileno()),
+                env=qemu.environment(os.environ),
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as e:
+            self._end(Ending.START_FAILED, f": {e}")
+            raise ControllerError(f"cannot run {argv[0]}: {e}") from e
+        finally:
+            qmp_child.close()
+            serial_child.close()
+        self._watch_exit()
+        assert self._proc.stderr is not None
+        self._spawn(self._read_stderr(self._proc.stderr.fileno()))
+        self._spawn(self._read_console(serial_parent))
+        try:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                await self._qmp.connect(qmp_parent)
+                self._spawn(self._read_events())
+                status = await self._qmp.execute("query-status")
+        except (QMPError, OSError, TimeoutError) as e:
+            await self._fail_start(e)
+            return
+        log.info("QEMU runs (pid %d): %s", self.pid, argv[argv.index("-machine") + 1])
+        if self._state is VMState.STARTING:
+            running = isinstance(status, dict) and status.get("status") != "paused"
+            self._set_state(VMState.RUNNING if running else VMState.PAUSED, "QEMU runs")
+        self._spawn(self._watch_qmp())
+        self._spawn(self._probe())
+        if self.config.agent.port:
+            self._spawn(self._provision())
+
+    async def _fail_start(self, cause: BaseException) -> None:
+        """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure."""
+        if not self._exited.is_set():
+            self._kill(signal.SIGKILL)
+            await self._exited.wait()
+        if self._stop_requested:
+            return
+        await asyncio.sleep(0.05)  # let the stderr reader catch QEMU's last words
+        detail = "; ".join(self._stderr_tail) or repr(cause)
+        raise ControllerError(f"QEMU failed to start: {detail}") from cause
+
+    async def wait(self) -> None:
+        """Until QEMU is gone; raises if it did not end by power-off or request."""
+        await self._exited.wait()
+        if self._ending in (Ending.CRASHED, Ending.KILLED):
+            raise VMCrashedError(f"{self._ending.value}{self._ending_detail}")
+        if self._ending is Ending.START_FAILED:
+            raise ControllerError(f"{self._ending.value}{self._ending_detail}")
+
+    async def stop(self, timeout: float) -> None:
+        """Graceful stop with ONE deadline; a second call joins the first."""
+        if self._exited.is_set():
+            return
+        if self._stop_chain is None:
+            self._stop_requested = True
+            self._deadline = time.monotonic() + timeout
+            self._set_state(VMState.STOPPING, f"stop requested, {timeout:g} s to finish")
+            self._stop_chain = self._spawn(self._run_stop_chain())
+        await self._exited.wait()
+
+    async def force_stop(self) -> None:
+        """Kill QEMU now (also in the middle of a graceful stop); returns once it is gone."""
+        if self._exited.is_set():
+            return
+        self._stop_requested = True
+        if self._state is not VMState.STOPPING:
+            self._set_state(VMState.STOPPING, "force stop requested")
+        self._kill(signal.SIGKILL)
+        await self._exited.wait()
+
+    async def close(self) -> None:
+        """Release QMP and background tasks once QEMU is gone (or to abandon it)."""
+        if not self._exited.is_set():
+            self._kill(signal.SIGKILL)
+            await self._exited.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._disconnect()
+        if self._proc is not None and self._proc.stderr is not None:
+            self._proc.stderr.close()
+
+    # -- the stop chain -------------------------------------------------------
+
+    async def _run_stop_chain(self) -> None:
+        if self._agent is not None:
+            await self._step_until("guest agent shutdown", self._agent_shutdown, share=0.5)
+        if self._qmp.runstate is Runstate.RUNNING:
+            await self._step_until("ACPI power-down", self._qmp_command("system_powerdown"))
+            await self._step_until("QMP quit", self._qmp_command("quit"), extra=_LAST_STEPS)
+        await self._step_until("SIGTERM", self._signal(signal.SIGTERM), extra=_LAST_STEPS)
+        await self._step_until("SIGKILL", self._signal(signal.SIGKILL), extra=60.0)
+
+    async def _step_until(
+        self,
+        step: str,
+        action: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        share: float = 1.0,
+        extra: float = 0.0,
+    ) -> None:
+        """Run one step, then give QEMU until its slice of the deadline to be gone."""
+        if self._exited.is_set():
+            return
+        now = time.monotonic()
+        left = max(self._deadline - now, 0.0)
+        budget = left * share + extra
+        self._step, self._step_since = step, now
+        log.info("stop: %s (%.1f s for it)", step, budget, extra={"VMHOST_STATE": "stopping"})
+        self._notify_status()
+        try:
+            async with asyncio.timeout(budget):
+                await action()
+                await self._exited.wait()
+        except TimeoutError:
+            pass
+        except (QMPError, OSError, ControllerError) as e:
+            log.warning("stop: %s failed, next step: %s", step, e)
+
+    async def _agent_shutdown(self) -> None:
+        assert self._agent is not None
+        await self._agent.shutdown("vmhost stop")
+
+    def _qmp_command(self, command: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run() -> None:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                await self._qmp.execute(command)
+
+        return run
+
+    def _signal(self, sig: signal.Signals) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run() -> None:
+            self._kill(sig)
+
+        return run
+
+    def _kill(self, sig: signal.Signals) -> None:
+        if self._pidfd >= 0 and not self._exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    # -- watching QEMU --------------------------------------------------------
+
+    def _watch_exit(self) -> None:
+        assert self._proc is not None
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        code = self._proc.wait()
+        ending, detail = self._classify(code)
+        self._end(ending, detail)
+        self._spawn(self._disconnect())
+
+    def _classify(self, code: int) -> tuple[Ending, str]:
+        shutdown = self._shutdown_event or {}
+        how = f" by {signal.Signals(-code).name}" if code < 0 else f", exit status {code}"
+        if self._ending is Ending.START_FAILED or self._state is VMState.STARTING:
+            return Ending.START_FAILED, how
+        if self._stop_requested:
+            return Ending.REQUESTED, how if code else ""
+        if code == 0 and shutdown.get("guest"):
+            return Ending.POWEROFF, ""
+        if code < 0 or shutdown.get("reason") in ("host-signal", "host-qmp-quit"):
+            return Ending.KILLED, how
+        return Ending.CRASHED, how
+
+    def _end(self, ending: Ending, detail: str) -> None:
+        self._ending, self._ending_detail = ending, detail
+        state = {
+            Ending.POWEROFF: VMState.STOPPED,
+            Ending.REQUESTED: VMState.STOPPED,
+            Ending.CRASHED: VMState.CRASHED,
+            Ending.KILLED: VMState.CRASHED,
+            Ending.START_FAILED: VMState.ERROR,
+        }[self._ending]
+        self._exited.set()
+        self._set_state(state, f"{self._ending.value}{self._ending_detail}")
+
+    async def _read_events(self) -> None:
+        async for event in self._qmp.events:
+            name = str(event["event"])
+            data: dict[str, Any] = dict(event.get("data") or {})  # type: ignore[call-overload]
+            if name == "SHUTDOWN":
+                self._shutdown_event = data
+                log.info("QEMU shutdown: %s", data.get("reason"), extra={"QMP_EVENT": name})
+            elif name == "STOP" and self._state is VMState.RUNNING:
+                self._set_state(VMState.PAUSED, "paused", name)
+            elif name == "RESUME" and self._state is VMState.PAUSED:
+                self._set_state(VMState.RUNNING, "resumed", name)
+            elif name == "RESET":
+                log.info("guest reset (reboot); the VM keeps running", extra={"QMP_EVENT": name})
+            elif name == "GUEST_PANICKED":
+                log.error("guest kernel panic: %s", data, extra={"QMP_EVENT": name})
+            else:
+                log.debug("QMP event %s %s", name, data, extra={"QMP_EVENT": name})
+
+    async def _watch_qmp(self) -> None:
+        """QMP lost while QEMU lives leaves only signals to stop it; say so."""
+        while await self._qmp.runstate_changed() is not Runstate.DISCONNECTING:
+            pass
+        await asyncio.sleep(0.2)  # a QMP EOF usually means QEMU is exiting: let the pidfd say
+        if not self._exited.is_set():
+            log.error("QMP connection to QEMU lost; only signals can stop it now")
+            self._set_state(VMState.UNRESPONSIVE, "QMP connection lost")
+
+    async def _probe(self) -> None:
+        """A hung QEMU answers nothing, not even an error: time a cheap command."""
+        while not self._exited.is_set() and self._qmp.runstate is Runstate.RUNNING:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    await self._qmp.execute("query-status")
+            except TimeoutError:
+                if self._state in (VMState.RUNNING, VMState.PAUSED):
+                    self._before_hang = self._state
+                    self._set_state(
+                        VMState.UNRESPONSIVE, f"QMP did not answer in {PROBE_TIMEOUT:g} s"
+                    )
+                continue
+            except QMPError:
+                return
+            if self._state is VMState.UNRESPONSIVE:
+                self._set_state(self._before_hang, "QMP answers again")
+
+    async def _read_stderr(self, fd: int) -> None:
+        reader = await _reader_for(fd)
+        while line := await reader.readline():
+            text = line.decode(errors="replace").rstrip()
+            self._stderr_tail.append(text)
+            log.warning("qemu: %s", text)
+
+    async def _read_console(self, sock: socket.socket) -> None:
+        """Serial output goes to console.log as is, and line by line to ``on_console``."""
+        reader, writer = await asyncio.open_connection(sock=sock)
+        partial = b""
+        with (self.state_dir / "console.log").open("ab", buffering=0) as out:
+            while chunk := await reader.read(65536):
+                out.write(chunk)
+                if self.on_console is None:
+                    continue
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
+                    self.on_console(line.decode(errors="replace").rstrip("\r"))
+                partial = partial[-65536:]
+        writer.close()
+
+    async def _provision(self) -> None:
+        """Connect the guest agent and provision the guest; failure only means no agent."""
+        try:
+            self._agent = await provision(self.config.agent, host="127.0.0.1")
+        except ControllerError as e:
+            log.warning("guest agent unavailable, stop will use ACPI: %s", e)
+            return
+        log.info("guest agent connected and provisioned")
+
+    async def _disconnect(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._qmp.disconnect()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _set_state(self, state: VMState, message: str, qmp_event: str = "") -> None:
+        if state is self._state and not message:
+            return
+        self._state = state
+        if state is not VMState.STOPPING:
+            self._step = ""
+        if self.on_state is not None:
+            self.on_state(state, message, qmp_event)
+
+    def _notify_status(self) -> None:
+        if self.on_state is not None:
+            self.on_state(self._state, "", "")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("internal task failed: %r", exc, exc_info=exc)
+
+
+async def _reader_for(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0, closefd=False)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader
+
+
+def _die_with_parent() -> None:
+    """In the child: if vmhost dies, QEMU gets SIGTERM (a clean exit), not an orphan's life."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,216 @@
+"""``vmhost serve NAME``: the service's main, a pipeline that reads top to bottom.
+
+config → socket → controller.start() → READY=1 → serve until the VM ends → exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Final
+
+from . import config as vmconfig
+from . import systemd
+from .client import socket_path
+from .controller import QemuController
+from .errors import AlreadyRunningError, ConfigError, ControllerError, VMCrashedError
+from .protocol import VMState
+from .server import Server
+
+log = logging.getLogger(__name__)
+
+EXIT_OK: Final = 0
+"""The guest powered off, or a stop was asked for."""
+EXIT_FAILURE: Final = 1
+"""vmhost itself failed (a bug): systemd restarts it."""
+EXIT_VM_CRASHED: Final = 3
+"""QEMU crashed or was killed from outside: systemd restarts it."""
+EXIT_START_FAILED: Final = 4
+"""QEMU could not start (bad image, bad flags)."""
+EXIT_ALREADY_RUNNING: Final = 5
+"""Another vmhost serves this VM's socket; it is left alone."""
+EXIT_CONFIG: Final = 78
+"""EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
+
+STATE_ROOT: Final = Path("/var/lib/vmhost")
+_STOP_MARGIN: Final = 5.0
+
+_EVENTS: Final = {
+    VMState.STOPPING: systemd.Event.STOPPING,
+    VMState.STOPPED: systemd.Event.STOPPED,
+    VMState.CRASHED: systemd.Event.CRASHED,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    name: str
+    config: Path | None = None
+    socket: Path | None = None
+    state_dir: Path | None = None
+    pid_file: Path | None = None
+    verbose: bool = False
+
+
+def run(options: Options) -> int:
+    """Run one VM's service to its end; the return value is the process exit code."""
+    systemd.setup_logging(options.name, verbose=options.verbose)
+    if not options.verbose:
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    notifier = systemd.Notifier()
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(options, notifier))
+    except ConfigError as e:
+        return _fail(notifier, EXIT_CONFIG, f"bad config: {e}")
+    except AlreadyRunningError as e:
+        return _fail(notifier, EXIT_ALREADY_RUNNING, str(e))
+    except VMCrashedError as e:
+        return _fail(notifier, EXIT_VM_CRASHED, str(e), logged=True)
+    except ControllerError as e:
+        return _fail(notifier, EXIT_START_FAILED, str(e))
+    except Exception as e:
+        log.exception("vmhost failed")
+        return _fail(notifier, EXIT_FAILURE, f"vmhost failed: {e!r}")
+
+
+async def _serve(options: Options, notifier: systemd.Notifier) -> int:
+    name = vmconfig.check_name(options.name)
+    config = vmconfig.load(options.config or _config_path(name))
+    state_dir = _state_dir(options, name)
+    listen = systemd.listen_socket() or options.socket or socket_path(name)
+    pid_file = options.pid_file
+    if pid_file is None and isinstance(listen, Path):
+        pid_file = listen.with_name("vmhost.pid")
+
+    controller = QemuController(
+        config,
+        name=name,
+        state_dir=state_dir,
+        on_console=systemd.console_logger(name),
+    )
+    controller.on_state = functools.partial(_on_state, controller, notifier)
+    stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
+    server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
+    async with server:
+        _install_signals(stop)
+        systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
+        try:
+            await controller.start()
+            if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                notifier.ready(controller.status_text())
+                systemd.log_event(systemd.Event.READY, f"VM {name} is {controller.state.value}")
+            heartbeat = asyncio.create_task(_heartbeat(controller, notifier))
+            try:
+                await controller.wait()
+            finally:
+                heartbeat.cancel()
+        finally:
+            await controller.close()
+    return EXIT_OK
+
+
+class _Stopper:
+    """SIGTERM/SIGINT run the graceful stop chain; a second SIGINT forces it."""
+
+    def __init__(
+        self, controller: QemuController, notifier: systemd.Notifier, timeout: float
+    ) -> None:
+        self.controller = controller
+        self.notifier = notifier
+        self.timeout = timeout
+        self.task: asyncio.Task[None] | None = None
+
+    def __call__(self, signum: signal.Signals) -> None:
+        log.info("%s received", signum.name)
+        if self.task is None:
+            self.notifier.extend_timeout(self.timeout + _STOP_MARGIN)
+            self.task = asyncio.create_task(self.controller.stop(self.timeout))
+        elif signum is signal.SIGINT:
+            asyncio.create_task(self.controller.force_stop())  # noqa: RUF006 - ends the loop
+
+
+def _install_signals(stop: _Stopper) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+
+
+def _on_state(
+    controller: QemuController,
+    notifier: systemd.Notifier,
+    state: VMState,
+    message: str,
+    qmp_event: str,
+) -> None:
+    """Every state change: STATUS= for systemctl status, one journal record."""
+    text = controller.status_text()
+    if state is VMState.STOPPING and message:
+        notifier.stopping(text)
+    else:
+        notifier.status(text)
+    if not message:
+        return
+    fields = {"VMHOST_STATE": state.value}
+    if qmp_event:
+        fields["QMP_EVENT"] = qmp_event
+    event = _EVENTS.get(state)
+    if event is not None:
+        systemd.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
+    else:
+        log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
+
+
+async def _heartbeat(controller: QemuController, notifier: systemd.Notifier) -> None:
+    """WATCHDOG=1 from the event loop (so a stuck loop is caught) and a fresh STATUS=."""
+    interval = min(systemd.watchdog_interval() or 1.0, 1.0)
+    last = ""
+    while True:
+        await asyncio.sleep(interval)
+        notifier.watchdog()
+        text = controller.status_text()
+        if text != last:
+            notifier.status(text)
+            last = text
+
+
+def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
+    from .logs import entries  # cysystemd is loaded only when someone asks for logs
+
+    return entries(name, lines=lines, follow=follow)
+
+
+def _config_path(name: str) -> Path:
+    directory = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+    return vmconfig.path_for(name, Path(directory) if directory else vmconfig.CONFIG_DIR)
+
+
+def _state_dir(options: Options, name: str) -> Path:
+    directory = options.state_dir
+    if directory is None:
+        env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        directory = Path(env) if env else STATE_ROOT / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _fail(notifier: systemd.Notifier, code: int, text: str, *, logged: bool = False) -> int:
+    notifier.status(text)
+    if not logged:
+        systemd.log_event(systemd.Event.FAILED, text, VMHOST_EXIT=str(code))
+    return code
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
