@@ -1,0 +1,97 @@
+#!/bin/sh
+# /init of the tiny test guest: busybox sh as PID 1, so this script is the whole userland.
+# The host only learns the guest state from the serial console ("TINYGUEST ..." lines),
+# the data disk (/marker, /rebooted, /agent) and the TCP listeners on ports 22 and 1024.
+
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+set -f  # /proc/cmdline words are split below, never globbed
+
+say() { echo "TINYGUEST $*"; }
+
+# Polls until "$@" succeeds; TCG boots are slow and probing is asynchronous.
+wait_for() {
+	tries=400
+	until "$@"; do
+		tries=$((tries - 1))
+		[ "$tries" -gt 0 ] || return 1
+		sleep 0.05
+	done
+}
+
+# busybox nc listens on :: when IPv6 is up, else on 0.0.0.0; state 0A is LISTEN.
+listening() {
+	port=$(printf '%04X' "$1")
+	grep -q ":$port [0-9A-F]*:0000 0A" /proc/net/tcp6 /proc/net/tcp 2>/dev/null
+}
+
+# acpid opens the event devices after it starts: a powerdown before that is lost.
+acpid_ready() { ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; }
+
+# Never let PID 1 exit (that panics the kernel): report and idle instead.
+fail() {
+	say "FAILED: $*"
+	while :; do sleep 3600 & wait $!; done
+}
+
+. /etc/tinyguest/config
+for module in $MODULES; do
+	insmod "$module" || say "insmod $module failed"
+done
+
+token=
+autopoweroff=0
+autopoweroff_delay=1
+reboot_once=0
+for arg in $(cat /proc/cmdline); do
+	case $arg in
+	guest.token=*) token=${arg#*=} ;;
+	guest.autopoweroff=*) autopoweroff=${arg#*=} ;;
+	guest.autopoweroff_delay=*) autopoweroff_delay=${arg#*=} ;;
+	guest.reboot_once=*) reboot_once=${arg#*=} ;;
+	esac
+done
+
+wait_for test -b /dev/vda || fail "no /dev/vda"
+mount -t ext4 /dev/vda /mnt || fail "cannot mount /dev/vda"
+echo "$token" >>/mnt/marker
+sync
+
+if [ "$reboot_once" = 1 ] && [ ! -e /mnt/rebooted ]; then
+	: >/mnt/rebooted
+	sync
+	umount /mnt
+	say REBOOTING
+	reboot -f
+fi
+
+wait_for test -e /sys/class/net/eth0 || fail "no eth0"
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+
+nc -ll -p 22 -e echo SSH-2.0-tinyguest &
+mkdir -p /run/agent
+(umask 077 && exec nc -ll -p 1024 -e awk -f /etc/tinyguest/agent.awk) &
+
+if [ "$ACPI" = 1 ]; then
+	acpid -f -c /etc/acpi -l /dev/null &
+	acpid_pid=$!
+	wait_for acpid_ready || fail "acpid holds no event device"
+fi
+wait_for listening 22 || fail "port 22 not listening"
+wait_for listening 1024 || fail "port 1024 not listening"
+
+# The agent reports "ready" from here on, like the console line below.
+: >/run/tinyguest-ready
+say READY
+
+if [ "$autopoweroff" = 1 ]; then
+	sleep "$autopoweroff_delay"
+	/etc/tinyguest/poweroff
+fi
+while :; do sleep 3600 & wait $!; done
