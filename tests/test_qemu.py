@@ -1,0 +1,311 @@
+"""The QEMU command line and environment, checked as data and against a real QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from qemu.qmp import QMPClient
+
+from vmhost import qemu
+from vmhost.config import (
+    AgentConfig,
+    BootConfig,
+    Config,
+    DiskConfig,
+    MachineConfig,
+    NetworkConfig,
+    QemuConfig,
+    ShareConfig,
+)
+
+DISK_ONLY = Config(disks=[DiskConfig(path="/vm/disk.img")])
+
+
+def option(args: list[str], flag: str) -> list[str]:
+    """Every value given to ``flag``, in order."""
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_argv_minimal_tcg() -> None:
+    """A disk-only config gives exactly the expected command line, sandboxed, without -no-reboot."""
+    args = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, serial_fd=6, kvm=False)
+    assert args == [
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-name",
+        "guest=demo,process=vmhost-demo",
+        "-machine",
+        "q35,accel=tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-drive",
+        "file=/vm/disk.img,format=raw,if=virtio",
+        "-netdev",
+        "user,id=net0",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+        "-chardev",
+        "socket,id=serial0,fd=6,server=off",
+        "-serial",
+        "chardev:serial0",
+        "-chardev",
+        "socket,id=qmp0,fd=5,server=off",
+        "-mon",
+        "chardev=qmp0,mode=control",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]
+
+
+def test_argv_kvm_uses_host_cpu() -> None:
+    """With KVM the machine and CPU model change, nothing else."""
+    tcg = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, serial_fd=6, kvm=False)
+    kvm = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, serial_fd=6, kvm=True)
+    assert option(kvm, "-machine") == ["q35,accel=kvm"] and option(kvm, "-cpu") == ["host"]
+    assert [a for a in kvm if a not in ("q35,accel=kvm", "host")] == [
+        a for a in tcg if a not in ("q35,accel=tcg", "max")
+    ]
+
+
+def test_argv_full_config() -> None:
+    """Kernel boot, several disks, both port forwards, shares, sizes and extra args all appear."""
+    config = Config(
+        machine=MachineConfig(cpus=2, memory_mib=512),
+        boot=BootConfig(
+            kernel="/vm/vmlinuz", initrd="/vm/initrd.img", cmdline="console=ttyS0 quiet"
+        ),
+        disks=[
+            DiskConfig(path="/vm/a.img"),
+            DiskConfig(path="/vm/b,c.qcow2", format="qcow2", read_only=True),
+        ],
+        network=NetworkConfig(ssh_port=2222),
+        agent=AgentConfig(
+            port=2223,
+            shares=[
+                ShareConfig(path="/srv/data", guest_path="/mnt/data"),
+                ShareConfig(path="/srv/ro", guest_path="/mnt/ro", read_only=True),
+            ],
+        ),
+        qemu=QemuConfig(binary="/opt/qemu", sandbox=False, extra_args=["-S", "-d", "guest_errors"]),
+    )
+    args = qemu.argv(config, name="web", qmp_fd=3, serial_fd=4, kvm=False)
+    assert args[0] == "/opt/qemu"
+    assert (option(args, "-m"), option(args, "-smp")) == (["512"], ["2"])
+    assert option(args, "-kernel") == ["/vm/vmlinuz"]
+    assert option(args, "-initrd") == ["/vm/initrd.img"]
+    assert option(args, "-append") == ["console=ttyS0 quiet"]
+    assert option(args, "-drive") == [
+        "file=/vm/a.img,format=raw,if=virtio",
+        "file=/vm/b,,c.qcow2,format=qcow2,if=virtio,readonly=on",
+    ]
+    assert option(args, "-netdev") == [
+        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:2223-:1024"
+    ]
+    assert option(args, "-fsdev") == [
+        "local,id=fs0,path=/srv/data,security_model=none",
+        "local,id=fs1,path=/srv/ro,security_model=none,readonly=on",
+    ]
+    assert option(args, "-device") == [
+        "virtio-net-pci,netdev=net0",
+        "virtio-9p-pci,fsdev=fs0,mount_tag=share0",
+        "virtio-9p-pci,fsdev=fs1,mount_tag=share1",
+    ]
+    assert "-sandbox" not in args and "-no-reboot" not in args
+    assert args[-3:] == ["-S", "-d", "guest_errors"]
+
+
+def test_argv_kernel_without_initrd() -> None:
+    """An empty initrd means no -initrd at all, not an empty file name."""
+    config = Config(boot=BootConfig(kernel="/vm/vmlinuz"))
+    args = qemu.argv(config, name="demo", qmp_fd=3, serial_fd=4, kvm=False)
+    assert option(args, "-kernel") == ["/vm/vmlinuz"] and "-initrd" not in args
+    assert option(args, "-append") == ["console=ttyS0"] and "-drive" not in args
+
+
+def test_argv_only_agent_forward() -> None:
+    """ssh_port = 0 forwards nothing to port 22; the agent port is still forwarded."""
+    config = Config(disks=DISK_ONLY.disks, agent=AgentConfig(port=5000))
+    args = qemu.argv(config, name="demo", qmp_fd=3, serial_fd=4, kvm=False)
+    assert option(args, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:5000-:1024"]
+
+
+@pytest.fixture
+def fake_host(tmp_path: Path) -> tuple[Path, Path]:
+    dev = tmp_path / "kvm"
+    modules = tmp_path / "module"
+    (modules / "kvm").mkdir(parents=True)
+    return dev, modules
+
+
+def test_kvm_usable_needs_device_and_hardware_module(fake_host: tuple[Path, Path]) -> None:
+    """An openable /dev/kvm counts only with kvm_intel or kvm_amd loaded (kvm_pvm is not enough)."""
+    dev, modules = fake_host
+    assert not qemu.kvm_usable(dev, modules)  # no device
+    dev.write_bytes(b"")
+    (modules / "kvm_pvm").mkdir()
+    assert not qemu.kvm_usable(dev, modules)
+    (modules / "kvm_amd").mkdir()
+    assert qemu.kvm_usable(dev, modules)
+    dev.unlink()
+    dev.mkdir()  # cannot be opened read-write
+    assert not qemu.kvm_usable(dev, modules)
+
+
+def test_kvm_usable_on_this_host_matches_modules() -> None:
+    """The real probe says no wherever no hardware KVM module is loaded (kvm_pvm hosts included)."""
+    hardware = any(Path("/sys/module", m).exists() for m in ("kvm_intel", "kvm_amd"))
+    if hardware:
+        pytest.skip("hardware KVM module loaded here")
+    assert not qemu.kvm_usable()
+
+
+@pytest.mark.parametrize(
+    ("accel", "usable", "expected"),
+    [
+        ("kvm", False, True),
+        ("tcg", True, False),
+        ("auto", True, True),
+        ("auto", False, False),
+    ],
+)
+def test_accel_is_kvm(
+    monkeypatch: pytest.MonkeyPatch,
+    accel: Literal["kvm", "tcg", "auto"],
+    usable: bool,
+    expected: bool,
+) -> None:
+    """An explicit accel is obeyed; auto asks the probe."""
+    monkeypatch.setattr(qemu, "kvm_usable", lambda: usable)
+    config = Config(machine=MachineConfig(accel=accel))
+    assert qemu.accel_is_kvm(config) is expected
+
+
+def test_environment_is_an_allowlist() -> None:
+    """systemd's per-service variables never reach QEMU; locale, PATH and temp dirs do."""
+    parent = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "TMPDIR": "/var/tmp",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "TZ": "UTC",
+        "LISTEN_FDS": "1",
+        "LISTEN_PID": "42",
+        "LISTEN_FDNAMES": "control",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "1000",
+        "WATCHDOG_PID": "42",
+        "INVOCATION_ID": "abc",
+        "JOURNAL_STREAM": "8:1",
+        "LD_PRELOAD": "/tmp/evil.so",
+    }
+    assert qemu.environment(parent) == {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "TMPDIR": "/var/tmp",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "TZ": "UTC",
+    }
+
+
+def test_environment_always_has_path() -> None:
+    """systemd may start us without PATH; QEMU still gets a sane one."""
+    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def vm_files(tmp_path: Path) -> Config:
+    """A config with every kind of device that boots nothing: QEMU is started with -S."""
+    raw = tmp_path / "a,b.img"
+    raw.write_bytes(b"\0" * 1024 * 1024)
+    qcow = tmp_path / "b.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow, "16M"], check=True)
+    (tmp_path / "share").mkdir()
+    return Config(
+        machine=MachineConfig(memory_mib=64, accel="tcg"),
+        disks=[
+            DiskConfig(path=str(raw)),
+            DiskConfig(path=str(qcow), format="qcow2", read_only=True),
+        ],
+        network=NetworkConfig(ssh_port=free_port()),
+        agent=AgentConfig(
+            port=free_port(),
+            shares=[ShareConfig(path=str(tmp_path / "share"), guest_path="/mnt", read_only=True)],
+        ),
+        qemu=QemuConfig(extra_args=["-S"]),
+    )
+
+
+async def execute(qmp: QMPClient, command: str) -> Any:
+    """qemu.qmp types every reply as ``object``; the tests index into them."""
+    return await qmp.execute(command)
+
+
+@pytest.mark.slow
+async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
+    """QEMU 7.2 takes every flag argv() emits, speaks QMP on the socketpair and quits cleanly."""
+    config = vm_files
+    qmp_parent, qmp_child = socket.socketpair()
+    serial_parent, serial_child = socket.socketpair()
+    args = qemu.argv(
+        config, name="demo", qmp_fd=qmp_child.fileno(), serial_fd=serial_child.fileno(), kvm=False
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        pass_fds=[qmp_child.fileno(), serial_child.fileno()],
+        env=qemu.environment(os.environ),
+        stderr=subprocess.PIPE,
+    )
+    qmp_child.close()
+    serial_child.close()
+    qmp = QMPClient("demo")
+    try:
+        async with asyncio.timeout(10):
+            await qmp.connect(qmp_parent)
+            assert (await execute(qmp, "query-status"))["status"] == "prelaunch"
+            assert await execute(qmp, "query-name") == {"name": "demo"}
+            blocks = await execute(qmp, "query-block")
+            assert [(b["inserted"]["file"], b["inserted"]["ro"]) for b in blocks] == [
+                (config.disks[0].path, False),
+                (config.disks[1].path, True),
+            ]
+            chardevs = {c["label"] for c in await execute(qmp, "query-chardev")}
+            assert {"serial0", "qmp0"} <= chardevs
+            comm = await asyncio.to_thread(Path(f"/proc/{proc.pid}/comm").read_text)
+            assert comm == "vmhost-demo\n"
+            for port in (config.network.ssh_port, config.agent.port):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()  # user networking listens on each forwarded host port
+            await qmp.execute("quit")
+            assert await proc.wait() == 0
+    finally:
+        with contextlib.suppress(EOFError):  # raised when QEMU has gone first
+            await qmp.disconnect()
+        if proc.returncode is None:
+            proc.kill()
+        _, stderr = await proc.communicate()
+        serial_parent.close()
+        qmp_parent.close()
+    assert stderr == b""

@@ -1,0 +1,120 @@
+"""Config -> QEMU command line and environment, as pure functions.
+
+Everything QEMU needs is on its command line (``-nodefaults -no-user-config``:
+no device or config file appears that the config did not ask for), and QEMU
+talks to vmhost only through two inherited sockets: QMP and the serial
+console.  The one probe with I/O is :func:`kvm_usable`, for ``accel = "auto"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from vmhost.config import Config
+
+AGENT_GUEST_PORT: Final = 1024
+SSH_GUEST_PORT: Final = 22
+SANDBOX: Final = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_KEPT_ENV: Final = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ"})
+
+
+def argv(config: Config, *, name: str, qmp_fd: int, serial_fd: int, kvm: bool) -> list[str]:
+    """The full QEMU command line; ``qmp_fd`` and ``serial_fd`` must be passed to the child.
+
+    There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
+    """
+    machine = config.machine
+    args = [
+        config.qemu.binary,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-name",
+        f"guest={_opt(name)},process=vmhost-{_opt(name)}",
+        "-machine",
+        f"q35,accel={'kvm' if kvm else 'tcg'}",
+        # TCG refuses -cpu host; max is every feature TCG can emulate.
+        "-cpu",
+        "host" if kvm else "max",
+        "-m",
+        str(machine.memory_mib),
+        "-smp",
+        str(machine.cpus),
+    ]
+    if config.boot is not None:
+        args += ["-kernel", config.boot.kernel, "-append", config.boot.cmdline]
+        if config.boot.initrd:
+            args += ["-initrd", config.boot.initrd]
+    for disk in config.disks:
+        drive = f"file={_opt(disk.path)},format={disk.format},if=virtio"
+        args += ["-drive", drive + (",readonly=on" if disk.read_only else "")]
+    netdev = "user,id=net0" + "".join(
+        f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+        for host, guest in (
+            (config.network.ssh_port, SSH_GUEST_PORT),
+            (config.agent.port, AGENT_GUEST_PORT),
+        )
+        if host
+    )
+    args += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+    for i, share in enumerate(config.agent.shares):
+        # security_model=none: guest sees host ownership and modes as they are.
+        fsdev = f"local,id=fs{i},path={_opt(share.path)},security_model=none"
+        args += [
+            "-fsdev",
+            fsdev + (",readonly=on" if share.read_only else ""),
+            "-device",
+            f"virtio-9p-pci,fsdev=fs{i},mount_tag=share{i}",
+        ]
+    args += [
+        "-chardev",
+        f"socket,id=serial0,fd={serial_fd},server=off",
+        "-serial",
+        "chardev:serial0",
+        "-chardev",
+        f"socket,id=qmp0,fd={qmp_fd},server=off",
+        "-mon",
+        "chardev=qmp0,mode=control",
+    ]
+    if config.qemu.sandbox:
+        args += ["-sandbox", SANDBOX]
+    return args + list(config.qemu.extra_args)
+
+
+def _opt(value: str) -> str:
+    """Quote a value inside a QEMU ``key=value,...`` option, where ``,`` is the separator."""
+    return value.replace(",", ",,")
+
+
+def kvm_usable(dev: Path = Path("/dev/kvm"), modules: Path = Path("/sys/module")) -> bool:
+    """Whether KVM can run a stock guest here.
+
+    Opening /dev/kvm is not enough: a nested ``kvm_pvm`` provides it but
+    aborts or crawls on a normal kernel, so a hardware module must be loaded.
+    """
+    try:
+        os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return (modules / "kvm_intel").exists() or (modules / "kvm_amd").exists()
+
+
+def accel_is_kvm(config: Config) -> bool:
+    accel = config.machine.accel
+    return accel == "kvm" or (accel == "auto" and kvm_usable())
+
+
+def environment(parent: Mapping[str, str]) -> dict[str, str]:
+    """QEMU's environment, built from an allowlist.
+
+    vmhost itself runs with systemd's LISTEN_*, NOTIFY_SOCKET, WATCHDOG_* and
+    INVOCATION_ID; QEMU inheriting them could answer systemd in vmhost's name.
+    """
+    env = {k: v for k, v in parent.items() if k in _KEPT_ENV or k.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
