@@ -108,7 +108,10 @@ class Server:
     async def start(self) -> None:
         sock = self._listen if isinstance(self._listen, socket.socket) else bind(self._listen)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        # asyncio re-listens with a backlog of 100 unless told: keep the kernel maximum.
+        self._server = await loop.create_unix_server(
+            lambda: _Connection(self), sock=sock, backlog=socket.SOMAXCONN
+        )
         if self._pid_file is not None:
             self._pid_file.write_text(f"{os.getpid()}\n")
         self._sweeper = loop.call_later(1.0, self._sweep)
