@@ -1,4 +1,4 @@
-"""Shared fixtures: a stand-in controller for server-layer tests and a live server on a real socket."""
+"""Shared fixtures: a stand-in controller for server-layer tests, a live server on a socket."""
 
 from __future__ import annotations
 

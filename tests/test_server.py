@@ -159,7 +159,7 @@ async def test_abusers_do_not_slow_a_good_client(server: Server, sock_path: Path
     """A good client's answers keep coming while others stall, flood and send junk."""
     stalled = []
     for _ in range(100):
-        reader, writer = await asyncio.open_unix_connection(sock_path)
+        _, writer = await asyncio.open_unix_connection(sock_path)
         writer.write(b'{"method":')
         stalled.append(writer)
     junk = [exchange(sock_path, b"\x00" * 5000 + b"\n") for _ in range(50)]
