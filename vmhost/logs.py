@@ -1,0 +1,89 @@
+"""This VM's journal records (vmhost's and its guest console's) for ``vmhostctl logs``.
+
+Reading is cysystemd's job (its asyncio reader); systemd-python only writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+
+from cysystemd.async_reader import AsyncJournalReader
+from cysystemd.reader import JournalEntry, JournalOpenMode, Rule
+
+from vmhost.errors import VmhostError
+from vmhost.systemd import FIELD_VM
+
+
+class JournalError(VmhostError):
+    """The journal cannot be opened or filtered (no journal here, or no permission)."""
+
+
+def format_entry(fields: Mapping[str, object], realtime_usec: int) -> str:
+    """One line per record, like ``journalctl -o short-iso`` without the host name."""
+    when = datetime.fromtimestamp(realtime_usec / 1_000_000, UTC).astimezone()
+    ident = _text(fields.get("SYSLOG_IDENTIFIER", fields.get("_COMM", "?")))
+    return f"{when.isoformat(timespec='milliseconds')} {ident}: {_text(fields.get('MESSAGE', ''))}"
+
+
+def _text(value: object) -> str:
+    # A field sent twice arrives as a list; show every copy rather than guess.
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _format(entry: JournalEntry) -> str:
+    return format_entry(entry.data, entry.get_realtime_usec())
+
+
+async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncIterator[str]:
+    """The last ``lines`` records with ``VMHOST_VM=vm``, oldest first; then new ones if ``follow``.
+
+    Formatted here so the CLI and the control socket show the same lines.
+    """
+    reader = AsyncJournalReader()  # type: ignore[no-untyped-call]
+    try:
+        await reader.open(JournalOpenMode.LOCAL_ONLY)
+        if follow:
+            # Watch from now on (as journalctl does): appends made while we read the tail wake us.
+            _ = reader.fd
+        await reader.add_filter(Rule(FIELD_VM, vm))
+    except (OSError, SystemError) as exc:
+        raise JournalError(f"cannot read the journal: {exc}") from exc
+
+    newest = await _newest(reader)
+    shown: list[JournalEntry] = []
+    if newest is not None:
+        shown.append(newest)
+        while len(shown) < lines and (entry := await reader.previous()) is not None:
+            shown.append(entry)
+    for entry in reversed(shown[:lines]):
+        yield _format(entry)
+    if not follow:
+        return
+
+    if len(shown) > 1:
+        await reader.skip_next(len(shown) - 1)  # back on the newest, already shown
+    while True:
+        while (entry := await reader.next()) is not None:
+            yield _format(entry)
+        await reader.wait()
+
+
+async def _newest(reader: AsyncJournalReader) -> JournalEntry | None:
+    """Position on the newest matching record and return it; None (at the head) when there is none.
+
+    Not just seek_tail + previous: the libsystemd 253 that cysystemd's wheels
+    bundle steps one record too far back from the tail, so walk forward to
+    the true end, and retry from the head when that first step found nothing.
+    """
+    await reader.seek_tail()
+    newest = await reader.previous()
+    if newest is None:
+        await reader.seek_head()
+        newest = await reader.next()
+    if newest is not None:
+        while (later := await reader.next()) is not None:
+            newest = later
+    return newest
