@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from guest.build import GuestImage, build, fresh_disk
 
 from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
@@ -53,3 +59,119 @@ async def server(sock_path: Path, controller: FakeController) -> AsyncIterator[S
     limits = Limits(request_timeout=1.0, max_connections=300)
     async with Server(controller, sock_path, limits=limits) as srv:
         yield srv
+
+
+# -- a real VM: the tiny guest under QEMU -------------------------------------
+
+CACHE = Path(os.environ.get("VMHOST_TEST_CACHE", "/var/tmp/vmhost-test-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    return build(CACHE / "guest")
+
+
+@pytest.fixture(scope="session")
+def deaf_guest() -> GuestImage:
+    """A guest that ignores the ACPI power button."""
+    return build(CACHE / "guest-noacpi", ignore_acpi=True)
+
+
+@dataclasses.dataclass
+class VM:
+    """One VM's files: its config, disk, state dir and socket, in a test's tmp dir."""
+
+    dir: Path
+    config: Path
+    disk: Path
+    token: str
+    ssh_port: int
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "vmhost.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    def marker(self) -> str:
+        """The guest's marker file, read from the disk image after the VM is gone."""
+        out = subprocess.run(
+            ["debugfs", "-R", "cat /marker", str(self.disk)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    def clean(self) -> bool:
+        """The ext4 image was unmounted cleanly (no journal recovery pending)."""
+        out = subprocess.run(
+            ["dumpe2fs", "-h", str(self.disk)], capture_output=True, text=True, check=True
+        )
+        return "needs_recovery" not in out.stdout
+
+    def serve(self, *extra: str) -> subprocess.Popen[bytes]:
+        """``vmhost serve`` for this VM as a child process."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "vmhost", "serve", "t", *self.args(), *extra],
+            stderr=subprocess.PIPE,
+        )
+
+    def args(self) -> list[str]:
+        return [
+            "--config",
+            str(self.config),
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.dir),
+        ]
+
+    async def wait_for_console(self, text: str, timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while not (self.console.exists() and text in self.console.read_text(errors="replace")):
+                await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def make_vm(tmp_path: Path, guest: GuestImage) -> Callable[..., VM]:
+    """Writes a VM's config; keyword arguments change the guest or append TOML."""
+
+    def make(
+        *, image: GuestImage | None = None, cmdline: str = "", toml: str = "", timeout: int = 10
+    ) -> VM:
+        image = image or guest
+        vm_dir = tmp_path / f"vm{len(list(tmp_path.glob('vm*')))}"
+        vm_dir.mkdir()
+        disk = fresh_disk(image, vm_dir / "disk.img")
+        token = vm_dir.name + "-" + os.urandom(4).hex()
+        port = free_port()
+        config = vm_dir / "vm.toml"
+        config.write_text(
+            f"""
+[machine]
+accel = "tcg"
+[boot]
+kernel = "{image.kernel}"
+initrd = "{image.initrd}"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={token} {cmdline}"
+[[disks]]
+path = "{disk}"
+[network]
+ssh_port = {port}
+[stop]
+timeout_seconds = {timeout}
+{toml}
+"""
+        )
+        return VM(vm_dir, config, disk, token, port)
+
+    return make
