@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -289,7 +289,7 @@ def main() -> int:
     except GuestBuildError as exc:
         print(f"build.py: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"kernel": str(image.kernel), "initrd": str(image.initrd), "disk": str(image.disk)}))
+    print(json.dumps({field: str(path) for field, path in asdict(image).items()}))
     return 0
 
 
