@@ -1,0 +1,108 @@
+"""Client (sync and async) and vmhostctl against a live server on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FakeController
+
+from vmhost import AsyncClient, Client, ClientError, ServerError
+from vmhost.cli import vmhostctl_main
+from vmhost.client import socket_path
+from vmhost.errors import ConfigError
+from vmhost.server import Server
+
+
+async def ctl(*argv: str) -> int:
+    return await asyncio.to_thread(vmhostctl_main, list(argv))
+
+
+async def test_json_status(
+    server: Server, sock_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vmhostctl --json --socket S status` prints the server's answer as JSON."""
+    assert await ctl("--json", "--socket", str(sock_path), "status") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["state"] == "running" and out["vm_state"] == "running"
+
+
+async def test_human_info_with_options_after_command(
+    server: Server, sock_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Options may follow the command, like systemctl; output is for people."""
+    assert await ctl("info", "--socket", str(sock_path)) == 0
+    out = capsys.readouterr().out
+    assert "running" in out and "127.0.0.1:2222" in out and "qemu" in out
+
+
+async def test_stop_timeout_and_force_stop(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """`stop --timeout 10` and `force-stop` reach the controller."""
+    assert await ctl("stop", "--socket", str(sock_path), "--timeout", "10") == 0
+    assert await ctl("force-stop", "--socket", str(sock_path)) == 0
+    await asyncio.sleep(0.05)
+    assert controller.stops == [10] and controller.force_stops == 1
+
+
+async def test_unreachable_socket_fails_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No server: non-zero exit and the reason on stderr."""
+    assert await ctl("status", "--socket", str(tmp_path / "none.sock")) == 1
+    assert "No such file or directory" in capsys.readouterr().err
+    assert await ctl("is-alive", "--socket", str(tmp_path / "none.sock")) == 1
+
+
+def test_name_resolves_to_run_dir() -> None:
+    """NAME means /run/vmhost/NAME/vmhost.sock; names that escape the directory are refused."""
+    assert socket_path("web") == Path("/run/vmhost/web/vmhost.sock")
+    for bad in ("../etc", "a/b", "", ".."):
+        with pytest.raises(ConfigError):
+            socket_path(bad)
+
+
+async def test_async_client_surface(server: Server, sock_path: Path) -> None:
+    """AsyncClient has the Go client's methods."""
+    client = AsyncClient(sock_path)
+    assert (await client.status()).state == "running"
+    info = await client.info()
+    assert (info.ssh_port, info.backend) == (2222, "qemu")
+    assert (await client.stop(5)).state == "stopping"
+    assert await client.is_alive()
+
+
+async def test_sync_client_surface(server: Server, sock_path: Path) -> None:
+    """Client has the Go client's methods, blocking."""
+    client = Client(sock_path)
+    assert (await asyncio.to_thread(client.status)).state == "running"
+    assert (await asyncio.to_thread(client.force_stop)).state == "stopping"
+    assert await asyncio.to_thread(client.is_alive)
+
+
+async def test_ok_false_raises_with_server_text(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """An ok:false answer raises ServerError carrying the server's text."""
+    from vmhost.protocol import Request
+
+    with pytest.raises(ServerError, match="unknown method: reboot"):
+        await AsyncClient(sock_path).call(Request(method="reboot"))
+
+
+def test_deadline_on_a_silent_server(tmp_path: Path) -> None:
+    """A server that never answers costs the deadline, then a ClientError."""
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        start = time.monotonic()
+        with pytest.raises(ClientError):
+            Client(path, deadline=0.5).status()
+        assert 0.4 < time.monotonic() - start < 2
+        assert not Client(path, deadline=0.2).is_alive()
