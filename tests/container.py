@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Final
 
 REPO: Final = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE: Final = Path(os.environ.get("VMHOST_TEST_CACHE", "/var/cache/vmhost-test"))
+# Not under /tmp or /var/tmp: the service's PrivateTmp= would hide the venv from ExecStart.
+VENV_CACHE: Final = Path(os.environ.get("VMHOST_TEST_VENV_CACHE", "/var/cache/vmhost-test"))
 _PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV: Final = {"PATH": _PATH, "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
 _HIERARCHIES: Final = ("systemd", "unified")
@@ -41,7 +42,7 @@ class ContainerError(Exception):
     """The container misbehaved (boot timeout, a command failed); the message has the evidence."""
 
 
-def venv(repo: Path = REPO, cache: Path = DEFAULT_CACHE) -> Path:
+def venv(repo: Path = REPO, cache: Path = VENV_CACHE) -> Path:
     """A /usr/bin/python3 venv with the repo installed editable, reused while pyproject.toml holds.
 
     Editable, so the code under test is always the working tree's; the key

@@ -38,7 +38,10 @@ def listen_socket() -> socket.socket | None:
     and the descriptor is made non-inheritable so QEMU never holds the socket
     (a restart must find it free of stray listeners).
     """
-    fds = daemon.listen_fds_with_names(unset_environment=True)
+    fds = daemon.listen_fds_with_names(unset_environment=False)
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        # Through os.environ: libsystemd's unsetenv() would leave Python's copy stale.
+        os.environ.pop(key, None)
     if not fds:
         return None
     named = [fd for fd, name in fds.items() if name == CONTROL_FD_NAME]
