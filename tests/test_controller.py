@@ -184,3 +184,23 @@ async def test_status_never_waits_on_a_hung_qemu(booted: tuple[VM, QemuControlle
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(controller.pid, signal.SIGCONT)
+
+
+async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
+    """With an agent configured, the guest is provisioned at boot and stopped by the agent."""
+    from conftest import free_port
+
+    vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
+    controller = await started(vm)
+    try:
+        async with asyncio.timeout(60):
+            while controller._agent is None:
+                await asyncio.sleep(0.1)
+        start = time.monotonic()
+        await controller.stop(10)
+        assert time.monotonic() - start < 5
+        assert controller.ending is Ending.REQUESTED
+    finally:
+        await controller.close()
+    assert "agent: shutdown" in vm.console.read_text() or vm.clean()
+    assert vm.marker() == vm.token
