@@ -66,15 +66,14 @@ def test_fresh_disk_is_a_sparse_copy(image: GuestImage, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # a full rebuild, ~7 s
-def test_stale_stamp_rebuilds(tmp_path: Path) -> None:
+def test_stale_stamp_rebuilds(image: GuestImage) -> None:
     """A build recorded for another kernel version is replaced by a fresh one."""
-    first = build(tmp_path)
-    stamp = tmp_path / STAMP
+    stamp = image.kernel.parent / STAMP
     current = json.loads(stamp.read_bytes())
     stamp.write_text(json.dumps({**current, "kernel": [current["kernel"][0], "0-old"]}))
-    before = inodes(first)
-    assert build(tmp_path) == first
-    assert all(b != a for b, a in zip(before, inodes(first), strict=True))
+    before = inodes(image)
+    assert build(image.kernel.parent) == image
+    assert all(b != a for b, a in zip(before, inodes(image), strict=True))
     assert json.loads(stamp.read_bytes()) == current
 
 
@@ -192,7 +191,7 @@ class Agent:
     async def call(self, type_: str, **payload: Any) -> Any:
         request = {"type": type_, "payload": payload} if payload else {"type": type_}
         self.writer.write(json.dumps(request, ensure_ascii=False).encode() + b"\n")
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             return json.loads(await self.reader.readline())
 
 
@@ -277,8 +276,8 @@ async def test_reboot_once_then_autopoweroff(image: GuestImage, tmp_path: Path) 
     async with qemu(image, disk, "boot-tok", *extra, no_reboot=False) as vm:
         await vm.wait_console(READY)
         ready_at = time.monotonic()
-        assert await vm.exited(60) == 0
-        assert time.monotonic() - ready_at > 1.5
+        assert await vm.exited(120) == 0
+        assert time.monotonic() - ready_at > 1.0
     console = vm.text()
     assert console.count("TINYGUEST REBOOTING") == 1
     assert console.count(READY) == 1

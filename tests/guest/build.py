@@ -34,6 +34,7 @@ ACPI_MODULES = ("button", "evdev")  # power button as an input device, /dev/inpu
 HERE = Path(__file__).resolve().parent
 GUEST_FILES = ("init.sh", "agent.awk", "poweroff.sh")
 STAMP = "stamp.json"
+OUTPUTS = ("vmlinuz", "initrd.img", "initrd-noacpi.img", "disk.img")
 
 
 class GuestBuildError(RuntimeError):
@@ -42,6 +43,8 @@ class GuestBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class GuestImage:
+    """What QEMU boots: -kernel, -initrd, and the pristine data disk (copy it: fresh_disk)."""
+
     kernel: Path
     initrd: Path
     disk: Path
@@ -72,8 +75,11 @@ def build(outdir: Path, *, ignore_acpi: bool = False) -> GuestImage:
         "recipe": _recipe_hash(),
     }
     with _locked(outdir / ".lock"):
-        if _read_stamp(outdir / STAMP) != key:
+        current = _read_stamp(outdir / STAMP) == key
+        if not current or not all((outdir / name).exists() for name in OUTPUTS):
             (outdir / STAMP).unlink(missing_ok=True)
+            for stale in outdir.glob(".build-*"):  # left by a killed builder; we hold the lock
+                shutil.rmtree(stale)
             _build(outdir, kernel, busybox)
             _atomic_write(outdir / STAMP, json.dumps(key).encode())
     return image
@@ -99,7 +105,7 @@ def _build(outdir: Path, kernel: Package, busybox: Package) -> None:
             (tmp / name).write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
         _make_disk(tmp / "disk.img")
         shutil.copyfile(vmlinuz, tmp / "vmlinuz")
-        for name in ("vmlinuz", "initrd.img", "initrd-noacpi.img", "disk.img"):
+        for name in OUTPUTS:
             os.replace(tmp / name, outdir / name)
 
 
