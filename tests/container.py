@@ -105,6 +105,15 @@ class Container:
             )
         return proc
 
+    def popen(self, *argv: str) -> subprocess.Popen[str]:
+        """Start argv inside, in the background; its stdout is a text pipe."""
+        return subprocess.Popen(
+            ["nsenter", "-t", str(self.pid), "-a", "--", *argv],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_ENV,
+        )
+
     def run_unit(
         self,
         *argv: str,
@@ -173,7 +182,7 @@ class Container:
         self.systemctl("daemon-reload")
 
 
-def _require_host() -> None:
+def require_host() -> None:
     if os.geteuid() != 0:
         raise ContainerUnavailable("systemd-nspawn needs root")
     for tool in ("systemd-nspawn", "nsenter", "unshare"):
@@ -233,7 +242,7 @@ def boot(
     ``binds``/``ro_binds`` take nspawn's ``SRC[:DST]``; ``masks`` are units
     masked at boot.
     """
-    _require_host()
+    require_host()
     cgroup = f"vmhost-test-{name}-{os.getpid()}"
     cgroup_dirs = _cgroup_dirs(cgroup)
     for d in cgroup_dirs:

@@ -1,0 +1,386 @@
+"""vmhost@NAME under a real systemd (issue 5 §6), in a container booted for this module.
+
+The units from units/ are installed as they ship, with one drop-in pointing
+ExecStart at a venv of this working tree.  Each test runs its own VM instance
+(its own name), so no test reads another's journal records or unit state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import container
+import pytest
+from container import Container, ContainerUnavailable
+from guest.build import GuestImage
+
+from vmhost.systemd import Event
+
+pytestmark = pytest.mark.slow
+
+UNITS = (container.REPO / "units/vmhost@.socket", container.REPO / "units/vmhost@.service")
+READY_LINE = "TINYGUEST READY"
+
+# A Go-style peer: a connection per request, a 30 s deadline; counts replies until told to stop.
+_HAMMER = """
+import json, os, socket, sys, time
+path, stop_file = sys.argv[1], sys.argv[2]
+ok, errors, states, after_stop = 0, [], [], 0
+while after_stop < 3:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(path)
+            s.sendall(b'{"method":"status"}\\n')
+            reply = json.loads(s.makefile().readline())
+        ok += 1
+        if not states or states[-1] != reply.get("state"):
+            states.append(reply.get("state"))
+    except Exception as e:
+        errors.append(repr(e))
+    if os.path.exists(stop_file):
+        after_stop += 1
+    time.sleep(0.02)
+print(json.dumps({"ok": ok, "errors": errors, "states": states}))
+"""
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    try:
+        container.require_host()
+        return container.venv()
+    except ContainerUnavailable as e:
+        pytest.skip(f"cannot start a systemd container here: {e}")
+
+
+@pytest.fixture(scope="module")
+def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Container]:
+    binds = {container.REPO, venv, guest.kernel.parent, deaf_guest.kernel.parent}
+    with container.boot("vmhost-e2e", ro_binds=sorted(map(str, binds))) as booted:
+        booted.install_units(UNITS, venv)
+        booted.write("/run/e2e/hammer.py", _HAMMER)
+        yield booted
+
+
+def _free_port() -> int:
+    # The container shares the host's network: pick a port free there.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class VM:
+    """vmhost@NAME inside the container, seen through systemctl, the journal and vmhostctl."""
+
+    ct: Container
+    name: str
+    token: str
+    venv: Path
+
+    @property
+    def unit(self) -> str:
+        return f"vmhost@{self.name}.service"
+
+    @property
+    def socket(self) -> str:
+        return f"/run/vmhost/{self.name}/vmhost.sock"
+
+    @property
+    def disk(self) -> str:
+        return f"/var/lib/vmhost/{self.name}/disk.img"
+
+    def show(self, *props: str, unit: str = "") -> dict[str, str]:
+        return self.ct.show(unit or self.unit, *props)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.ct.run(str(self.venv / "bin/vmhostctl"), *args, check=check)
+
+    def records(self, *matches: str) -> list[dict[str, Any]]:
+        return self.ct.journal(f"VMHOST_VM={self.name}", *matches)
+
+    def wait_console(self, text: str = READY_LINE) -> None:
+        def seen() -> bool:
+            console = self.records("SYSLOG_IDENTIFIER=vmhost-console")
+            return any(text in r["MESSAGE"] for r in console)
+
+        wait_for(f"{text!r} on the console of {self.name}", seen)
+
+    def qemu_pid(self) -> int:
+        """vmhost's one child (QEMU renames itself after the VM, so no comm check)."""
+        main = self.show("MainPID")["MainPID"]
+        (child,) = self.ct.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
+        return int(child)
+
+    def marker(self) -> str:
+        return self.ct.run("debugfs", "-R", "cat /marker", self.disk).stdout.strip()
+
+    def clean(self) -> bool:
+        return "needs_recovery" not in self.ct.run("dumpe2fs", "-h", self.disk).stdout
+
+
+@pytest.fixture
+def make_vm(ct: Container, venv: Path, guest: GuestImage) -> Iterator[Callable[..., VM]]:
+    """Config, kernel, initrd and a fresh disk for vmhost@NAME; both units stopped afterwards."""
+    made: list[VM] = []
+
+    def make(name: str, *, image: GuestImage = guest, timeout: int = 10, service: str = "") -> VM:
+        vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
+        vm_dir = f"/var/lib/vmhost/{name}"
+        ct.run("mkdir", "-p", vm_dir)
+        ct.run("cp", str(image.kernel), f"{vm_dir}/vmlinuz")
+        ct.run("cp", str(image.initrd), f"{vm_dir}/initrd.img")
+        ct.run("cp", "--sparse=always", str(image.disk), vm.disk)
+        ct.write(
+            f"/etc/vmhost/{name}.toml",
+            f"""\
+[machine]
+accel = "auto"
+[boot]
+kernel = "{vm_dir}/vmlinuz"
+initrd = "{vm_dir}/initrd.img"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
+[[disks]]
+path = "{vm.disk}"
+[network]
+ssh_port = {_free_port()}
+[stop]
+timeout_seconds = {timeout}
+""",
+        )
+        if service:
+            ct.write(f"/etc/systemd/system/{vm.unit}.d/test.conf", f"[Service]\n{service}\n")
+            ct.systemctl("daemon-reload")
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        ct.systemctl("stop", f"vmhost@{vm.name}.socket", vm.unit, check=False)
+
+
+def test_start_reports_the_truth_to_systemd_and_the_journal(make_vm: Callable[..., VM]) -> None:
+    """systemctl start → active; StatusText, MainPID, NRestarts, vmhostctl and the journal agree."""
+    vm = make_vm("demo")
+    started = time.monotonic()
+    vm.ct.systemctl("start", vm.unit)
+    elapsed = time.monotonic() - started
+
+    props = vm.show("ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "WatchdogUSec")
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running")
+    assert props["StatusText"].startswith("running"), props
+    assert props["NRestarts"] == "0"
+    assert props["WatchdogUSec"] == "30s"
+    cmdline = vm.ct.run("cat", f"/proc/{props['MainPID']}/cmdline").stdout.split("\0")
+    assert cmdline[-3:-1] == ["serve", "demo"], cmdline
+    assert vm.ctl("status", "demo").stdout.startswith("demo: running\n")
+
+    vm.wait_console()
+    records = vm.records()
+    assert {r["SYSLOG_IDENTIFIER"] for r in records} == {"vmhost", "vmhost-console"}
+    assert {r["_SYSTEMD_UNIT"] for r in records} == {vm.unit}
+    ids = {r.get("MESSAGE_ID") for r in records}
+    assert {Event.STARTED.message_id, Event.READY.message_id} <= ids
+    assert any(r.get("VMHOST_STATE") == "running" for r in records)
+
+    # WATCHDOG=1 keeps coming from the event loop.
+    fed = vm.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+    wait_for("a watchdog ping", lambda: vm.show("WatchdogTimestampMonotonic") != {
+        "WatchdogTimestampMonotonic": fed
+    }, timeout=20)  # fmt: skip
+
+    print(f"\nsystemctl start {vm.unit} -> active (running): {elapsed:.2f} s")
+    print(vm.ct.systemctl("status", "--no-pager", "--lines=0", vm.unit).stdout)
+
+
+def test_stop_powers_the_guest_off_through_acpi(make_vm: Callable[..., VM]) -> None:
+    """systemctl stop → ACPI power-off well within the timeout; clean exit; the disk survives."""
+    vm = make_vm("acpi", timeout=20)
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    started = time.monotonic()
+    vm.ct.systemctl("stop", vm.unit)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 10, f"stop took {elapsed:.1f} s: ACPI did not end the guest"
+    props = vm.show("ActiveState", "Result", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    shutdowns = [r["MESSAGE"] for r in vm.records("QMP_EVENT=SHUTDOWN")]
+    assert any("guest-shutdown" in m for m in shutdowns), shutdowns
+    ids = {r.get("MESSAGE_ID") for r in vm.records()}
+    assert {Event.STOPPING.message_id, Event.STOPPED.message_id} <= ids
+    assert vm.marker() == vm.token
+    assert vm.clean()
+
+
+def test_first_connect_starts_a_stopped_instance(make_vm: Callable[..., VM]) -> None:
+    """With only the socket listening, a client's connect starts the VM and gets an answer."""
+    vm = make_vm("activate")
+    vm.ct.systemctl("start", f"vmhost@{vm.name}.socket")
+    assert vm.show("ActiveState")["ActiveState"] == "inactive"
+    mode = vm.ct.run("stat", "-c", "%A %U", vm.socket).stdout.split()
+    assert mode == ["srw-rw----", "root"]
+
+    reply = vm.ctl("status", vm.name).stdout
+    assert re.match(rf"{vm.name}: (starting|running)\n", reply), reply
+    wait_for("the service to be active", lambda: vm.show("ActiveState")["ActiveState"] == "active")
+
+    vm.wait_console()  # so the stop below is a quick ACPI one
+    vm.ct.systemctl("stop", f"vmhost@{vm.name}.socket")
+    assert vm.show("ActiveState")["ActiveState"] == "inactive"  # stopped along with its socket
+    assert vm.ct.run("test", "-e", vm.socket, check=False).returncode == 1  # RemoveOnStop=
+
+
+def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
+    """systemctl restart: the socket (same inode) stays; clients never see a refused connect."""
+    vm = make_vm("restart")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    inode = vm.ct.run("stat", "-c", "%i", vm.socket).stdout
+    before = vm.show("InvocationID")["InvocationID"]
+
+    stop_file = f"/run/e2e/{vm.name}.done"
+    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
+    try:
+        time.sleep(0.5)
+        vm.ct.systemctl("restart", vm.unit)
+        vm.ct.run("touch", stop_file)
+        out, _ = hammer.communicate(timeout=60)
+    finally:
+        hammer.kill()
+    seen = json.loads(out)
+
+    assert seen["errors"] == []
+    assert seen["ok"] > 3
+    assert seen["states"][-1] == "running", seen
+    assert vm.show("InvocationID")["InvocationID"] != before
+    assert vm.ct.run("stat", "-c", "%i", vm.socket).stdout == inode
+    assert vm.show("NRestarts")["NRestarts"] == "0"
+
+
+def test_qemu_killed_from_outside_is_restarted(make_vm: Callable[..., VM]) -> None:
+    """SIGKILL to QEMU: vmhost exits 3 (crashed), Restart=on-failure starts the VM again."""
+    vm = make_vm("crash")
+    vm.ct.systemctl("start", vm.unit)
+    first = vm.show("MainPID")["MainPID"]
+    vm.ct.run("kill", "-KILL", str(vm.qemu_pid()))
+
+    wait_for("a restart", lambda: vm.show("NRestarts")["NRestarts"] == "1")
+    wait_for("active again", lambda: vm.show("ActiveState")["ActiveState"] == "active")
+    assert vm.show("MainPID")["MainPID"] != first
+    exits = vm.ct.journal(f"UNIT={vm.unit}", "EXIT_STATUS=3")
+    assert exits, "systemd logged no exit status 3"
+    crashed = vm.records(f"MESSAGE_ID={Event.CRASHED.message_id}")
+    assert len(crashed) == 1, crashed
+
+
+def test_qemu_killed_without_restart_leaves_the_unit_failed(make_vm: Callable[..., VM]) -> None:
+    """The same crash with Restart=no: the unit is failed with exit status 3."""
+    vm = make_vm("crash-norestart", service="Restart=no")
+    vm.ct.systemctl("start", vm.unit)
+    vm.ct.run("kill", "-KILL", str(vm.qemu_pid()))
+
+    wait_for("failed", lambda: vm.show("ActiveState")["ActiveState"] == "failed")
+    props = vm.show("Result", "ExecMainStatus", "StatusText")
+    assert (props["Result"], props["ExecMainStatus"]) == ("exit-code", "3"), props
+
+
+def test_bad_config_fails_without_restart(ct: Container) -> None:
+    """A broken config: exit 78, STATUS= says why, and Restart= does not loop on it."""
+    ct.write("/etc/vmhost/broken.toml", '[machine]\ncpus = "many"\n')
+    unit = "vmhost@broken.service"
+    try:
+        assert ct.systemctl("start", unit, check=False).returncode != 0
+        time.sleep(3)  # longer than RestartSec=2
+        props = ct.show(unit, "ActiveState", "ExecMainStatus", "NRestarts", "StatusText")
+        assert props["ActiveState"] == "failed"
+        assert (props["ExecMainStatus"], props["NRestarts"]) == ("78", "0")
+        assert "cpus" in props["StatusText"], props
+        failed = ct.journal("VMHOST_VM=broken", f"MESSAGE_ID={Event.FAILED.message_id}")
+        assert len(failed) == 1
+    finally:
+        ct.systemctl("stop", "vmhost@broken.socket", check=False)
+        ct.systemctl("reset-failed", unit, check=False)
+
+
+def test_long_stop_extends_systemd_timeout(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage
+) -> None:
+    """A stop longer than TimeoutStopSec asks for more (EXTEND_TIMEOUT_USEC) and is not killed."""
+    vm = make_vm("deaf", image=deaf_guest, timeout=6, service="TimeoutStopSec=3")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    started = time.monotonic()
+    vm.ct.systemctl("stop", vm.unit)
+    elapsed = time.monotonic() - started
+
+    assert 5 < elapsed < 15, elapsed
+    props = vm.show("Result", "ExecMainStatus", "ExecMainCode")
+    assert props == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1"}, props
+
+
+def test_logs_from_the_journal(make_vm: Callable[..., VM]) -> None:
+    """vmhostctl logs: last N lines locally and over the control socket; -f sees new records."""
+    vm = make_vm("logs")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+
+    line = re.compile(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (vmhost|vmhost-console): "
+    )
+    last3 = vm.ctl("logs", vm.name, "-n", "3").stdout.splitlines()
+    assert len(last3) == 3 and all(line.match(x) for x in last3), last3
+    local = vm.ctl("logs", vm.name, "-n", "500").stdout
+    remote = vm.ctl("--socket", vm.socket, "logs", "-n", "500").stdout
+    for out in (local, remote):
+        assert f"vmhost-console: {READY_LINE}" in out
+        assert f"vmhost: starting VM {vm.name}" in out
+
+    ctl = f"{vm.venv}/bin/vmhostctl"
+    follow = vm.ct.popen(
+        "sh", "-c", 'echo $$; exec timeout 30 "$0" logs "$1" -f -n 0', ctl, vm.name
+    )
+    try:
+        assert follow.stdout is not None
+        pid = follow.stdout.readline().strip()
+        time.sleep(1)
+        vm.ctl("stop", vm.name)
+        followed = []
+        for text in follow.stdout:
+            followed.append(text)
+            if "stopped" in text:
+                break
+        assert any("stopping" in x for x in followed), followed
+        vm.ct.run("kill", pid, check=False)
+    finally:
+        follow.wait(timeout=30)
+
+
+def test_units_verify_and_exposure(ct: Container) -> None:
+    """systemd-analyze verify is clean; the live security exposure is at most 2.0."""
+    verify = ct.run("systemd-analyze", "verify", "vmhost@x.service", "vmhost@x.socket", check=False)
+    assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", "")
+    security = ct.run("systemd-analyze", "security", "--no-pager", "vmhost@x.service").stdout
+    found = re.search(r"Overall exposure level for vmhost@x\.service: (\d+\.\d+)", security)
+    assert found, security[-500:]
+    assert float(found[1]) <= 2.0
+    print(f"\nsystemd-analyze security vmhost@x.service: {found[1]}")
+    print("\n".join(x for x in security.splitlines() if x.startswith(("✗", "→"))))
