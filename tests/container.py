@@ -231,7 +231,6 @@ def boot(
     overlay: bool = False,
     masks: Sequence[str] = (),
     timeout: float = 60,
-    log_dir: Path | None = None,
 ) -> Iterator[Container]:
     """Boot the host's own OS in a container; yield it once booted; always tear it down.
 
@@ -243,11 +242,12 @@ def boot(
     masked at boot.
     """
     require_host()
-    cgroup = f"vmhost-test-{name}-{os.getpid()}"
+    name = f"{name}-{os.getpid()}"  # nspawn keys its /run state by machine name
+    cgroup = f"vmhost-test-{name}"
     cgroup_dirs = _cgroup_dirs(cgroup)
     for d in cgroup_dirs:
         d.mkdir(parents=True, exist_ok=True)
-    logs = log_dir or Path(tempfile.mkdtemp(prefix=f"nspawn-{name}-"))
+    logs = Path(tempfile.mkdtemp(prefix=f"nspawn-{name}-"))  # errors quote its tail
     root_dir = Path(tempfile.mkdtemp(prefix=f"nspawn-root-{name}-")) if overlay else None
 
     nspawn = [
@@ -284,6 +284,7 @@ def boot(
     finally:
         _teardown(proc, cgroup_dirs)
         log_file.close()
+        shutil.rmtree(logs)
         if root_dir is not None:
             root_dir.rmdir()
 
