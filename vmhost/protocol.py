@@ -111,9 +111,17 @@ def invalid_request(reason: str) -> bytes:
 
 
 def decode_request(data: bytes) -> Request:
-    """Decode one request as the Go server would, or raise ``msgspec.DecodeError``.
+    """Decode one request as the Go server would, or raise ``msgspec.DecodeError``."""
+    try:
+        return _decode_request(data)
+    except RecursionError as e:  # msgspec raises it outside its own error tree
+        raise msgspec.DecodeError("JSON is nested too deeply") from e
+    except UnicodeDecodeError as e:  # likewise, for a string that is not UTF-8
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {e.reason}") from e
 
-    A lower-case ASCII request (what every Go client sends) takes one typed
+
+def _decode_request(data: bytes) -> Request:
+    """A lower-case ASCII request (what every Go client sends) takes one typed
     decode; anything else goes through a dict so keys can be case-folded and
     ``null`` values dropped, as Go's decoder does.
     """
