@@ -101,10 +101,10 @@ class VM:
     def console(self) -> Path:
         return self.dir / "console.log"
 
-    def marker(self) -> str:
-        """The guest's marker file, read from the disk image after the VM is gone."""
+    def marker(self, path: str = "/marker") -> str:
+        """A file the guest wrote (its marker by default), read from the disk image."""
         out = subprocess.run(
-            ["debugfs", "-R", "cat /marker", str(self.disk)],
+            ["debugfs", "-R", f"cat {path}", str(self.disk)],
             capture_output=True,
             text=True,
             check=True,

@@ -119,7 +119,11 @@ function write(path, content) {
 			system("mkdir -p /run/agent/secrets")
 			path = "/run/agent/secrets/" name
 			write(path, value)
-			if (system("chmod " sprintf("%o", mode == "" ? 384 : mode) " " path) == 0) ack(type, "")
+			# Not system()'s status: nc -ll leaves SIGCHLD ignored from the second
+			# connection on, so wait() fails and system() says -1 for a chmod that worked.
+			cmd = "chmod " sprintf("%o", mode == "" ? 384 : mode) " " path " && echo ok"
+			done = ""; cmd | getline done; close(cmd)
+			if (done == "ok") ack(type, "")
 			else ack(type, "chmod failed")
 		}
 	} else if (type == "mount") {
