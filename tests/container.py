@@ -114,21 +114,6 @@ class Container:
             env=_ENV,
         )
 
-    def run_unit(
-        self,
-        *argv: str,
-        properties: Sequence[str] = (),
-        pipe: bool = True,
-        check: bool = True,
-        timeout: float = 60,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run argv as a transient service: its own cgroup, and (pipe=False) a journal stream."""
-        flags = ["--wait", "--quiet", "--collect", "--service-type=exec"]
-        if pipe:
-            flags.append("--pipe")
-        props = [f"--property={p}" for p in properties]
-        return self.run("systemd-run", *flags, *props, "--", *argv, check=check, timeout=timeout)
-
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("systemctl", *args, check=check)
 
@@ -136,39 +121,15 @@ class Container:
         out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def write(self, path: str, text: str, *, mode: str = "0644") -> None:
+    def write(self, path: str, text: str) -> None:
         """Create ``path`` and its parents inside the container (its /etc is not the host's)."""
-        self.run(
-            "sh",
-            "-c",
-            'mkdir -p "$(dirname "$1")" && cat >"$1" && chmod "$2" "$1"',
-            "sh",
-            path,
-            mode,
-            input=text,
-        )
+        self.run("sh", "-c", 'mkdir -p "$(dirname "$1")" && cat >"$1"', "sh", path, input=text)
 
     def journal(self, *matches: str) -> list[dict[str, Any]]:
         """Journal records as JSON objects, after making sure journald has written what it has."""
         self.run("journalctl", "--sync")
         out = self.run("journalctl", "--no-pager", "-o", "json", *matches).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def wait_until(
-        self, predicate_argv: Sequence[str], *, timeout: float = 30, interval: float = 0.1
-    ) -> subprocess.CompletedProcess[str]:
-        """Repeat a command inside until it succeeds; the last failure is the error's evidence."""
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self.run(*predicate_argv, check=False)
-            if proc.returncode == 0:
-                return proc
-            if time.monotonic() > deadline:
-                raise ContainerError(
-                    f"{' '.join(predicate_argv)} still failing after {timeout} s: "
-                    f"{proc.stdout}{proc.stderr}"
-                )
-            time.sleep(interval)
 
     def install_units(self, unit_files: Sequence[Path], venv: Path) -> None:
         """Install units in /etc/systemd/system, ExecStart pointed at the venv's vmhost."""
@@ -183,6 +144,7 @@ class Container:
 
 
 def require_host() -> None:
+    """Raise ContainerUnavailable (a reason to skip) when this host cannot boot a container."""
     if os.geteuid() != 0:
         raise ContainerUnavailable("systemd-nspawn needs root")
     for tool in ("systemd-nspawn", "nsenter", "unshare"):
@@ -277,12 +239,14 @@ def boot(
 
     log_file = open(logs / "nspawn.log", "wb")  # noqa: SIM115 -- closed in finally below
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+    pid1 = None
     try:
-        container = Container(name, _wait_for_init(proc, logs, timeout))
+        pid1 = _wait_for_init(proc, logs, timeout)
+        container = Container(name, pid1)
         _wait_for_boot(container, proc, logs, timeout)
         yield container
     finally:
-        _teardown(proc, cgroup_dirs)
+        _teardown(proc, pid1, cgroup_dirs)
         log_file.close()
         shutil.rmtree(logs)
         if root_dir is not None:
@@ -324,17 +288,39 @@ def _wait_for_boot(
     raise _nspawn_failed(proc, logs, f"not booted after {timeout} s (last state {state!r})")
 
 
-def _teardown(proc: subprocess.Popen[bytes], cgroup_dirs: Sequence[Path]) -> None:
+def _entered(pid1: int, cgroup_dirs: Sequence[Path]) -> list[int]:
+    """Processes that nsenter put in the container: in its PID namespace, outside its cgroup.
+
+    The container's shutdown only kills its own cgroup and then waits 90 s
+    for these orphans, now children of its PID 1.
+    """
+    namespace = os.readlink(f"/proc/{pid1}/ns/pid")
+    own = set().union(*(_procs(d) for d in cgroup_dirs if d.exists()))
+    entered = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in own:
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns/pid") == namespace:
+                    entered.append(int(entry.name))
+    return entered
+
+
+def _teardown(proc: subprocess.Popen[bytes], pid1: int | None, cgroup_dirs: Sequence[Path]) -> None:
     """Orderly halt, then harder; never SIGKILL nspawn itself (the container would live on)."""
     if proc.poll() is None:
+        if pid1 is not None:
+            for pid in _entered(pid1, cgroup_dirs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            for child in _children(proc.pid):
-                if _comm(child) == "systemd":
-                    os.kill(child, signal.SIGKILL)
-            proc.wait(timeout=30)
+            # Container PID 1 (by now systemd-shutdown, if it got that far): ending it ends nspawn.
+            first = pid1 or next((c for c in _children(proc.pid) if _comm(c) == "systemd"), None)
+            if first is not None:
+                os.kill(first, signal.SIGKILL)
+            proc.wait(timeout=20)
     for d in cgroup_dirs:
         # Whatever survived was started by this container: end it by pid.
         for pid in _procs(d) if d.exists() else ():

@@ -53,6 +53,22 @@ while after_stop < 3:
 print(json.dumps({"ok": ok, "errors": errors, "states": states}))
 """
 
+# vmhost.logs.entries as the CLI uses it: prints each line, stops after COUNT lines.
+_READ_LOGS = """
+import asyncio, sys
+from vmhost.logs import entries
+name, lines = sys.argv[1], int(sys.argv[2])
+follow, count = sys.argv[3] == "follow", int(sys.argv[4])
+async def main():
+    seen = 0
+    async for line in entries(name, lines=lines, follow=follow):
+        print(line.split(": ", 1)[1], flush=True)
+        seen += 1
+        if seen == count:
+            return
+asyncio.run(main())
+"""
+
 
 @pytest.fixture(scope="module")
 def venv() -> Path:
@@ -69,6 +85,7 @@ def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Contai
     with container.boot("vmhost-e2e", ro_binds=sorted(map(str, binds))) as booted:
         booted.install_units(UNITS, venv)
         booted.write("/run/e2e/hammer.py", _HAMMER)
+        booted.write("/run/e2e/read_logs.py", _READ_LOGS)
         yield booted
 
 
@@ -372,6 +389,44 @@ def test_logs_from_the_journal(make_vm: Callable[..., VM]) -> None:
         vm.ct.run("kill", pid, check=False)
     finally:
         follow.wait(timeout=30)
+
+
+def test_log_reader_edges(ct: Container, venv: Path) -> None:
+    """entries(): no record, one record, the true last N (libsystemd 253 steps one too far)."""
+    python = str(venv / "bin/python")
+
+    def send(name: str, *messages: str) -> None:
+        code = "import sys; from systemd import journal\n"
+        code += "for m in sys.argv[2:]: journal.send(m, VMHOST_VM=sys.argv[1])"
+        ct.run(python, "-c", code, name, *messages)
+        ct.run("journalctl", "--sync")
+
+    def read(name: str, lines: int, count: int = 99) -> list[str]:
+        out = ct.run(python, "/run/e2e/read_logs.py", name, str(lines), "tail", str(count))
+        return out.stdout.splitlines()
+
+    def follow(name: str, lines: int, count: int) -> subprocess.Popen[str]:
+        reader = ct.popen(python, "/run/e2e/read_logs.py", name, str(lines), "follow", str(count))
+        time.sleep(1.5)  # reading the tail, then waiting
+        return reader
+
+    assert read("edge-none", 5) == []
+    reader = follow("edge-none", 5, 2)
+    send("edge-none", "first", "second")
+    assert reader.communicate(timeout=20)[0].splitlines() == ["first", "second"]
+
+    send("edge-one", "only")
+    assert read("edge-one", 5) == ["only"]
+
+    send("edge-three", "a", "b", "c")
+    assert read("edge-three", 2) == ["b", "c"]
+    assert read("edge-three", 0) == []
+    reader = follow("edge-three", 1, 2)
+    send("edge-three", "d")
+    assert reader.communicate(timeout=20)[0].splitlines() == ["c", "d"]
+    reader = follow("edge-three", 0, 1)
+    send("edge-three", "e")
+    assert reader.communicate(timeout=20)[0].splitlines() == ["e"]
 
 
 def test_units_verify_and_exposure(ct: Container) -> None:
