@@ -1,0 +1,76 @@
+"""The control server with a controller stand-in: measures the server layer alone.
+
+``python3 -m bench.standin SOCKET [--loop asyncio|uvloop] [--profile OUT]``
+serves until SIGTERM (under cProfile with ``--profile``, stats dumped to OUT).
+The stand-in answers like a running VM and never touches QEMU, so a figure
+measured against it is the server's own cost; ``vmhost serve`` itself is
+measured by :class:`bench.targets.Service`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import signal
+from pathlib import Path
+
+from vmhost.protocol import VMState
+from vmhost.server import Server
+
+
+class StandIn:
+    """A VM that is always running; stop requests are counted, not obeyed."""
+
+    backend = "qemu"
+    ssh_port = 2222
+    pid = 4242
+    state = VMState.RUNNING
+
+    def __init__(self) -> None:
+        self.stops = 0
+        self._ended = asyncio.Event()
+
+    async def stop(self, timeout: float) -> None:
+        self.stops += 1
+
+    async def force_stop(self) -> None:
+        self.stops += 1
+
+    async def wait(self) -> None:
+        await self._ended.wait()
+
+
+async def serve(path: Path) -> None:
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    loop.add_signal_handler(signal.SIGINT, done.set)
+    async with Server(StandIn(), path):
+        print("serving", flush=True)
+        await done.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python3 -m bench.standin")
+    parser.add_argument("socket", type=Path)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
+    parser.add_argument("--profile", type=Path)
+    args = parser.parse_args()
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    profile = cProfile.Profile() if args.profile else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if profile is not None:
+            profile.enable()
+        runner.run(serve(args.socket))
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()
