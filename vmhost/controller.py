@@ -142,6 +142,9 @@ class QemuController:
                 pass_fds=(qmp_child.fileno(), serial_child.fileno()),
                 env=qemu.environment(os.environ),
                 preexec_fn=_die_with_parent,
+                # Its own process group: Ctrl-C on a foreground `vmhost serve` must reach
+                # vmhost only (QEMU quits on SIGINT without asking the guest: a dirty disk).
+                process_group=0,
             )
         except OSError as e:
             self._end(Ending.START_FAILED, f": {e}")
