@@ -136,8 +136,9 @@ class Container:
         for unit in unit_files:
             self.write(f"/etc/systemd/system/{unit.name}", unit.read_text())
             if unit.suffix == ".service":
+                # "10-": a test's own drop-in (named with a letter) comes later and wins.
                 self.write(
-                    f"/etc/systemd/system/{unit.name}.d/venv.conf",
+                    f"/etc/systemd/system/{unit.name}.d/10-venv.conf",
                     f"[Service]\nExecStart=\nExecStart={venv}/bin/vmhost serve %i\n",
                 )
         self.systemctl("daemon-reload")

@@ -429,6 +429,30 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
     assert reader.communicate(timeout=20)[0].splitlines() == ["e"]
 
 
+def test_kvm_opens_in_the_sandbox(ct: Container) -> None:
+    """The unit's private /dev still has /dev/kvm, and it opens read-write.
+
+    The container's systemd enforces no device cgroup (not delegated on this
+    host), so DeviceAllow= itself is only proven on a real host.
+    """
+    if not Path("/dev/kvm").exists():
+        pytest.skip("no /dev/kvm on this host")
+    probe = (
+        "import os; os.close(os.open('/dev/kvm', os.O_RDWR)); assert not os.path.exists('/dev/mem')"
+    )
+    ct.write(
+        "/etc/systemd/system/vmhost@kvm.service.d/probe.conf",
+        "[Service]\nType=oneshot\nRestart=no\n"
+        f'ExecStart=\nExecStart=/usr/bin/python3 -c "{probe}"\n',
+    )
+    ct.systemctl("daemon-reload")
+    try:
+        started = ct.systemctl("start", "vmhost@kvm.service", check=False)
+        assert started.returncode == 0, ct.run("journalctl", "-u", "vmhost@kvm", "-o", "cat").stdout
+    finally:
+        ct.systemctl("stop", "vmhost@kvm.socket", check=False)
+
+
 def test_units_verify_and_exposure(ct: Container) -> None:
     """systemd-analyze verify is clean; the live security exposure is at most 2.0."""
     verify = ct.run("systemd-analyze", "verify", "vmhost@x.service", "vmhost@x.socket", check=False)
