@@ -1,0 +1,401 @@
+"""Decoder fuzzing: whatever bytes arrive, the server answers well-formed lines and never hangs.
+
+Three layers, each with Hypothesis: ``decode_request`` alone (only
+``msgspec.DecodeError`` may come out), the server's per-connection protocol
+object fed in arbitrary chunks (every answer a valid ``Response`` line, the
+connection closed after EOF), and a live server on a real socket.  The default
+run is a quick slice; ``-m soak`` pushes at least 100,000 inputs through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import pytest
+from conftest import FakeController
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmhost import protocol
+from vmhost.protocol import Request, Response
+from vmhost.server import Limits, Server, _Connection
+
+QUICK: Final = 500
+SOAK: Final = 100_000
+LIVE_QUICK: Final = 150
+LIVE_SOAK: Final = 5_000
+_KNOWN_STATES: Final = {"running", "stopping", "stopped", "error"}
+_ERROR_PREFIXES: Final = ("invalid request: ", "unknown method: ")
+_FIELDS: Final = ("method", "timeout_seconds", "detail", "lines", "follow")
+
+# -- inputs ---------------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+# Two levels, spelled out: st.recursive costs ~5x more per example, and deep nesting
+# has its own generator below.  Pairs, not st.dictionaries, whose unique-key filter is slow.
+_flat = st.lists(json_scalars, max_size=4) | st.lists(
+    st.tuples(st.text(max_size=8), json_scalars), max_size=4
+).map(dict)
+json_values = json_scalars | _flat | st.lists(_flat, max_size=3)
+methods = st.sampled_from(["status", "info", "stop", "force_stop", "logs", "reboot", ""]) | st.text(
+    max_size=12
+)
+
+
+def _recase(key: str) -> st.SearchStrategy[str]:
+    """The key as a Go client might spell it: any mix of upper and lower case."""
+    return st.integers(0, 2 ** len(key) - 1).map(
+        lambda upper: "".join(c.upper() if upper >> i & 1 else c for i, c in enumerate(key))
+    )
+
+
+@st.composite
+def request_objects(draw: st.DrawFn) -> dict[str, Any]:
+    """Request-shaped objects: a method, maybe the other fields, maybe unknown keys."""
+    obj: dict[str, Any] = {draw(_recase("method")): draw(methods | json_scalars)}
+    for field in _FIELDS[1:]:
+        if draw(st.booleans()):
+            obj[draw(_recase(field))] = draw(json_scalars | _flat)
+    obj.update(draw(st.lists(st.tuples(st.text(max_size=10), json_values), max_size=2)))
+    return obj
+
+
+def _encode(obj: object, ascii_only: bool) -> bytes:
+    return json.dumps(obj, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+encoded_requests = st.builds(_encode, request_objects(), st.booleans())
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A real request with bytes flipped, inserted, dropped or the end cut off."""
+    data = bytearray(draw(encoded_requests))
+    nasty = st.sampled_from(b'\x00\xff\xc3\xed\n\r "{}[]:,\\') | st.integers(0, 255)
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "repeat"]))
+        pos = draw(st.integers(0, len(data)))
+        if op == "insert":
+            data.insert(pos, draw(nasty))
+        elif not data:
+            continue
+        elif op == "flip":
+            data[min(pos, len(data) - 1)] = draw(nasty)
+        elif op == "delete":
+            del data[min(pos, len(data) - 1)]
+        elif op == "truncate":
+            del data[pos:]
+        else:
+            data[pos:pos] = data[pos : pos + draw(st.integers(1, 40))] * draw(st.integers(1, 50))
+    return bytes(data)
+
+
+@st.composite
+def extremes(draw: st.DrawFn) -> bytes:
+    """Deep nesting, huge numbers, long lines, NUL bytes, invalid UTF-8, lone surrogates."""
+    kind = draw(st.integers(0, 7))
+    if kind == 0:
+        depth = draw(st.integers(1, 70_000))
+        opener = draw(st.sampled_from([b"[", b'{"a":', b'{"method":"status","x":[']))
+        return opener * depth + draw(st.sampled_from([b"", b"1", b"]" * depth]))
+    if kind == 1:
+        digits = b"9" * draw(st.integers(1, 5000))
+        field = draw(st.sampled_from([b"timeout_seconds", b"lines", b"x"]))
+        number = draw(st.sampled_from([digits, b"-" + digits, b"1e" + digits, b"0." + digits]))
+        return b'{"method":"stop","' + field + b'":' + number + b"}"
+    if kind == 2:
+        filler = draw(st.sampled_from([b"x", b" ", b"\\u0000", b"\x00", b"\xff"]))
+        size = draw(st.integers(60_000, 200_000)) // len(filler)
+        return b'{"method":"' + filler * size + b'"}'
+    if kind == 3:
+        return draw(st.binary(max_size=64)).replace(b"\n", b"")
+    if kind == 4:
+        bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\\ud800", b"\\udc00x"]))
+        return b'{"method":"stat' + bad + b'us"}'
+    if kind == 5:
+        return draw(st.sampled_from([b"null", b"[]", b'"status"', b"true", b"-0", b"1e999"]))
+    if kind == 6:
+        return b"\x00" * draw(st.integers(1, 70_000))
+    return b'{"method":"status"}' * draw(st.integers(2, 5000))
+
+
+single_inputs = encoded_requests | mutated() | extremes() | st.binary(max_size=300)
+streams = st.lists(single_inputs, min_size=1, max_size=3).map(b"\n".join) | st.binary(max_size=2000)
+
+# -- layer 1: the decoder --------------------------------------------------------
+
+
+def decodes_or_rejects(data: bytes) -> Request | None:
+    """``decode_request``'s contract: a Request, or ``msgspec.DecodeError``, nothing else."""
+    try:
+        return protocol.decode_request(data)
+    except msgspec.DecodeError:
+        return None
+
+
+@settings(max_examples=QUICK, deadline=None)
+@given(single_inputs)
+def test_decoder_raises_only_decode_error(data: bytes) -> None:
+    """Any bytes decode to a Request or raise msgspec.DecodeError; no other exception escapes."""
+    decodes_or_rejects(data)
+
+
+@settings(max_examples=QUICK, deadline=None)
+@given(request_objects(), st.booleans())
+def test_decoder_agrees_with_go_semantics(obj: dict[str, Any], ascii_only: bool) -> None:
+    """Unknown keys are ignored, key case does not matter, a wrong type is refused (Go's rules)."""
+    data = _encode(obj, ascii_only)
+    folded = {k.casefold(): v for k, v in obj.items() if v is not None}
+    known = {k: folded[k] for k in _FIELDS if k in folded}
+    types = {"method": str, "timeout_seconds": int, "detail": bool, "lines": int, "follow": bool}
+    well_typed = all(
+        isinstance(v, types[k]) and (types[k] is bool) == isinstance(v, bool)
+        for k, v in known.items()
+    ) and all(-(2**63) <= v < 2**63 for v in known.values() if isinstance(v, int))
+    request = decodes_or_rejects(data)
+    if not well_typed:
+        assert request is None
+        return
+    assert request == Request(**known)
+
+
+# -- layer 2: the connection protocol object, chunk by chunk -----------------------
+
+
+class RecordingTransport(asyncio.Transport):
+    """Collects what the server writes; a unit-test stand-in for the socket transport only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.writes_after_close = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            self.writes_after_close += 1
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def responses(raw: bytes | bytearray) -> list[Response]:
+    """Parse the server's output: complete lines, each a valid Response of the known shapes."""
+    assert not raw or raw.endswith(b"\n"), f"partial answer {bytes(raw[-80:])!r}"
+    answers = [protocol.decode_response(line) for line in bytes(raw).splitlines()]
+    for answer in answers:
+        if answer.ok:
+            assert answer.state in _KNOWN_STATES and not answer.error
+        else:
+            assert answer.error.startswith(_ERROR_PREFIXES), answer.error
+    return answers
+
+
+def feed(chunks: list[bytes], *, eof: bool = True) -> tuple[list[Response], RecordingTransport]:
+    """One connection's life: connect, the chunks, then EOF; returns the answers."""
+    server = Server(FakeController(), Path("/nonexistent"))
+    conn = _Connection(server)
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    for chunk in chunks:
+        if transport.closed:
+            break
+        conn.data_received(chunk)
+    if eof and not transport.closed:
+        conn.eof_received()
+    return responses(transport.written), transport
+
+
+@st.composite
+def chunked(draw: st.DrawFn) -> list[bytes]:
+    data = draw(streams)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """stop/force_stop answers start a task: each exchange runs inside this loop."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def check_stream(loop: asyncio.AbstractEventLoop, chunks: list[bytes]) -> None:
+    async def exchange() -> tuple[list[Response], RecordingTransport]:
+        result = feed(chunks)
+        await asyncio.sleep(0)  # let stop/force_stop tasks run: they must not fail either
+        return result
+
+    answers, transport = loop.run_until_complete(exchange())
+    data = b"".join(chunks)
+    assert transport.closed, "connection left open after EOF"
+    assert transport.writes_after_close == 0
+    if data.strip():
+        assert answers, f"no answer to {data[:80]!r}"
+    invalid = [i for i, a in enumerate(answers) if a.error.startswith("invalid request: ")]
+    assert invalid in ([], [len(answers) - 1]), "answers after an invalid request"
+
+
+@settings(max_examples=QUICK, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunked())
+def test_connection_answers_every_chunking(
+    loop: asyncio.AbstractEventLoop, chunks: list[bytes]
+) -> None:
+    """Any input, split anywhere, gets well-formed answers and a close after EOF, never an error."""
+    check_stream(loop, chunks)
+
+
+@settings(max_examples=QUICK, deadline=None)
+@given(st.sampled_from(["status", "info", "stop", "force_stop"]), st.data())
+def test_split_request_gets_the_same_answer(
+    loop: asyncio.AbstractEventLoop, method: str, data: st.DataObject
+) -> None:
+    """A valid request answers the same however its bytes are split into reads."""
+    wire = protocol.encode_request(Request(method=method))
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(wire) - 1), max_size=len(wire))))
+    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+
+    async def both() -> tuple[list[Response], list[Response]]:
+        return feed([wire])[0], feed(chunks)[0]
+
+    whole, split = loop.run_until_complete(both())
+    assert len(whole) == 1 and whole[0].ok
+    assert split == whole
+
+
+def test_oversized_line_is_refused() -> None:
+    """A line past 64 KiB is answered 'request too large' and the connection closed."""
+    for data in (b" " * (protocol.MAX_REQUEST_BYTES + 1) + b"\n", b"x" * 200_000):
+        answers, transport = feed([data], eof=False)
+        assert answers == [Response(ok=False, error="invalid request: request too large")]
+        assert transport.closed
+
+
+def test_deep_nesting_is_an_invalid_request() -> None:
+    """Nesting deeper than the decoder's recursion limit is an ordinary invalid request."""
+    answers, transport = feed([b"[" * 60_000 + b"\n"], eof=False)
+    assert len(answers) == 1 and answers[0].error.startswith("invalid request: ")
+    assert transport.closed
+
+
+def test_invalid_utf8_without_newline_is_answered() -> None:
+    """Invalid UTF-8 in a request that lacks its newline is answered too, not raised."""
+    answers, _ = feed([b'{"method":"st\xffatus"}'], eof=False)
+    assert len(answers) == 1 and not answers[0].ok
+
+
+@pytest.mark.soak
+def test_soak_connection_fuzz(loop: asyncio.AbstractEventLoop) -> None:
+    """At least 100,000 fuzzed inputs through the decoder and the connection object."""
+    seen = 0
+
+    @settings(max_examples=SOAK, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(chunked())
+    def one(chunks: list[bytes]) -> None:
+        nonlocal seen
+        seen += 1
+        decodes_or_rejects(b"".join(chunks))
+        check_stream(loop, chunks)
+
+    one()
+    print(f"\nfuzzed inputs (connection layer): {seen}")
+    assert seen >= SOAK
+
+
+# -- layer 3: a live server on a real unix socket ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real Server in its own thread, so the test talks to it with blocking sockets."""
+    path = tmp_path_factory.mktemp("live") / "vmhost.sock"
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    async def serve() -> None:
+        limits = Limits(request_timeout=2.0)
+        async with Server(FakeController(), path, limits=limits):
+            ready.set()
+            await done
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    yield path
+    loop.call_soon_threadsafe(done.set_result, None)
+    thread.join(5)
+
+
+def exchange_live(path: Path, data: bytes, *, timeout: float = 3.0) -> bytes:
+    """Send, half-close, read to EOF; a hang shows as a socket timeout."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        return bytes(received)
+
+
+def check_live(path: Path, data: bytes) -> None:
+    answers = responses(exchange_live(path, data))
+    if data.strip() and len(data) <= protocol.MAX_REQUEST_BYTES:
+        assert answers, f"no answer to {data[:80]!r}"
+
+
+def _live_test(examples: int) -> Callable[[Path], None]:
+    def run(path: Path) -> None:
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(streams)
+        def one(data: bytes) -> None:
+            check_live(path, data)
+
+        one()
+
+    return run
+
+
+def test_live_server_answers_fuzzed_input(live_socket: Path) -> None:
+    """Over a real socket, each fuzzed input is answered well-formed and closed within 3 s."""
+    _live_test(LIVE_QUICK)(live_socket)
+    assert protocol.decode_response(exchange_live(live_socket, b'{"method":"status"}\n')).ok
+
+
+@pytest.mark.soak
+def test_soak_live_server(live_socket: Path) -> None:
+    """5,000 fuzzed inputs over a real socket; the server still answers afterwards."""
+    _live_test(LIVE_SOAK)(live_socket)
+    assert protocol.decode_response(exchange_live(live_socket, b'{"method":"status"}\n')).ok
