@@ -33,7 +33,8 @@ SERVICE = REPO / "units" / "vmhost@.service"
 _ACTIVATED = textwrap.dedent(
     """
     import json, os, socket
-    from vmhost.systemd import ActivationError, listen_socket
+    from vmhost.errors import ActivationError
+    from vmhost.systemd import listen_socket
     try:
         sock = listen_socket()
     except ActivationError as e:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from vmhost.errors import ConfigError
+from .errors import ConfigError
 
 CONFIG_DIR: Final = Path("/etc/vmhost")
 MIN_MEMORY_MIB: Final = 64

@@ -39,6 +39,7 @@ StateListener = Callable[[VMState, str, str], None]
 QMP_TIMEOUT: Final = 5.0
 PROBE_INTERVAL: Final = 1.0
 PROBE_TIMEOUT: Final = 2.0
+ACPI_REPEAT: Final = 3.0
 _LAST_STEPS: Final = 1.0  # each of quit / SIGTERM after the deadline
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -231,7 +232,7 @@ class QemuController:
         if self._agent is not None:
             await self._step_until("guest agent shutdown", self._agent_shutdown, share=0.5)
         if self._qmp.runstate is Runstate.RUNNING:
-            await self._step_until("ACPI power-down", self._qmp_command("system_powerdown"))
+            await self._step_until("ACPI power-down", self._powerdown)
             await self._step_until("QMP quit", self._qmp_command("quit"), extra=_LAST_STEPS)
         await self._step_until("SIGTERM", self._signal(signal.SIGTERM), extra=_LAST_STEPS)
         await self._step_until("SIGKILL", self._signal(signal.SIGKILL), extra=60.0)
@@ -265,6 +266,18 @@ class QemuController:
     async def _agent_shutdown(self) -> None:
         assert self._agent is not None
         await self._agent.shutdown("vmhost stop")
+
+    async def _powerdown(self) -> None:
+        """Press the power button again now and then: a guest still booting misses the first."""
+        while True:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                await self._qmp.execute("system_powerdown")
+            await self._wait_exit(ACPI_REPEAT)
+
+    async def _wait_exit(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._exited.wait()
 
     def _qmp_command(self, command: str) -> Callable[[], Coroutine[Any, Any, None]]:
         async def run() -> None:
@@ -407,8 +420,9 @@ class QemuController:
     async def _disconnect(self) -> None:
         if self._agent is not None:
             self._agent.close()
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await self._qmp.disconnect()
+        if self._qmp.runstate is not Runstate.IDLE:  # a failed connect is already idle
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await self._qmp.disconnect()
 
     # -- helpers --------------------------------------------------------------
 

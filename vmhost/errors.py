@@ -27,6 +27,14 @@ class AlreadyRunningError(VmhostError):
     """Another vmhost already serves this socket; starting a second one would steal it."""
 
 
+class ActivationError(VmhostError):
+    """systemd passed descriptors that cannot be the control socket: serving would hang clients."""
+
+
+class JournalError(VmhostError):
+    """The journal cannot be opened or filtered (no journal here, or no permission)."""
+
+
 class ControllerError(VmhostError):
     """The VM could not be started or controlled."""
 

@@ -11,12 +11,8 @@ from datetime import UTC, datetime
 from cysystemd.async_reader import AsyncJournalReader
 from cysystemd.reader import JournalEntry, JournalOpenMode, Rule
 
-from vmhost.errors import VmhostError
-from vmhost.systemd import FIELD_VM
-
-
-class JournalError(VmhostError):
-    """The journal cannot be opened or filtered (no journal here, or no permission)."""
+from .errors import JournalError
+from .systemd import FIELD_VM
 
 
 def format_entry(fields: Mapping[str, object], realtime_usec: int) -> str:

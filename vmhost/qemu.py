@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from vmhost.config import Config
+from .config import Config
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22

@@ -180,7 +180,6 @@ class Server:
         # socket.accept() builds two enums and a Python-level socket per call: the C
         # method and a C socket object cost a fraction, and this runs per request.
         accept: Callable[[], tuple[int, object]] = self._sock._accept  # type: ignore[attr-defined]
-        register = self._epoll.register
         transports = self._transports
         for _ in range(_ACCEPTS_PER_WAKEUP):
             try:
@@ -192,10 +191,10 @@ class Server:
                     self._pause_accepting(e)
                     return
                 continue  # the client gave up before we accepted: nothing to serve
-            register(fd, select.EPOLLIN)
             transport = transports[fd] = _Transport(self, fd)
-            # A Go client writes right after connecting: answer without waiting for an event.
+            # A Go client writes right after connecting: answer first, join the epoll set after.
             transport.read()
+            transport.watch()
 
     def _pause_accepting(self, error: OSError) -> None:
         """Out of descriptors or memory: stop accepting for a second rather than spin."""
@@ -444,7 +443,7 @@ class _Transport(asyncio.Transport):
         self._sock: _socket.socket | None = _socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
         self.fd = fd
         self._out = b""
-        self._mask = select.EPOLLIN
+        self._mask = -1  # not in the epoll set yet
         self._reading = True
         self._eof = False
         self._closing = False
@@ -530,14 +529,23 @@ class _Transport(asyncio.Transport):
             else:
                 self._update()
 
+    def watch(self) -> None:
+        """Join the epoll set (if still open), to hear of the next request or the end."""
+        if self._sock is not None:
+            self._update()
+
     def _update(self) -> None:
         """Tell epoll what we wait for: input while reading, room while output is pending."""
         mask = (select.EPOLLIN if self._reading and not self._eof else 0) | (
             select.EPOLLOUT if self._out else 0
         )
-        if mask != self._mask and self._server._epoll is not None:
+        epoll = self._server._epoll
+        if mask != self._mask and epoll is not None:
+            if self._mask < 0:
+                epoll.register(self.fd, mask)
+            else:
+                epoll.modify(self.fd, mask)
             self._mask = mask
-            self._server._epoll.modify(self.fd, mask)
 
     def pause_reading(self) -> None:
         self._reading = False

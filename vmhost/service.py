@@ -62,7 +62,8 @@ def run(options: Options) -> int:
     """Run one VM's service to its end; the return value is the process exit code."""
     systemd.setup_logging(options.name, verbose=options.verbose)
     if not options.verbose:
-        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+        # qemu.qmp logs each failure with a traceback; vmhost reports them once, with the cause.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     notifier = systemd.Notifier()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

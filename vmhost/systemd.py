@@ -17,7 +17,7 @@ from uuid import UUID
 
 from systemd import daemon, journal
 
-from vmhost.errors import VmhostError
+from .errors import ActivationError
 
 CONTROL_FD_NAME: Final = "control"
 IDENTIFIER: Final = "vmhost"
@@ -25,10 +25,6 @@ CONSOLE_IDENTIFIER: Final = "vmhost-console"
 FIELD_VM: Final = "VMHOST_VM"
 
 _log = logging.getLogger(__name__)
-
-
-class ActivationError(VmhostError):
-    """systemd passed descriptors that cannot be the control socket: serving would hang clients."""
 
 
 def listen_socket() -> socket.socket | None:
