@@ -329,6 +329,8 @@ class _Connection(asyncio.Protocol):
             self.drained.set()
         if not self.transport.is_closing():
             self.transport.resume_reading()
+            if self.buffer:  # the lines held back while the peer was not reading
+                self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:
@@ -343,6 +345,9 @@ class _Connection(asyncio.Protocol):
             self.buffer = b""
         start = 0
         while (end := data.find(b"\n", start)) >= 0:
+            if self.paused:  # answers pile up unread: hold the rest until the peer reads
+                self.buffer = data[start:]
+                return
             if end - start > self.server.limits.max_request:
                 self.finish(_TOO_LARGE)
                 return
@@ -407,7 +412,10 @@ class _Connection(asyncio.Protocol):
         self.transport.close()
 
     def expire(self) -> None:
-        if self.buffer:
+        if self.transport.get_write_buffer_size():
+            # Unread answers for a whole timeout: closing would wait on this peer forever.
+            self.transport.abort()
+        elif self.buffer:
             self.finish(_TIMED_OUT)
         else:
             self.transport.close()
