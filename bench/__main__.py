@@ -74,9 +74,9 @@ def _running(target: Target) -> Iterator[Target]:
         target.close()
 
 
-def _measure(loadgen: Path, target: Target, seconds: float) -> LoadResults:
+def _measure(loadgen: Path, target: Target, seconds: float, repeat: int) -> LoadResults:
     idle = proc.rss_kib(target.pid)
-    runs = load.matrix(loadgen, target, seconds)
+    runs = load.matrix(loadgen, target, seconds, repeat)
     return LoadResults(
         label=target.label,
         idle_rss_kib=idle,
@@ -85,11 +85,11 @@ def _measure(loadgen: Path, target: Target, seconds: float) -> LoadResults:
     )
 
 
-def _reference(work: Path, loadgen: Path, seconds: float) -> LoadResults:
+def _reference(work: Path, loadgen: Path, seconds: float, repeat: int) -> LoadResults:
     with _running(Reference(work, load.build(work, "refserver"))) as target:
         idle = proc.rss_kib(target.pid)
         runs = [
-            load.run_one(loadgen, target, "status", mode, clients, seconds)
+            load.best_of(loadgen, target, "status", mode, clients, seconds, repeat)
             for mode in load.MODES
             for clients in load.CONCURRENCY
         ]
@@ -116,6 +116,9 @@ def _profile(work: Path, loadgen: Path, seconds: float) -> Profile:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0, help="per load run (default 3)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="load runs per cell, the fastest kept (default 1)"
+    )
     parser.add_argument("--runs", type=int, default=10, help="start/stop repetitions")
     parser.add_argument("--guest-runs", type=int, default=3, help="ACPI stop repetitions")
     parser.add_argument("--vms", type=int, default=10, help="idle VMs for the footprint")
@@ -135,17 +138,17 @@ def main() -> int:
         work = Path(tmp)
         loadgen = load.build(work)
         print("bench: reference server", flush=True)
-        reference = _reference(work, loadgen, args.seconds)
+        reference = _reference(work, loadgen, args.seconds, args.repeat)
         print("bench: vmhost serve under load", flush=True)
         with _running(Service(work)) as service:
             assert isinstance(service, Service)
             service.wait_serving()
-            service_results = _measure(loadgen, service, args.seconds)
+            service_results = _measure(loadgen, service, args.seconds, args.repeat)
         stand_ins = []
         for loop in ("uvloop", "asyncio"):
             print(f"bench: server alone, {loop}", flush=True)
             with _running(StandIn(work, loop)) as stand_in:
-                stand_ins.append(_measure(loadgen, stand_in, args.seconds))
+                stand_ins.append(_measure(loadgen, stand_in, args.seconds, args.repeat))
         print("bench: profile", flush=True)
         profile = _profile(work, loadgen, args.seconds)
         print("bench: start and force_stop", flush=True)
@@ -158,6 +161,7 @@ def main() -> int:
         command=command,
         started=started,
         seconds_per_run=args.seconds,
+        repeat=args.repeat,
         machine=machine,
         reference=reference,
         service=service_results,

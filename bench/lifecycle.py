@@ -59,6 +59,10 @@ class StartPath(msgspec.Struct):
     """``python -c pass``: the interpreter alone, before any vmhost code."""
     imports: float
     """``python -c 'import vmhost.cli, vmhost.service'`` minus the interpreter."""
+    finalization: float
+    """What the interpreter's own exit costs once those modules are loaded (vs ``os._exit``)."""
+    slowest_imports: list[str]
+    """Top-level packages by their modules' own import time (``-X importtime``)."""
     runs: list[StartStop]
 
 
@@ -93,13 +97,41 @@ class Footprint(msgspec.Struct):
     """CPU one idle vmhost uses per second of wall time (mean over the N)."""
 
 
+_SERVICE_MODULES: Final = "import vmhost.cli, vmhost.service"
+
+
 def _interpreter_time(code: str, runs: int = 5) -> float:
+    """The fastest of ``runs``: other work on the machine only ever adds time."""
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], check=True, env=environment(), cwd=REPO)
         times.append(time.perf_counter() - started)
-    return proc.median(times)
+    return min(times)
+
+
+def _slowest_imports(count: int = 12, runs: int = 5) -> list[str]:
+    """Own import time summed per top-level package, each module's fastest of ``runs``."""
+    fastest: dict[str, int] = {}
+    for _ in range(runs):
+        report = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", _SERVICE_MODULES],
+            check=True,
+            env=environment(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stderr
+        for line in report.splitlines()[1:]:
+            own_text, _, name = line.removeprefix("import time:").split("|")
+            module, own = name.strip(), int(own_text)
+            fastest[module] = min(fastest.get(module, own), own)
+    packages: dict[str, int] = {}
+    for module, microseconds in fastest.items():
+        top = module.split(".")[0].lstrip("_")
+        packages[top] = packages.get(top, 0) + microseconds
+    ranked = sorted(packages.items(), key=lambda item: -item[1])[:count]
+    return [f"{name} {us / 1000:.1f} ms" for name, us in ranked]
 
 
 def _notify_socket(path: Path) -> socket.socket:
@@ -139,8 +171,10 @@ def _alive(pid: int) -> bool:
 
 def start_stop(workdir: Path, runs: int) -> StartPath:
     """exec → READY=1 and force_stop → gone, ``runs`` times, one fresh service each."""
+    _interpreter_time(_SERVICE_MODULES, runs=1)  # writes the bytecode caches, warms the page cache
     interpreter = _interpreter_time("pass")
-    imports = _interpreter_time("import vmhost.cli, vmhost.service") - interpreter
+    loaded = _interpreter_time(_SERVICE_MODULES)
+    finalization = loaded - _interpreter_time(f"{_SERVICE_MODULES}, os; os._exit(0)")
     results = []
     for i in range(runs):
         vmdir = workdir / f"start{i}"
@@ -176,7 +210,13 @@ def start_stop(workdir: Path, runs: int) -> StartPath:
                 qemu_gone_with_vmhost=not _alive(qemu_pid),
             )
         )
-    return StartPath(interpreter=interpreter, imports=imports, runs=results)
+    return StartPath(
+        interpreter=interpreter,
+        imports=loaded - interpreter,
+        finalization=finalization,
+        slowest_imports=_slowest_imports(),
+        runs=results,
+    )
 
 
 def _guest_config(vmdir: Path, image_kernel: Path, image_initrd: Path, disk: Path) -> Path:

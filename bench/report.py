@@ -48,6 +48,7 @@ class Results(msgspec.Struct):
     command: str
     started: str
     seconds_per_run: float
+    repeat: int
     machine: Machine
     reference: LoadResults | None
     service: LoadResults | None
@@ -144,7 +145,8 @@ def markdown(r: Results) -> str:
         "# vmhost benchmark results",
         "",
         f"Reproduce: `{r.command}` (from the repository root). Run at {r.started}, "
-        f"{r.seconds_per_run:g} s per load run.",
+        f"{r.seconds_per_run:g} s per load run, the fastest of {r.repeat} kept "
+        "(failed/wrong counted over all).",
         "",
         f"Machine: {m.cpu}, {m.cpus} CPUs, {m.memory_mib:,} MiB, Linux {m.kernel}, "
         f"Python {m.python}, {m.qemu}. Other processes used {m.busy_before:.0%} of the CPUs "
@@ -175,10 +177,13 @@ def markdown(r: Results) -> str:
             f"- exec → READY=1 (QEMU runs, guest boot excluded): "
             f"{_ms(x.exec_to_ready for x in s.runs)}",
             f"  - of which the interpreter starting: {s.interpreter * 1000:.0f} ms; "
-            f"importing vmhost's service modules: {s.imports * 1000:.0f} ms",
+            f"importing vmhost's service modules: {s.imports * 1000:.0f} ms "
+            f"(by package, own time: {', '.join(s.slowest_imports)})",
             f"- force_stop → vmhost process gone: {_ms(x.force_stop_to_gone for x in s.runs)}; "
             f"QEMU already gone then in {sum(x.qemu_gone_with_vmhost for x in s.runs)} of "
             f"{len(s.runs)} runs",
+            f"  - of which the interpreter's own exit (module teardown, skipped by `os._exit`): "
+            f"{s.finalization * 1000:.0f} ms",
         ]
     if r.graceful_stop is not None:
         g = r.graceful_stop

@@ -23,8 +23,13 @@ RUNNING: Final = '{"ok":true,"state":"running"}'
 STOPPING: Final = b'{"ok":true,"state":"stopping"}\n'
 
 
+_DROPPED: Final = frozenset({"NOTIFY_SOCKET", "PYTHONDONTWRITEBYTECODE"})
+"""Not inherited: a stray notify socket, and a ban on bytecode caches that would make every
+start recompile vmhost from source, which no installed package does."""
+
+
 def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
