@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import container
@@ -34,8 +34,9 @@ VENV = "/opt/venvs/vmhost"
 UNITS = ("/lib/systemd/system/vmhost@.service", "/lib/systemd/system/vmhost@.socket")
 
 
-def _help(main: object, *argv: str, capsys: pytest.CaptureFixture[str]) -> str:
-    assert callable(main)
+def _help(
+    main: Callable[[Sequence[str] | None], int], *argv: str, capsys: pytest.CaptureFixture[str]
+) -> str:
     with pytest.raises(SystemExit):
         main([*argv, "--help"])
     return capsys.readouterr().out
@@ -266,9 +267,15 @@ timeout_seconds = 20
     assert _boots(ct, disk) == [token]
     assert _unmounted_cleanly(ct, disk), "the guest did not power off by itself"
 
-    # Removal while the VM runs: prerm shuts it down like systemctl stop.
+    # An upgrade (here a reinstall) leaves a running VM alone.
     ct.systemctl("start", "vmhost@demo")
     _wait_ready(ct, console, boots=2)
+    pid = ct.show("vmhost@demo.service", "MainPID")
+    _apt(ct, "install", "--reinstall", f"/run/deb/{deb.name}")
+    assert ct.show("vmhost@demo.service", "MainPID") == pid
+    assert ct.run("vmhostctl", "status", "demo").stdout.startswith("demo: running\n")
+
+    # Removal while it runs: prerm shuts it down like systemctl stop.
     _apt(ct, "remove", "vmhost")
     assert _boots(ct, disk) == [token, token]
     assert _unmounted_cleanly(ct, disk), "removal killed the VM instead of shutting it down"
