@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -40,6 +41,8 @@ EXIT_CONFIG: Final = 78
 
 STATE_ROOT: Final = Path("/var/lib/vmhost")
 _STOP_MARGIN: Final = 5.0
+_FD_HEADROOM: Final = 256
+"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 
 _EVENTS: Final = {
     VMState.STOPPING: systemd.Event.STOPPING,
@@ -99,6 +102,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
+    _raise_fd_limit(server.limits.max_connections)
     async with server:
         _install_signals(stop)
         systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
@@ -185,6 +189,24 @@ def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
     from .logs import entries  # cysystemd is loaded only when someone asks for logs
 
     return entries(name, lines=lines, follow=follow)
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Let the connection cap, not EMFILE, decide who is served.
+
+    systemd gives a service 1024 descriptors (soft) unless the unit says
+    otherwise: a flood of idle connections then stops every accept, good
+    clients included, instead of evicting the idlest.  Go raises its soft
+    limit by itself; we raise it as far as the hard limit allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < wanted:
+        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)
 
 
 def _config_path(name: str) -> Path:
