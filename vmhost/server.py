@@ -77,6 +77,8 @@ class Limits(msgspec.Struct, frozen=True):
 _TOO_LARGE: Final = protocol.invalid_request("request too large")
 _TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
 _STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
+_LINES_PER_TURN: Final = 64
+"""Pipelined requests answered in a row before the other connections get their turn."""
 _KNOWN_LINES: Final = {
     protocol.encode_request(Request(method=method, detail=detail)): (method, detail)
     for method in (protocol.STATUS, protocol.INFO)
@@ -344,21 +346,38 @@ class _Connection(asyncio.Protocol):
             data = self.buffer + data
             self.buffer = b""
         start = 0
+        turn = _LINES_PER_TURN
         while (end := data.find(b"\n", start)) >= 0:
-            if self.paused:  # answers pile up unread: hold the rest until the peer reads
+            if self.paused or not turn:
+                # Answers pile up unread, or this client had its turn: hold the rest.
                 self.buffer = data[start:]
+                if not self.paused:
+                    self._pause_for_others()
                 return
             if end - start > self.server.limits.max_request:
                 self.finish(_TOO_LARGE)
                 return
             if not self._handle(data[start:end]):
                 return
+            turn -= 1
             start = end + 1
         rest = data[start:] if start else data
         if len(rest) > self.server.limits.max_request:
             self.finish(_TOO_LARGE)
         elif rest and not rest.isspace():
             self._handle_unterminated(rest)
+
+    def _pause_for_others(self) -> None:
+        """A pipelining client waits while every other ready connection is served."""
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        if self.paused or self.transport.is_closing():
+            return  # resume_writing carries on, or there is no one left to answer
+        self.transport.resume_reading()
+        if self.buffer:
+            self.data_received(b"")
 
     def eof_received(self) -> bool | None:
         if self.buffer and not self.buffer.isspace():
