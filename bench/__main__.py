@@ -74,26 +74,21 @@ def _running(target: Target) -> Iterator[Target]:
         target.close()
 
 
-def _measure(loadgen: Path, target: Target, seconds: float, repeat: int) -> LoadResults:
+def _measure(
+    loadgen: Path,
+    target: Target,
+    seconds: float,
+    repeat: int,
+    methods: tuple[str, ...] = load.METHODS,
+) -> LoadResults:
     idle = proc.rss_kib(target.pid)
-    runs = load.matrix(loadgen, target, seconds, repeat)
+    runs = load.matrix(loadgen, target, seconds, repeat, methods)
     return LoadResults(
         label=target.label,
         idle_rss_kib=idle,
         peak_rss_kib=max(proc.peak_rss_kib(target.pid), *(r.server_rss_kib for r in runs)),
         runs=runs,
     )
-
-
-def _reference(work: Path, loadgen: Path, seconds: float, repeat: int) -> LoadResults:
-    with _running(Reference(work, load.build(work, "refserver"))) as target:
-        idle = proc.rss_kib(target.pid)
-        runs = [
-            load.best_of(loadgen, target, "status", mode, clients, seconds, repeat)
-            for mode in load.MODES
-            for clients in load.CONCURRENCY
-        ]
-        return LoadResults(target.label, idle, proc.peak_rss_kib(target.pid), runs)
 
 
 def _profile(work: Path, loadgen: Path, seconds: float) -> Profile:
@@ -138,7 +133,8 @@ def main() -> int:
         work = Path(tmp)
         loadgen = load.build(work)
         print("bench: reference server", flush=True)
-        reference = _reference(work, loadgen, args.seconds, args.repeat)
+        with _running(Reference(work, load.build(work, "refserver"))) as ref:
+            reference = _measure(loadgen, ref, args.seconds, args.repeat, ("status",))
         print("bench: vmhost serve under load", flush=True)
         with _running(Service(work)) as service:
             assert isinstance(service, Service)
@@ -148,7 +144,9 @@ def main() -> int:
         for loop in ("uvloop", "asyncio"):
             print(f"bench: server alone, {loop}", flush=True)
             with _running(StandIn(work, loop)) as stand_in:
-                stand_ins.append(_measure(loadgen, stand_in, args.seconds, args.repeat))
+                stand_ins.append(
+                    _measure(loadgen, stand_in, args.seconds, args.repeat, ("status",))
+                )
         print("bench: profile", flush=True)
         profile = _profile(work, loadgen, args.seconds)
         print("bench: start and force_stop", flush=True)

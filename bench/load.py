@@ -16,6 +16,7 @@ from .targets import INFO, RUNNING, STATUS, Target
 
 CONCURRENCY: Final = (1, 16, 64)
 MODES: Final = ("conn", "persist")
+METHODS: Final = ("status", "info")
 
 
 class Run(msgspec.Struct, kw_only=True):
@@ -110,12 +111,18 @@ def best_of(
     return best
 
 
-def matrix(loadgen: Path, target: Target, seconds: float, repeat: int = 1) -> list[Run]:
+def matrix(
+    loadgen: Path,
+    target: Target,
+    seconds: float,
+    repeat: int = 1,
+    methods: tuple[str, ...] = METHODS,
+) -> list[Run]:
     """Every method x mode x concurrency, after a short warm-up."""
     run_one(loadgen, target, "status", "conn", 16, min(seconds, 0.5))
     return [
         best_of(loadgen, target, method, mode, clients, seconds, repeat)
-        for method in ("status", "info")
+        for method in methods
         for mode in MODES
         for clients in CONCURRENCY
     ]

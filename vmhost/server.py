@@ -475,8 +475,9 @@ class _Transport(asyncio.Transport):
         self._eof = False
         self._closing = False
         self._paused = False
-        self.protocol = _Connection(server)
-        self.protocol.connection_made(self)
+        protocol = _Connection(server)
+        self.protocol: _Connection | None = protocol
+        protocol.connection_made(self)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
@@ -493,7 +494,8 @@ class _Transport(asyncio.Transport):
 
     def read(self) -> None:
         """Read what is there, if anything; an epoll event is a hint, this never blocks."""
-        assert self._sock is not None
+        protocol = self.protocol
+        assert self._sock is not None and protocol is not None
         try:
             data = self._sock.recv(_READ_SIZE, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -503,10 +505,10 @@ class _Transport(asyncio.Transport):
             return
         try:
             if data:
-                self.protocol.data_received(data)
+                protocol.data_received(data)
                 return
             self._eof = True
-            keep_open = self.protocol.eof_received()
+            keep_open = protocol.eof_received()
         except Exception as e:  # a failing callback costs its connection, never the server
             log.exception("control connection failed")
             self._lose(e)
@@ -535,6 +537,7 @@ class _Transport(asyncio.Transport):
             self._update()
         if not self._paused and len(self._out) > _HIGH_WATER:
             self._paused = True
+            assert self.protocol is not None
             self.protocol.pause_writing()
 
     def _flush(self) -> None:
@@ -549,6 +552,7 @@ class _Transport(asyncio.Transport):
         self._out = self._out[sent:]
         if self._paused and len(self._out) <= _LOW_WATER:
             self._paused = False
+            assert self.protocol is not None
             self.protocol.resume_writing()
         if not self._out:
             if self._closing:
@@ -606,14 +610,20 @@ class _Transport(asyncio.Transport):
         return len(self._out)
 
     def _lose(self, exc: Exception | None) -> None:
-        """Close the socket (which also leaves the epoll set) and tell the protocol, once."""
+        """Close the socket (which also leaves the epoll set) and tell the protocol, once.
+
+        The protocol is let go of, as asyncio's transports do: the two point at each other,
+        and a cycle per connection left for the garbage collector costs more than the request.
+        """
         if self._sock is None:
             return
         self._sock.close()
         self._sock = None
         self._closing = True
         self._server._closed(self.fd)
-        self.protocol.connection_lost(exc)
+        protocol, self.protocol = self.protocol, None
+        assert protocol is not None
+        protocol.connection_lost(exc)
 
 
 async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
