@@ -18,6 +18,16 @@ from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak batteries run only when asked for by name (`-m soak`), whatever else -m says."""
+    if "soak" in (config.option.markexpr or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
 class FakeController:
     """A controller whose VM is a flag; for tests of the server layer only."""
 

@@ -17,7 +17,7 @@ from conftest import VM
 from guest.build import GuestImage
 
 from vmhost import config as vmconfig
-from vmhost.controller import Ending, QemuController
+from vmhost.controller import PROBE_INTERVAL, PROBE_TIMEOUT, Ending, QemuController
 from vmhost.errors import ControllerError, VMCrashedError
 from vmhost.protocol import VMState
 
@@ -175,7 +175,7 @@ async def test_status_never_waits_on_a_hung_qemu(booted: tuple[VM, QemuControlle
     _, controller = booted
     os.kill(controller.pid, signal.SIGSTOP)
     try:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(PROBE_INTERVAL + PROBE_TIMEOUT + 2):
             while controller.state is not VMState.UNRESPONSIVE:
                 await asyncio.sleep(0.1)
         start = time.monotonic()

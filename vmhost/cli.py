@@ -8,9 +8,12 @@ call does not pay for the service's modules.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 
@@ -118,7 +121,7 @@ def _local_logs(name: str, lines: int, follow: bool) -> int:
     return 0
 
 
-def vmhost_main(argv: Sequence[str] | None = None) -> int:
+def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="vmhost", description="Supervise one QEMU VM.")
     parser.add_argument("--version", action="version", version=f"vmhost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -137,7 +140,7 @@ def vmhost_main(argv: Sequence[str] | None = None) -> int:
 
     from .service import Options, run
 
-    return run(
+    code = run(
         Options(
             name=args.name,
             config=args.config,
@@ -147,3 +150,9 @@ def vmhost_main(argv: Sequence[str] | None = None) -> int:
             verbose=args.verbose,
         )
     )
+    # The VM is gone: skip the interpreter's teardown, ~50 ms that only free memory
+    # and that a `force_stop` or `systemctl stop` would otherwise wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -21,15 +21,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from qemu.qmp import QMPClient, QMPError, Runstate
 
 from . import qemu
 from .config import Config
 from .errors import ControllerError, VMCrashedError
-from .guest import Agent, provision
 from .protocol import VMState
+
+if TYPE_CHECKING:
+    from .guest import Agent
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ StateListener = Callable[[VMState, str, str], None]
 """``(state, message, qmp_event)``: told of every state change, in order."""
 
 QMP_TIMEOUT: Final = 5.0
-PROBE_INTERVAL: Final = 1.0
+PROBE_INTERVAL: Final = 3.0  # the probe is most of an idle vmhost's CPU
 PROBE_TIMEOUT: Final = 2.0
 ACPI_REPEAT: Final = 3.0
 _LAST_STEPS: Final = 1.0  # each of quit / SIGTERM after the deadline
@@ -410,6 +412,8 @@ class QemuController:
 
     async def _provision(self) -> None:
         """Connect the guest agent and provision the guest; failure only means no agent."""
+        from .guest import provision  # most VMs have no agent: keep it off the start path
+
         try:
             self._agent = await provision(self.config.agent, host="127.0.0.1")
         except ControllerError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import resource
@@ -109,6 +110,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         try:
             await controller.start()
             if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                gc.freeze()  # what start-up built lives forever: keep it out of collections
                 notifier.ready(controller.status_text())
                 systemd.log_event(systemd.Event.READY, f"VM {name} is {controller.state.value}")
             heartbeat = asyncio.create_task(_heartbeat(controller, notifier))
