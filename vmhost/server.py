@@ -29,6 +29,7 @@ import select
 import socket
 import stat
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final, Protocol, cast
@@ -79,6 +80,8 @@ _TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of 
 _STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
 _LINES_PER_TURN: Final = 64
 """Pipelined requests answered in a row before the other connections get their turn."""
+_TURNS_PER_SLICE: Final = 4
+"""Turns run between two looks at new I/O (about a millisecond)."""
 _KNOWN_LINES: Final = {
     protocol.encode_request(Request(method=method, detail=detail)): (method, detail)
     for method in (protocol.STATUS, protocol.INFO)
@@ -126,6 +129,8 @@ class Server:
         self._streams: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool, VMState], bytes] = {}
+        self._turns: deque[_Connection] = deque()
+        self._turn_runner: asyncio.Handle | None = None
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -150,6 +155,8 @@ class Server:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._turn_runner is not None:
+            self._turn_runner.cancel()
         if self._epoll is not None:
             asyncio.get_running_loop().remove_reader(self._epoll.fileno())
             for transport in list(self._transports.values()):
@@ -272,6 +279,24 @@ class Server:
         del self._connections[conn]
         self._connections[conn] = None
 
+    def wait_turn(self, conn: _Connection) -> None:
+        """Queue a pipelining connection for its next turn."""
+        self._turns.append(conn)
+        if self._turn_runner is None:
+            self._turn_runner = asyncio.get_running_loop().call_soon(self._run_turns)
+
+    def _run_turns(self) -> None:
+        """A few turns, then back to the loop: new requests wait for a slice, not a round."""
+        # While callbacks are ready the loop polls without sleeping, and then Linux does
+        # not always report our (nested) epoll as readable: look at it ourselves.
+        if self._epoll is not None:
+            self._ready()
+        for _ in range(min(len(self._turns), _TURNS_PER_SLICE)):
+            self._turns.popleft().next_turn()
+        # Decided only now, so the turns queued meanwhile never start a second runner.
+        loop = asyncio.get_running_loop()
+        self._turn_runner = loop.call_soon(self._run_turns) if self._turns else None
+
     def _sweep(self) -> None:
         deadline = time.monotonic() - self.limits.request_timeout
         expired = []
@@ -302,13 +327,26 @@ class Server:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("buffer", "drained", "paused", "server", "since", "stream", "transport")
+    __slots__ = (
+        "buffer",
+        "drained",
+        "held",
+        "paused",
+        "server",
+        "since",
+        "stream",
+        "transport",
+        "waiting",
+    )
 
     transport: asyncio.Transport
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.buffer = b""
+        self.held = 0
+        """``buffer[held:]`` is what is left to answer: held lines are not copied per turn."""
+        self.waiting = False
         self.since = time.monotonic()
         self.stream: asyncio.Future[None] | None = None
         self.paused = False
@@ -329,10 +367,8 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         if self.drained is not None:
             self.drained.set()
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
-            if self.buffer:  # the lines held back while the peer was not reading
-                self.data_received(b"")
+        if not self.waiting:  # else its turn comes and carries on
+            self.next_turn()
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:
@@ -342,15 +378,18 @@ class _Connection(asyncio.Protocol):
             self.transport.write(self.server.state_answer(*known))
             self._answered()
             return
-        if self.buffer:
-            data = self.buffer + data
-            self.buffer = b""
         start = 0
+        if self.buffer:
+            if data:
+                data = self.buffer[self.held :] + data
+            else:  # held lines, taken up where they stopped
+                data, start = self.buffer, self.held
+            self.buffer, self.held = b"", 0
         turn = _LINES_PER_TURN
         while (end := data.find(b"\n", start)) >= 0:
             if self.paused or not turn:
                 # Answers pile up unread, or this client had its turn: hold the rest.
-                self.buffer = data[start:]
+                self.buffer, self.held = data, start
                 if not self.paused:
                     self._pause_for_others()
                 return
@@ -369,19 +408,25 @@ class _Connection(asyncio.Protocol):
 
     def _pause_for_others(self) -> None:
         """A pipelining client waits while every other ready connection is served."""
-        self.transport.pause_reading()
-        asyncio.get_running_loop().call_soon(self._next_turn)
+        if not self.waiting:
+            self.waiting = True
+            self.transport.pause_reading()
+            self.server.wait_turn(self)
 
-    def _next_turn(self) -> None:
+    def next_turn(self) -> None:
+        """Answer held lines; read again only once they are all answered (or it grows)."""
+        self.waiting = False
         if self.paused or self.transport.is_closing():
             return  # resume_writing carries on, or there is no one left to answer
-        self.transport.resume_reading()
         if self.buffer:
             self.data_received(b"")
+        if not (self.waiting or self.paused or self.transport.is_closing()):
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
-        if self.buffer and not self.buffer.isspace():
-            self._handle(self.buffer)
+        rest = self.buffer[self.held :]
+        if rest and not rest.isspace():
+            self._handle(rest)
         if self.stream is None:
             self.transport.close()
         return True
@@ -426,7 +471,7 @@ class _Connection(asyncio.Protocol):
 
     def finish(self, answer: bytes) -> None:
         """Write a last answer and close; the rest of the input is dropped."""
-        self.buffer = b""
+        self.buffer, self.held = b"", 0
         self.transport.write(answer)
         self.transport.close()
 
