@@ -11,6 +11,7 @@ test left running, QEMU included.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +26,10 @@ from vmhost.client import Client
 from vmhost.errors import ClientError
 from vmhost.protocol import Response
 
+REPO: Final = Path(__file__).resolve().parent.parent
+ENV: Final = {**os.environ, "PYTHONPATH": str(REPO)}
+"""For a child Python that runs vmhost from this tree, wherever pytest was started."""
+SYSTEMD_NOFILE: Final = 1024
 BOOT_TIMEOUT: Final = 60.0
 """TCG boots in ~2 s alone; other QEMUs on the two cores stretch it several times."""
 NAME: Final = "battery"
@@ -38,12 +43,10 @@ class Vmhost:
         self.vm = vm
         self.log = log or vm.dir / "vmhost.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.socket = vm.socket
+        """Where to serve; the VM's own path unless a test moves it."""
         self.qemu_pids: set[int] = set()
         self._console_from = 0
-
-    @property
-    def socket(self) -> Path:
-        return self.vm.socket
 
     def start(self, *extra: str) -> Vmhost:
         """Start serving; console waits look only at what this run writes."""
@@ -51,11 +54,16 @@ class Vmhost:
         self._console_from = console.stat().st_size if console.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmhost", "serve", NAME, *self.vm.args(), *extra],
+                [
+                    *(sys.executable, "-m", "vmhost", "serve", NAME, *self.vm.args()),
+                    *("--socket", str(self.socket), *extra),  # the last --socket wins
+                ],
+                env=ENV,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=_as_under_systemd,
             )
         return self
 
@@ -127,6 +135,12 @@ class Vmhost:
         for pid in self.qemu_pids:
             if qemu_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _as_under_systemd() -> None:
+    """The descriptor limit a service gets from systemd (DefaultLimitNOFILE=1024:524288)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(SYSTEMD_NOFILE, hard), hard))
 
 
 def qemu_alive(pid: int) -> bool:

@@ -134,7 +134,17 @@ def extremes(draw: st.DrawFn) -> bytes:
 
 
 single_inputs = encoded_requests | mutated() | extremes() | st.binary(max_size=300)
-streams = st.lists(single_inputs, min_size=1, max_size=3).map(b"\n".join) | st.binary(max_size=2000)
+# Long pipelines too: past 64 lines the server makes a client wait its turn.
+pipelines = st.builds(
+    lambda count, last: [b'{"method":"status"}'] * count + [last],
+    st.integers(60, 300),
+    single_inputs,
+)
+streams = (
+    st.lists(single_inputs, min_size=1, max_size=3).map(b"\n".join)
+    | pipelines.map(b"\n".join)
+    | st.binary(max_size=2000)
+)
 
 # -- layer 1: the decoder --------------------------------------------------------
 
@@ -183,6 +193,7 @@ class RecordingTransport(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.reading = True
         self.writes_after_close = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -200,10 +211,10 @@ class RecordingTransport(asyncio.Transport):
         return self.closed
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
 
 
 def responses(raw: bytes | bytearray) -> list[Response]:
@@ -218,18 +229,35 @@ def responses(raw: bytes | bytearray) -> list[Response]:
     return answers
 
 
-def feed(chunks: list[bytes], *, eof: bool = True) -> tuple[list[Response], RecordingTransport]:
-    """One connection's life: connect, the chunks, then EOF; returns the answers."""
+async def feed(
+    chunks: list[bytes], *, eof: bool = True
+) -> tuple[list[Response], RecordingTransport]:
+    """One connection's life: connect, the chunks, then EOF; returns the answers.
+
+    Like a real transport, nothing is delivered while the server has paused
+    reading (it does so to let other connections have their turn).
+    """
     server = Server(FakeController(), Path("/nonexistent"))
     conn = _Connection(server)
     transport = RecordingTransport()
     conn.connection_made(transport)
+
+    async def readable() -> None:
+        for _ in range(100_000):
+            if transport.reading or transport.closed:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("the server never resumed reading")
+
     for chunk in chunks:
+        await readable()
         if transport.closed:
             break
         conn.data_received(chunk)
+    await readable()
     if eof and not transport.closed:
         conn.eof_received()
+    await asyncio.sleep(0)  # let stop/force_stop tasks run: they must not fail either
     return responses(transport.written), transport
 
 
@@ -249,12 +277,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def check_stream(loop: asyncio.AbstractEventLoop, chunks: list[bytes]) -> None:
-    async def exchange() -> tuple[list[Response], RecordingTransport]:
-        result = feed(chunks)
-        await asyncio.sleep(0)  # let stop/force_stop tasks run: they must not fail either
-        return result
-
-    answers, transport = loop.run_until_complete(exchange())
+    answers, transport = loop.run_until_complete(feed(chunks))
     data = b"".join(chunks)
     assert transport.closed, "connection left open after EOF"
     assert transport.writes_after_close == 0
@@ -283,32 +306,43 @@ def test_split_request_gets_the_same_answer(
     cuts = sorted(data.draw(st.lists(st.integers(1, len(wire) - 1), max_size=len(wire))))
     chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
 
-    async def both() -> tuple[list[Response], list[Response]]:
-        return feed([wire])[0], feed(chunks)[0]
-
-    whole, split = loop.run_until_complete(both())
+    whole, _ = loop.run_until_complete(feed([wire]))
+    split, _ = loop.run_until_complete(feed(chunks))
     assert len(whole) == 1 and whole[0].ok
     assert split == whole
 
 
-def test_oversized_line_is_refused() -> None:
+@settings(max_examples=QUICK // 5, deadline=None)
+@given(st.lists(st.sampled_from(["status", "info"]), min_size=1, max_size=300), st.data())
+def test_pipelined_requests_are_all_answered_in_order(
+    loop: asyncio.AbstractEventLoop, methods: list[str], data: st.DataObject
+) -> None:
+    """Hundreds of pipelined requests, split anywhere: one answer each, in order, none lost."""
+    wire = b"".join(protocol.encode_request(Request(method=m)) for m in methods)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    answers, _ = loop.run_until_complete(feed(chunks))
+    assert [a.backend == "qemu" for a in answers] == [m == "info" for m in methods]
+
+
+def test_oversized_line_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     """A line past 64 KiB is answered 'request too large' and the connection closed."""
     for data in (b" " * (protocol.MAX_REQUEST_BYTES + 1) + b"\n", b"x" * 200_000):
-        answers, transport = feed([data], eof=False)
+        answers, transport = loop.run_until_complete(feed([data], eof=False))
         assert answers == [Response(ok=False, error="invalid request: request too large")]
         assert transport.closed
 
 
-def test_deep_nesting_is_an_invalid_request() -> None:
+def test_deep_nesting_is_an_invalid_request(loop: asyncio.AbstractEventLoop) -> None:
     """Nesting deeper than the decoder's recursion limit is an ordinary invalid request."""
-    answers, transport = feed([b"[" * 60_000 + b"\n"], eof=False)
+    answers, transport = loop.run_until_complete(feed([b"[" * 60_000 + b"\n"], eof=False))
     assert len(answers) == 1 and answers[0].error.startswith("invalid request: ")
     assert transport.closed
 
 
-def test_invalid_utf8_without_newline_is_answered() -> None:
+def test_invalid_utf8_without_newline_is_answered(loop: asyncio.AbstractEventLoop) -> None:
     """Invalid UTF-8 in a request that lacks its newline is answered too, not raised."""
-    answers, _ = feed([b'{"method":"st\xffatus"}'], eof=False)
+    answers, _ = loop.run_until_complete(feed([b'{"method":"st\xffatus"}'], eof=False))
     assert len(answers) == 1 and not answers[0].ok
 
 
