@@ -224,6 +224,8 @@ def test_install_run_remove_purge(overlay_host: Container, deb: Path) -> None:
     assert ct.systemctl("list-units", "--all", "--no-legend", "vmhost@*").stdout == ""
     assert Event.READY.message_id in ct.run("journalctl", "--list-catalog").stdout
     assert ct.run("vmhostctl", "--version").stdout == f"vmhostctl {vmhost.__version__}\n"
+    verify = ct.run("systemd-analyze", "verify", "vmhost@x.service", "vmhost@x.socket", check=False)
+    assert (verify.returncode, verify.stderr) == (0, ""), verify.stderr
 
     # The VM, as an operator would set it up: files in its state directory, config in /etc.
     state = "/var/lib/vmhost/demo"
