@@ -34,9 +34,9 @@ from conftest import VM
 from fixtures import ENV, Vmhost, vmhost_factory
 
 from vmhost import protocol
-from vmhost.client import Client
+from vmhost.client import RUN_DIR, Client
 from vmhost.server import Limits, Server
-from vmhost.service import EXIT_CONFIG, EXIT_OK
+from vmhost.service import EXIT_CONFIG, EXIT_OK, STATE_ROOT
 
 MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
@@ -53,7 +53,7 @@ _STATUS: Final = protocol.encode_request(protocol.Request(method="status"))
 
 GOOD_CLIENT: Final = """
 import json, sys, time
-from vmhost.client import Client
+from vmhost.client import RUN_DIR, Client
 from vmhost.errors import VmhostError
 path, seconds = sys.argv[1], float(sys.argv[2])
 client = Client(path, deadline=5.0)
@@ -467,6 +467,9 @@ def test_instance_names_cannot_escape(name: str, tmp_path: Path) -> None:
     """A name that is not one safe path component is refused before any file is touched."""
     env = {**ENV, "CONFIGURATION_DIRECTORY": str(tmp_path / "etc" / "vmhost")}
     env["STATE_DIRECTORY"] = ""
+    # Where the name would lead if it were used: nothing may appear there either.
+    targets = [RUN_DIR / name / "vmhost.sock", STATE_ROOT / name]
+    existed = [os.path.lexists(t) for t in targets]
     before = set(tmp_path.rglob("*"))
     serve = subprocess.run(
         [sys.executable, "-m", "vmhost", "serve", "--", name],
@@ -479,6 +482,7 @@ def test_instance_names_cannot_escape(name: str, tmp_path: Path) -> None:
     assert serve.returncode == EXIT_CONFIG, serve
     assert "invalid VM name" in serve.stderr
     assert set(tmp_path.rglob("*")) == before
+    assert [os.path.lexists(t) for t in targets] == existed
     ctl = subprocess.run(
         [sys.executable, "-c", _VMHOSTCTL, "status", "--", name],
         capture_output=True,

@@ -80,7 +80,8 @@ def test_sigkill_of_qemu_is_a_crash(make_vm: MakeVM, vmhost_for: VmhostFor) -> N
     vm = vmhost_for(make_vm())
     qemu_pid = vm.boot().pid
     os.kill(qemu_pid, signal.SIGKILL)
-    code, _ = exit_within(vm, 1.0)
+    code, elapsed = exit_within(vm, 1.0)
+    print(f"\nSIGKILL of QEMU -> exit {code} after {elapsed:.3f} s")
     assert code == EXIT_VM_CRASHED
     assert "crashed: QEMU killed from outside by SIGKILL" in vm.output()
 
@@ -101,6 +102,7 @@ def test_sigstop_of_qemu_status_answers_and_stop_ends_it(
             state = vm.status().vm_state
             slowest = max(slowest, time.monotonic() - start)
             if state == "unresponsive":
+                print(f"\nSIGSTOP -> unresponsive after {time.monotonic() - hung_at:.2f} s", end="")
                 break
             assert state == "running"
             assert time.monotonic() - hung_at < limit, "never reported unresponsive"
@@ -114,7 +116,10 @@ def test_sigstop_of_qemu_status_answers_and_stop_ends_it(
 
         stop_timeout = 3
         request_stop(vm, stop_timeout)
-        code, _ = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
+        code, elapsed = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
+        print(
+            f", slowest status {slowest * 1000:.1f} ms, stop({stop_timeout}) took {elapsed:.2f} s"
+        )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(qemu_pid, signal.SIGCONT)
@@ -163,6 +168,7 @@ def test_guest_ignoring_acpi_is_escalated(
     request_stop(vm, stop_timeout)
     wait_for(lambda: vm.status().vm_state == "stopping", 1.0, "stopping")
     code, elapsed = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
+    print(f"\ndeaf guest, stop({stop_timeout}) ended after {elapsed:.2f} s")
     assert code == EXIT_OK
     assert elapsed >= stop_timeout - 0.5, "ACPI was not given its time"
     assert "stop: QMP quit" in vm.output()
