@@ -103,9 +103,9 @@ async def test_deaf_guest_escalates_within_deadline(
 async def test_second_stop_joins_the_first(booted: tuple[VM, QemuController]) -> None:
     """A second stop does not restart the clock; force_stop during a stop ends it at once."""
     _, controller = booted
-    first = asyncio.create_task(controller.stop(30))
+    first = asyncio.ensure_future(controller.stop(30))
     await asyncio.sleep(0)
-    second = asyncio.create_task(controller.stop(30))
+    second = asyncio.ensure_future(controller.stop(30))
     start = time.monotonic()
     await controller.force_stop()
     assert time.monotonic() - start < 1
@@ -204,3 +204,12 @@ async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
         await controller.close()
     assert vm.marker() == vm.token and vm.clean()
     assert vm.marker("/agent/secrets/token") == "s3cret"
+
+
+async def test_stop_is_visible_at_once(booted: tuple[VM, QemuController]) -> None:
+    """stop() marks the VM stopping on the call, so the next status already says so."""
+    _, controller = booted
+    gone = controller.stop(10)
+    assert controller.state is VMState.STOPPING
+    await gone
+    assert controller.state is VMState.STOPPED

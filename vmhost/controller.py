@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -195,25 +195,30 @@ class QemuController:
         if self._ending is Ending.START_FAILED:
             raise ControllerError(f"{self._ending.value}{self._ending_detail}")
 
-    async def stop(self, timeout: float) -> None:
-        """Graceful stop with ONE deadline; a second call joins the first."""
-        if self._exited.is_set():
-            return
-        if self._stop_chain is None:
+    def stop(self, timeout: float) -> Awaitable[None]:
+        """Graceful stop with ONE deadline; a second call joins the first.
+
+        The stop starts on the call, not when the result is awaited, so a
+        ``status`` right after the ``stop`` answer already says ``stopping``.
+        The result is awaited until QEMU is gone.
+        """
+        if not self._exited.is_set() and self._stop_chain is None:
             self._stop_requested = True
             self._deadline = time.monotonic() + timeout
             self._set_state(VMState.STOPPING, f"stop requested, {timeout:g} s to finish")
             self._stop_chain = self._spawn(self._run_stop_chain())
-        await self._exited.wait()
+        return self._gone()
 
-    async def force_stop(self) -> None:
-        """Kill QEMU now (also in the middle of a graceful stop); returns once it is gone."""
-        if self._exited.is_set():
-            return
-        self._stop_requested = True
-        if self._state is not VMState.STOPPING:
-            self._set_state(VMState.STOPPING, "force stop requested")
-        self._kill(signal.SIGKILL)
+    def force_stop(self) -> Awaitable[None]:
+        """Kill QEMU now (also in the middle of a graceful stop); awaitable until it is gone."""
+        if not self._exited.is_set():
+            self._stop_requested = True
+            if self._state is not VMState.STOPPING:
+                self._set_state(VMState.STOPPING, "force stop requested")
+            self._kill(signal.SIGKILL)
+        return self._gone()
+
+    async def _gone(self) -> None:
         await self._exited.wait()
 
     async def close(self) -> None:

@@ -30,7 +30,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final, Protocol, cast
 
@@ -61,9 +61,13 @@ class Controller(Protocol):
     @property
     def pid(self) -> int: ...
 
-    async def stop(self, timeout: float) -> None: ...
+    def stop(self, timeout: float) -> Awaitable[None]:
+        """Start a graceful stop now; the result resolves once the VM is gone."""
+        ...
 
-    async def force_stop(self) -> None: ...
+    def force_stop(self) -> Awaitable[None]:
+        """Start killing the VM now; the result resolves once it is gone."""
+        ...
 
     async def wait(self) -> None: ...
 
@@ -257,8 +261,8 @@ class Server:
             response.pid = c.pid
         return protocol.encode_response(response)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, awaitable: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

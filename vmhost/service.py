@@ -138,9 +138,9 @@ class _Stopper:
         log.info("%s received", signum.name)
         if self.task is None:
             self.notifier.extend_timeout(self.timeout + _STOP_MARGIN)
-            self.task = asyncio.create_task(self.controller.stop(self.timeout))
+            self.task = asyncio.ensure_future(self.controller.stop(self.timeout))
         elif signum is signal.SIGINT:
-            asyncio.create_task(self.controller.force_stop())  # noqa: RUF006 - ends the loop
+            asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
 
 
 def _install_signals(stop: _Stopper) -> None:
