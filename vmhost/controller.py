@@ -260,7 +260,6 @@ class QemuController:
         budget = left * share + extra
         self._step, self._step_since = step, now
         log.info("stop: %s (%.1f s for it)", step, budget, extra={"VMHOST_STATE": "stopping"})
-        self._notify_status()
         try:
             async with asyncio.timeout(budget):
                 await action()
@@ -325,7 +324,7 @@ class QemuController:
     def _classify(self, code: int) -> tuple[Ending, str]:
         shutdown = self._shutdown_event or {}
         how = f" by {signal.Signals(-code).name}" if code < 0 else f", exit status {code}"
-        if self._ending is Ending.START_FAILED or self._state is VMState.STARTING:
+        if self._state is VMState.STARTING:
             return Ending.START_FAILED, how
         if self._stop_requested:
             return Ending.REQUESTED, how if code else ""
@@ -436,17 +435,11 @@ class QemuController:
     # -- helpers --------------------------------------------------------------
 
     def _set_state(self, state: VMState, message: str, qmp_event: str = "") -> None:
-        if state is self._state and not message:
-            return
         self._state = state
         if state is not VMState.STOPPING:
             self._step = ""
         if self.on_state is not None:
             self.on_state(state, message, qmp_event)
-
-    def _notify_status(self) -> None:
-        if self.on_state is not None:
-            self.on_state(self._state, "", "")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)

@@ -158,12 +158,10 @@ def _on_state(
 ) -> None:
     """Every state change: STATUS= for systemctl status, one journal record."""
     text = controller.status_text()
-    if state is VMState.STOPPING and message:
+    if state is VMState.STOPPING:
         notifier.stopping(text)
     else:
         notifier.status(text)
-    if not message:
-        return
     fields = {"VMHOST_STATE": state.value}
     if qmp_event:
         fields["QMP_EVENT"] = qmp_event
@@ -175,7 +173,8 @@ def _on_state(
 
 
 async def _heartbeat(controller: QemuController, notifier: systemd.Notifier) -> None:
-    """WATCHDOG=1 from the event loop (so a stuck loop is caught) and a fresh STATUS=."""
+    """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
+    text moves on without a state change (the stop chain's steps and their clocks)."""
     interval = min(systemd.watchdog_interval() or 1.0, 1.0)
     last = ""
     while True:
