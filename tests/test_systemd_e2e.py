@@ -1,7 +1,7 @@
 """vmhost@NAME under a real systemd (issue 5 §6), in a container booted for this module.
 
 The units from units/ are installed as they ship, with one drop-in pointing
-ExecStart at a venv of this working tree.  Each test runs its own VM instance
+ExecStart at a venv holding a copy of this working tree's code.  Each test runs its own VM instance
 (its own name), so no test reads another's journal records or unit state.
 """
 
@@ -81,7 +81,7 @@ def venv() -> Path:
 
 @pytest.fixture(scope="module")
 def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Container]:
-    binds = {container.REPO, venv, guest.kernel.parent, deaf_guest.kernel.parent}
+    binds = {venv, guest.kernel.parent, deaf_guest.kernel.parent}  # not the checkout: see venv()
     with container.boot("vmhost-e2e", ro_binds=sorted(map(str, binds))) as booted:
         booted.install_units(UNITS, venv)
         booted.write("/run/e2e/hammer.py", _HAMMER)
