@@ -75,6 +75,19 @@ def test_vmhost_man_page_documents_every_serve_option(capsys: pytest.CaptureFixt
     assert documented == codes
 
 
+def test_changelog_is_at_the_package_version() -> None:
+    """debian/changelog, what dpkg-buildpackage, debuild and gbp take the version from, agrees
+    with vmhost.__version__ (the one source, which build-deb and the wheel use)."""
+    fields = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    parsed = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    assert (parsed["Source"], parsed["Version"]) == ("vmhost", vmhost.__version__)
+
+
 # -- the built package ---------------------------------------------------------
 
 
