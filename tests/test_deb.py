@@ -154,6 +154,7 @@ def test_package_metadata_and_layout(deb: Path) -> None:
     for path in (
         *UNITS,
         "/usr/lib/systemd/catalog/vmhost.catalog",
+        "/usr/lib/sysusers.d/vmhost.conf",
         "/usr/share/doc/vmhost/examples/demo.toml",
         "/usr/share/man/man1/vmhostctl.1.gz",
         "/usr/share/man/man8/vmhost.8.gz",
@@ -271,6 +272,9 @@ timeout_seconds = 20
     ct.systemctl("start", "vmhost@demo")
     status = ct.run("vmhostctl", "status", "demo").stdout
     assert status.startswith("demo: running\n"), status
+    # The group that may use it was made on installation (sysusers.d).
+    socket_owner = ct.run("stat", "-c", "%a %U %G", "/run/vmhost/demo/vmhost.sock").stdout
+    assert socket_owner.split() == ["660", "root", "vmhost"]
     _wait_ready(ct, console, boots=1)
 
     started = time.monotonic()

@@ -20,7 +20,7 @@ import msgspec
 from . import __version__
 from .errors import VmhostError
 
-_COMMANDS = ("status", "info", "stop", "force-stop", "logs", "is-alive")
+_COMMANDS = ("list", "status", "info", "stop", "force-stop", "logs", "is-alive")
 
 
 def vmhostctl_main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +44,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmhostctl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
+        "list": "show every VM of this host: state, QEMU pid, SSH port, uptime",
         "status": "show the VM's state",
         "info": "show state, SSH port and backend",
         "stop": "stop gracefully (agent, ACPI, then force)",
@@ -54,7 +55,8 @@ def _ctl_parser() -> argparse.ArgumentParser:
     for command in _COMMANDS:
         aliases = ["force_stop"] if command == "force-stop" else []
         p = sub.add_parser(command, parents=[common], help=helps[command], aliases=aliases)
-        p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
+        if command != "list":
+            p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
         if command == "stop":
             p.add_argument("--timeout", type=int, default=0, help="seconds (default 30)")
         if command == "logs":
@@ -68,6 +70,10 @@ def _ctl(args: argparse.Namespace) -> int:
 
     json_out: bool = getattr(args, "json", False)
     sock: Path | None = getattr(args, "socket", None)
+    if args.command == "list":
+        if sock is not None:
+            raise SystemExit("vmhostctl list: no --socket; $VMHOST_RUN_DIR moves the sockets")
+        return _list(json_out)
     if args.command == "logs" and sock is None:
         return _local_logs(_name(args), args.lines, args.follow)
     if sock is None:
@@ -98,6 +104,24 @@ def _ctl(args: argparse.Namespace) -> int:
             print(f"  ssh: 127.0.0.1:{response.ssh_port}")
         if response.backend:
             print(f"  backend: {response.backend}")
+    return 0
+
+
+def _list(json_out: bool) -> int:
+    import asyncio
+
+    from .client import run_dir
+    from .config import config_dir
+    from .inventory import survey, table
+
+    rows = asyncio.run(survey(config_dir(), run_dir()))
+    if json_out:
+        sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
+        return 0
+    print(table(rows))
+    for row in rows:
+        if row.error:
+            print(f"vmhostctl: {row.name}: {row.error}", file=sys.stderr)
     return 0
 
 
