@@ -27,16 +27,6 @@ from vmhost.cli import vmhostctl_main
 from vmhost.server import Server
 
 
-@pytest.fixture
-def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    config_dir, run_dir = tmp_path / "etc", tmp_path / "run"
-    config_dir.mkdir()
-    run_dir.mkdir()
-    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(config_dir))
-    monkeypatch.setenv("VMHOST_RUN_DIR", str(run_dir))
-    return config_dir, run_dir
-
-
 def _socket_file(run_dir: Path, name: str, *, listening: bool) -> socket.socket:
     """A socket file for VM ``name``: listened on but never answered, or nobody's at all."""
     path = run_dir / name / "vmhost.sock"
@@ -59,10 +49,10 @@ def _list(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[str, str, flo
 
 
 async def test_list_asks_every_socket_at_once(
-    dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+    host_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Configs and sockets make the rows; two silent sockets cost one timeout, not two."""
-    config_dir, run_dir = dirs
+    config_dir, run_dir = host_dirs
     for name in ("web", "down"):
         (config_dir / f"{name}.toml").write_text("")
     (config_dir / "..hidden.toml").write_text("")  # not a VM name: ignored
@@ -105,7 +95,7 @@ async def test_list_asks_every_socket_at_once(
     assert lines[5].split()[:4] == ["web", "running", str(os.getpid()), "2222"]
 
 
-def test_list_of_nothing(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_of_nothing(host_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert _list("--json", capsys=capsys)[0] == "[]\n"
     assert _list(capsys=capsys)[0].split() == ["NAME", "STATE", "PID", "SSH", "UPTIME"]
 
@@ -125,14 +115,14 @@ def vmhost_for() -> Iterator[Callable[[VM], Vmhost]]:
 
 @pytest.mark.slow
 def test_list_with_a_hung_qemu_and_a_hung_vmhost(
-    dirs: tuple[Path, Path],
+    host_dirs: tuple[Path, Path],
     make_vm: Callable[..., VM],
     vmhost_for: Callable[[VM], Vmhost],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A SIGSTOPped QEMU: its vmhost still answers (unresponsive, with pid, port, uptime);
     a SIGSTOPped vmhost: the row says unresponsive after the short timeout."""
-    config_dir, run_dir = dirs
+    config_dir, run_dir = host_dirs
     vm = make_vm()
     (config_dir / "hung.toml").write_text(vm.config.read_text())
     vmhost = vmhost_for(vm)

@@ -315,6 +315,17 @@ def test_list_does_not_wake_a_vm(make_vm: Callable[..., VM]) -> None:
     ]
 
 
+def test_logs_of_a_vm_without_records(make_vm: Callable[..., VM]) -> None:
+    """With a real journal: an unknown VM fails; a configured one that never ran says so."""
+    quiet = make_vm("logs-quiet")
+    unknown = quiet.ctl("logs", "logs-nosuch", check=False)
+    assert (unknown.returncode, unknown.stdout) == (1, ""), unknown
+    assert "no VM logs-nosuch: no /etc/vmhost/logs-nosuch.toml" in unknown.stderr
+    empty = quiet.ctl("logs", quiet.name, check=False)
+    assert (empty.returncode, empty.stdout) == (0, ""), empty
+    assert f"no journal records with VMHOST_VM={quiet.name} in the local journal (/" in empty.stderr
+
+
 def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     """systemctl restart: the socket (same inode) stays; clients never see a refused connect."""
     vm = make_vm("restart")
