@@ -43,7 +43,7 @@ class Row(msgspec.Struct):
     error: str | None = None
 
 
-def names(config_dir: Path, run_dir: Path) -> list[str]:
+def _names(config_dir: Path, run_dir: Path) -> list[str]:
     found = {p.stem for p in config_dir.glob("*.toml")}
     found |= {p.parent.name for p in run_dir.glob("*/vmhost.sock")}
     return sorted(name for name in found if _valid(name))
@@ -63,7 +63,7 @@ async def survey(config_dir: Path, run_dir: Path, timeout: float = ASK_TIMEOUT) 
     A socket that systemd would answer by starting the VM is not asked: its
     state is the service's, from systemd.
     """
-    known = names(config_dir, run_dir)
+    known = _names(config_dir, run_dir)
     waiting = systemd.waiting_for_a_connect(known)
     asked = [name for name in known if name not in waiting]
     rows = await asyncio.gather(*(_ask(n, run_dir / n / "vmhost.sock", timeout) for n in asked))
