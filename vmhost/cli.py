@@ -14,14 +14,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
 from . import __version__
 from .errors import VmhostError
 
-_COMMANDS = ("list", "status", "info", "stop", "force-stop", "logs", "is-alive")
+if TYPE_CHECKING:
+    from .protocol import Response
+
+_COMMANDS = ("list", "status", "info", "stop", "force-stop", "logs", "events", "is-alive")
 
 
 def vmhostctl_main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +54,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
         "stop": "stop gracefully (agent, ACPI, then force)",
         "force-stop": "kill the VM now",
         "logs": "show the VM's journal (vmhost and guest console)",
+        "events": "show the VM's state, then each change as it happens, until the VM ends",
         "is-alive": "exit 0 if the vmhost process answers",
     }
     for command in _COMMANDS:
@@ -90,6 +94,10 @@ def _ctl(args: argparse.Namespace) -> int:
         if not shown and args.lines > 0:
             print(f"vmhostctl: no journal records (asked {sock})", file=sys.stderr)
         return 0
+    if args.command == "events":
+        for change in client.watch():
+            _show_change(change, json_out)
+        return 0
     if args.command == "stop":
         response = client.stop(args.timeout)
     elif args.command in ("force-stop", "force_stop"):
@@ -110,6 +118,23 @@ def _ctl(args: argparse.Namespace) -> int:
         if response.backend:
             print(f"  backend: {response.backend}")
     return 0
+
+
+def _show_change(change: Response, json_out: bool) -> None:
+    """One line per change: the wire object, or the time it came, state, event and text."""
+    if json_out:
+        sys.stdout.buffer.write(msgspec.json.encode(change) + b"\n")
+        sys.stdout.buffer.flush()
+        return
+    import datetime
+
+    now = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+    words = [now, change.vm_state or change.state]
+    if change.event:
+        words.append(f"[{change.event}]")
+    if change.message:
+        words.append(change.message)
+    print(" ".join(words), flush=True)
 
 
 def _list(json_out: bool) -> int:

@@ -45,3 +45,7 @@ class VMCrashedError(ControllerError):
 
 class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
+
+
+class TooManyWatchersError(VmhostError):
+    """Every watcher slot of the VM is taken; the control socket answers ``too many watchers``."""
