@@ -15,6 +15,7 @@ import cProfile
 import signal
 from pathlib import Path
 
+from vmhost.controller import Change, Changes
 from vmhost.protocol import VMState
 from vmhost.server import Server
 
@@ -30,6 +31,8 @@ class StandIn:
     def __init__(self) -> None:
         self.stops = 0
         self._ended = asyncio.Event()
+        self.changes = Changes()
+        self.changes.publish(Change(self.state))
 
     async def stop(self, timeout: float) -> None:
         self.stops += 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from guest.build import GuestImage, build, fresh_disk
 
+from vmhost.controller import Change, Changes
 from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
 
@@ -40,6 +41,8 @@ class FakeController:
         self.stops: list[float] = []
         self.force_stops = 0
         self._ended = asyncio.Event()
+        self.changes = Changes()
+        self.changes.publish(Change(self.state))
 
     async def stop(self, timeout: float) -> None:
         self.stops.append(timeout)

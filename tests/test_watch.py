@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from pathlib import Path
+
+import msgspec
 import pytest
+from conftest import FakeController
+from test_server import STATUS, ask
 
 from vmhost.controller import Change, Changes, Watcher
 from vmhost.errors import TooManyWatchersError
 from vmhost.protocol import VMState
+from vmhost.server import Server
 
 RUNNING = Change(VMState.RUNNING, "QEMU runs")
 STOPPING = Change(VMState.STOPPING, "stop requested, 30 s to finish")
@@ -85,3 +93,114 @@ def test_failing_wake_drops_only_its_watcher() -> None:
     changes.publish(STOPPED)
     assert bad.dropped and len(changes) == 1
     assert drain(good) == [RUNNING, STOPPED]
+
+
+# -- the wire, against the server with a stand-in controller ---------------------------
+
+WATCH = b'{"method":"watch"}\n'
+
+
+async def watching(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(WATCH)
+    return reader, writer
+
+
+async def line(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(3):
+        return await reader.readline()
+
+
+async def test_watch_lines_in_order_then_eof(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """Snapshot first, then one line per change with state, event and message, then EOF."""
+    reader, writer = await watching(sock_path)
+    assert await line(reader) == b'{"ok":true,"state":"running","vm_state":"running","pid":4242}\n'
+    for change in (STOPPING, STEP, STOPPED):
+        controller.changes.publish(change)
+    assert await line(reader) == (
+        b'{"ok":true,"state":"stopping","vm_state":"stopping","pid":4242,'
+        b'"message":"stop requested, 30 s to finish"}\n'
+    )
+    assert await line(reader) == (
+        b'{"ok":true,"state":"stopping","vm_state":"stopping","pid":4242,'
+        b'"message":"stop: ACPI power-down (30.0 s for it)","event":"acpi-power-down"}\n'
+    )
+    assert await line(reader) == (
+        b'{"ok":true,"state":"stopped","vm_state":"stopped","pid":4242,'
+        b'"message":"stop requested"}\n'
+    )
+    assert await line(reader) == b""
+    writer.close()
+    assert len(controller.changes) == 0
+
+
+async def test_watch_after_the_end_is_one_line(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    controller.changes.publish(STOPPED)
+    reader, writer = await watching(sock_path)
+    async with asyncio.timeout(3):
+        assert await reader.read() == (
+            b'{"ok":true,"state":"stopped","vm_state":"stopped","pid":4242,'
+            b'"message":"stop requested"}\n'
+        )
+    writer.close()
+
+
+async def test_too_many_watchers(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """Past the cap: an error line and close; a watcher that leaves frees its slot at once."""
+    controller.changes.max_watchers = 2
+    first = await watching(sock_path)
+    second = await watching(sock_path)
+    for reader, _ in (first, second):
+        assert b'"running"' in await line(reader)
+    refused, writer = await watching(sock_path)
+    async with asyncio.timeout(3):
+        assert await refused.read() == b'{"ok":false,"error":"too many watchers"}\n'
+    writer.close()
+    first[1].close()
+    async with asyncio.timeout(3):
+        while len(controller.changes) > 1:
+            await asyncio.sleep(0.01)
+    third, writer = await watching(sock_path)
+    assert b'"running"' in await line(third)
+    for w in (second[1], writer):
+        w.close()
+
+
+async def test_watcher_that_never_reads_is_dropped_alone(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """A watcher that never reads is dropped once its backlog overflows; a reading one
+    gets every change in order, and a plain status client is answered all along."""
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.connect(str(sock_path))
+    deaf.sendall(WATCH)
+    reader, writer = await watching(sock_path)
+    await line(reader)
+    async with asyncio.timeout(3):
+        while len(controller.changes) < 2:
+            await asyncio.sleep(0.01)
+    got: list[bytes] = []
+    for n in range(2000):
+        controller.changes.publish(Change(VMState.RUNNING, f"change {n}"))
+        if n % 10 == 9:  # the good watcher reads as it comes: never 10 changes behind
+            while len(got) <= n:
+                got.append(await line(reader))
+        if n % 100 == 0:
+            assert await ask(sock_path) == STATUS
+    assert len(controller.changes) == 1, "the deaf watcher is still subscribed"
+    assert [msgspec.json.decode(g)["message"] for g in got] == [f"change {n}" for n in range(2000)]
+    deaf.settimeout(3)
+    with deaf.makefile("rb") as unread:  # what the kernel held, then the end
+        kept = [msgspec.json.decode(g)["message"] for g in unread.readlines()[1:]]
+    print(f"the deaf watcher was sent {len(kept)} lines before it was dropped")
+    assert kept == [f"change {n}" for n in range(len(kept))]
+    assert len(kept) < 100  # the kernel holds a few dozen (a small SO_SNDBUF), not 200 KiB
+    deaf.close()
+    writer.close()

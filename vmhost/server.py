@@ -32,13 +32,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import msgspec
 
 from . import protocol
-from .errors import AlreadyRunningError, VmhostError
+from .errors import AlreadyRunningError, TooManyWatchersError, VmhostError
 from .protocol import Request, Response, VMState
+
+if TYPE_CHECKING:
+    from .controller import Change, Changes, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,11 @@ class Controller(Protocol):
     @property
     def pid(self) -> int: ...
 
+    @property
+    def changes(self) -> Changes:
+        """What ``watch`` subscribes to."""
+        ...
+
     def stop(self, timeout: float) -> Awaitable[None]:
         """Start a graceful stop now; the result resolves once the VM is gone."""
         ...
@@ -82,6 +90,8 @@ class Limits(msgspec.Struct, frozen=True):
 _TOO_LARGE: Final = protocol.invalid_request("request too large")
 _TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
 _STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
+_WATCH_SNDBUF: Final = 8 * 1024
+"""A watcher's kernel send buffer (Linux doubles it): a few dozen lines, not 200 KiB."""
 _LINES_PER_TURN: Final = 64
 """Pipelined requests answered in a row before the other connections get their turn."""
 _TURNS_PER_SLICE: Final = 4
@@ -224,7 +234,7 @@ class Server:
         self._transports.pop(fd, None)
 
     def answer(self, request: Request) -> bytes | None:
-        """The encoded answer to one request; ``None`` for the streaming ``logs`` method."""
+        """The encoded answer to one request; ``None`` for a streaming method."""
         method = request.method
         if method in (protocol.STATUS, protocol.INFO):
             return self.state_answer(method, request.detail)
@@ -237,7 +247,7 @@ class Server:
         if method == protocol.FORCE_STOP:
             self._spawn(self.controller.force_stop())
             return _STOPPING
-        if method == protocol.LOGS and self._logs is not None:
+        if method == protocol.WATCH or (method == protocol.LOGS and self._logs is not None):
             return None
         return protocol.error_response(f"unknown method: {method}")
 
@@ -312,9 +322,35 @@ class Server:
             conn.expire()
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
-    def stream_logs(self, conn: _Connection, request: Request) -> None:
-        assert self._logs is not None
+    def stream(self, conn: _Connection, request: Request) -> None:
+        """Hand ``conn`` to its stream; it leaves the idle-connection bookkeeping."""
         self._connections.pop(conn, None)
+        if request.method == protocol.WATCH:
+            self._watch(conn)
+        else:
+            self._stream_logs(conn, request)
+
+    def _watch(self, conn: _Connection) -> None:
+        try:
+            _Watch(self, conn)
+        except TooManyWatchersError as e:
+            conn.finish(protocol.error_response(str(e)))
+
+    def change_line(self, change: Change) -> bytes:
+        state = change.state
+        return protocol.encode_response(
+            Response(
+                ok=True,
+                state=state.wire,
+                vm_state=state.value,
+                pid=self.controller.pid,
+                message=change.message,
+                event=change.event,
+            )
+        )
+
+    def _stream_logs(self, conn: _Connection, request: Request) -> None:
+        assert self._logs is not None
         if len(self._streams) >= self.limits.max_log_streams:
             conn.finish(protocol.error_response("too many log streams"))
             return
@@ -341,6 +377,7 @@ class _Connection(asyncio.Protocol):
         "stream",
         "transport",
         "waiting",
+        "watch",
     )
 
     transport: asyncio.Transport
@@ -355,6 +392,7 @@ class _Connection(asyncio.Protocol):
         self.stream: asyncio.Future[None] | None = None
         self.paused = False
         self.drained: asyncio.Event | None = None
+        self.watch: _Watch | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -373,6 +411,8 @@ class _Connection(asyncio.Protocol):
             self.drained.set()
         if not self.waiting:  # else its turn comes and carries on
             self.next_turn()
+        if self.watch is not None:
+            self.watch.send()
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:
@@ -428,6 +468,9 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
+        if self.watch is not None:  # the watcher went away (or will send nothing more)
+            self.transport.close()
+            return True
         rest = self.buffer[self.held :]
         if rest and not rest.isspace():
             self._handle(rest)
@@ -461,7 +504,7 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: Request) -> bool:
         answer = self.server.answer(request)
         if answer is None:
-            self.server.stream_logs(self, request)
+            self.server.stream(self, request)
             return False
         self.transport.write(answer)
         self._answered()
@@ -503,6 +546,8 @@ class _Transport(asyncio.Transport):
     __slots__ = (
         "_closing",
         "_eof",
+        "_high",
+        "_low",
         "_mask",
         "_out",
         "_paused",
@@ -524,12 +569,13 @@ class _Transport(asyncio.Transport):
         self._eof = False
         self._closing = False
         self._paused = False
+        self._high, self._low = _HIGH_WATER, _LOW_WATER
         protocol = _Connection(server)
         self.protocol: _Connection | None = protocol
         protocol.connection_made(self)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+        return self._sock if name == "socket" else default
 
     def ready(self, events: int) -> None:
         if events & select.EPOLLOUT or (self._out and events & _IN):
@@ -584,7 +630,7 @@ class _Transport(asyncio.Transport):
                 return
             self._out = bytes(data[sent:])
             self._update()
-        if not self._paused and len(self._out) > _HIGH_WATER:
+        if not self._paused and len(self._out) > self._high:
             self._paused = True
             assert self.protocol is not None
             self.protocol.pause_writing()
@@ -599,7 +645,7 @@ class _Transport(asyncio.Transport):
             self._lose(e)
             return
         self._out = self._out[sent:]
-        if self._paused and len(self._out) <= _LOW_WATER:
+        if self._paused and len(self._out) <= self._low:
             self._paused = False
             assert self.protocol is not None
             self.protocol.resume_writing()
@@ -658,6 +704,10 @@ class _Transport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return len(self._out)
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = _HIGH_WATER if high is None else high
+        self._low = self._high // 4 if low is None else low
+
     def _lose(self, exc: Exception | None) -> None:
         """Close the socket (which also leaves the epoll set) and tell the protocol, once.
 
@@ -673,6 +723,50 @@ class _Transport(asyncio.Transport):
         protocol, self.protocol = self.protocol, None
         assert protocol is not None
         protocol.connection_lost(exc)
+
+
+class _Watch:
+    """A ``watch`` stream: the snapshot at once, then each change, written as it comes.
+
+    Written from inside the controller's change (no task in between), so the line
+    that says the VM ended is out before the server closes.  Only what the kernel
+    takes is sent: the transport pauses as soon as it holds a byte, changes then
+    wait in the watcher's bounded backlog, and one that overflows is dropped.
+    """
+
+    __slots__ = ("conn", "server", "watcher")
+
+    def __init__(self, server: Server, conn: _Connection) -> None:
+        self.server = server
+        self.conn = conn
+        self.watcher: Watcher = server.controller.changes.watch(self.send)
+        conn.watch = self
+        conn.stream = done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda _: self.watcher.close())
+        transport = conn.transport
+        transport.set_write_buffer_limits(high=0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _WATCH_SNDBUF)
+        self._write(self.watcher.snapshot)
+
+    def send(self) -> None:
+        conn, watcher = self.conn, self.watcher
+        while not conn.paused and (change := watcher.take()) is not None:
+            self._write(change)
+        if watcher.dropped:
+            log.warning(
+                "watcher dropped: %d changes behind", self.server.controller.changes.backlog
+            )
+            conn.transport.abort()
+
+    def _write(self, change: Change) -> None:
+        transport = self.conn.transport
+        if transport.is_closing():
+            return
+        transport.write(self.server.change_line(change))
+        if change.state.ended:
+            transport.close()
 
 
 async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
