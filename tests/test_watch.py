@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 import msgspec
 import pytest
-from conftest import FakeController
+from conftest import VM, FakeController
+from fixtures import ENV, Vmhost, vmhost_factory, wait_for
+from guest.build import GuestImage
 from test_server import STATUS, ask
 
+from vmhost import controller
+from vmhost.client import Client
 from vmhost.controller import Change, Changes, Watcher
 from vmhost.errors import TooManyWatchersError
-from vmhost.protocol import VMState
+from vmhost.protocol import Response, VMState
 from vmhost.server import Server
+
+MARGIN: Final = 3.0
+"""Scheduling slack on a shared 2-core machine running other QEMUs."""
+CTL: Final = "import sys; from vmhost.cli import vmhostctl_main; sys.exit(vmhostctl_main())"
 
 RUNNING = Change(VMState.RUNNING, "QEMU runs")
 STOPPING = Change(VMState.STOPPING, "stop requested, 30 s to finish")
@@ -204,3 +219,117 @@ async def test_watcher_that_never_reads_is_dropped_alone(
     assert len(kept) < 100  # the kernel holds a few dozen (a small SO_SNDBUF), not 200 KiB
     deaf.close()
     writer.close()
+
+
+# -- against real `vmhost serve` and the real tiny guest ---------------------------------
+
+
+@pytest.fixture
+def vmhost_for() -> Iterator[Callable[[VM], Vmhost]]:
+    yield from vmhost_factory()
+
+
+def events(vm: Vmhost, *options: str) -> subprocess.Popen[str]:
+    """``vmhostctl events`` on ``vm``'s socket, its lines readable as they come."""
+    return subprocess.Popen(
+        [sys.executable, "-c", CTL, "events", "--socket", str(vm.socket), *options],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+class Watching:
+    """``Client.watch()`` in a thread: what it has seen so far, and whether it ended."""
+
+    def __init__(self, vm: Vmhost) -> None:
+        self.seen: list[Response] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(Client(vm.socket),), daemon=True)
+        self._thread.start()
+
+    def _run(self, client: Client) -> None:
+        try:
+            for response in client.watch():
+                self.seen.append(response)
+        except BaseException as e:
+            self.error = e
+
+    def states(self) -> list[str]:
+        return [r.vm_state for r in self.seen]
+
+    def until(self, state: str, timeout: float) -> list[str]:
+        wait_for(lambda: state in self.states()[1:] or self.error, timeout, f"a change to {state}")
+        assert self.error is None, self.error
+        return self.states()
+
+    def ended(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+@pytest.mark.slow
+def test_stop_seen_by_a_watcher_in_order(
+    make_vm: Callable[..., VM], vmhost_for: Callable[[VM], Vmhost]
+) -> None:
+    """`vmhostctl events --json`: running, then stopping with the chain's step as an event,
+    then stopped, then the end (exit 0), in that order; the human form says the same."""
+    vm = vmhost_for(make_vm())
+    vm.boot()
+    human, machine = events(vm), events(vm, "--json")
+    assert machine.stdout is not None and human.stdout is not None
+    first = msgspec.json.decode(machine.stdout.readline())
+    assert (first["vm_state"], first["pid"]) == ("running", vm.status().pid)
+    assert " running" in human.stdout.readline()
+    Client(vm.socket).stop(10)
+    out, err = machine.communicate(timeout=30)
+    assert machine.returncode == 0, err
+    lines = [msgspec.json.decode(line) for line in out.splitlines()]
+    assert [(r["vm_state"], r.get("event", "")) for r in lines] == [
+        ("stopping", ""),
+        ("stopping", "acpi-power-down"),
+        ("stopped", ""),
+    ]
+    assert lines[0]["message"] == "stop requested, 10 s to finish"
+    assert lines[1]["message"].startswith("stop: ACPI power-down (")
+    assert lines[2]["message"] == "stop requested"
+    assert vm.wait(30) == 0
+    human_out = human.communicate(timeout=30)[0].splitlines()
+    assert human.returncode == 0
+    assert [line.split(" ", 2)[1] for line in human_out] == ["stopping", "stopping", "stopped"]
+    assert "[acpi-power-down] stop: ACPI power-down (" in human_out[1]
+
+
+@pytest.mark.slow
+def test_deaf_guest_stop_steps_and_hang_seen(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage, vmhost_for: Callable[[VM], Vmhost]
+) -> None:
+    """QEMU SIGSTOPped: the watcher sees unresponsive, then running after SIGCONT; then a
+    guest deaf to ACPI: every step of the chain it takes, in order, then stopped and EOF."""
+    vm = vmhost_for(make_vm(image=deaf_guest))
+    qemu_pid = vm.boot().pid
+    watching = Watching(vm)
+    wait_for(lambda: watching.seen, 10, "the snapshot")
+    assert watching.states() == ["running"]
+    limit = controller.PROBE_INTERVAL + controller.PROBE_TIMEOUT + MARGIN
+    os.kill(qemu_pid, signal.SIGSTOP)
+    try:
+        assert watching.until("unresponsive", limit) == ["running", "unresponsive"]
+    finally:
+        os.kill(qemu_pid, signal.SIGCONT)
+    assert watching.until("running", limit) == ["running", "unresponsive", "running"]
+    assert watching.seen[1].message == f"QMP did not answer in {controller.PROBE_TIMEOUT:g} s"
+    assert watching.seen[2].message == "QMP answers again"
+
+    Client(vm.socket).stop(2)
+    assert watching.ended(30)
+    assert watching.error is None, watching.error
+    tail = [(r.vm_state, r.event) for r in watching.seen[3:]]
+    assert tail == [
+        ("stopping", ""),
+        ("stopping", "acpi-power-down"),
+        ("stopping", "qmp-quit"),
+        ("stopped", ""),
+    ]
+    assert vm.wait(30) == 0
