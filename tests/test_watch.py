@@ -333,3 +333,58 @@ def test_deaf_guest_stop_steps_and_hang_seen(
         ("stopped", ""),
     ]
     assert vm.wait(30) == 0
+
+
+GO_REQUESTS: Final = {
+    b'{"method":"status"}\n': b'{"ok":true,"state":"running"}\n',
+    b'{"method":"info"}\n': b'{"ok":true,"state":"running","ssh_port":%d,"backend":"qemu"}\n',
+    b'{"method":"reboot"}\n': b'{"ok":false,"error":"unknown method: reboot"}\n',
+}
+
+
+def go_call(path: Path, request: bytes) -> bytes:
+    """What the Go client does: dial, write one line, read one value, close."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(request)
+        with sock.makefile("rb") as reader:
+            return reader.readline()
+
+
+@pytest.mark.slow
+def test_go_client_sees_nothing_new_with_watchers(
+    make_vm: Callable[..., VM], vmhost_for: Callable[[VM], Vmhost]
+) -> None:
+    """With 100 watchers and one that never reads, a one-request-per-connection client gets
+    the same bytes as without them, the Go server's; every watcher then sees the stop."""
+    made = make_vm()
+    vm = vmhost_for(made)
+    vm.boot()
+    expected = {k: v.replace(b"%d", str(made.ssh_port).encode()) for k, v in GO_REQUESTS.items()}
+    alone = {request: go_call(vm.socket, request) for request in expected}
+    assert alone == expected
+    watchers = []
+    for _ in range(100):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(vm.socket))
+        sock.sendall(WATCH)
+        watchers.append(sock.makefile("rb"))
+        sock.close()  # the file keeps it open
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deaf.connect(str(vm.socket))
+    deaf.sendall(WATCH)
+    for reader in watchers:
+        assert b'"vm_state":"running"' in reader.readline()
+    for _ in range(20):
+        assert {request: go_call(vm.socket, request) for request in expected} == expected
+    assert go_call(vm.socket, b'{"method":"stop","timeout_seconds":10}\n') == (
+        b'{"ok":true,"state":"stopping"}\n'
+    )
+    assert go_call(vm.socket, b'{"method":"status"}\n') == b'{"ok":true,"state":"stopping"}\n'
+    for reader in watchers:
+        ends = [msgspec.json.decode(line)["vm_state"] for line in reader.readlines()]
+        assert ends[-1] == "stopped" and set(ends[:-1]) == {"stopping"}
+        reader.close()
+    deaf.close()
+    assert vm.wait(30) == 0
