@@ -145,6 +145,7 @@ class Server:
         self._cache: dict[tuple[str, bool, VMState], bytes] = {}
         self._turns: deque[_Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
+        self._change_line: tuple[Change | None, bytes] = (None, b"")
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -337,6 +338,14 @@ class Server:
             conn.finish(protocol.error_response(str(e)))
 
     def change_line(self, change: Change) -> bytes:
+        """A change's line, encoded once for all its watchers."""
+        last, line = self._change_line
+        if change is not last:
+            line = self._encode_change(change)
+            self._change_line = (change, line)
+        return line
+
+    def _encode_change(self, change: Change) -> bytes:
         state = change.state
         return protocol.encode_response(
             Response(
