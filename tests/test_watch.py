@@ -21,7 +21,8 @@ from guest.build import GuestImage
 from test_server import STATUS, ask
 
 from vmhost import controller
-from vmhost.client import Client
+from vmhost.cli import vmhostctl_main
+from vmhost.client import AsyncClient, Client
 from vmhost.controller import Change, Changes, Watcher
 from vmhost.errors import TooManyWatchersError
 from vmhost.protocol import Response, VMState
@@ -219,6 +220,46 @@ async def test_watcher_that_never_reads_is_dropped_alone(
     assert len(kept) < 100  # the kernel holds a few dozen (a small SO_SNDBUF), not 200 KiB
     deaf.close()
     writer.close()
+
+
+async def test_async_client_watch(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """AsyncClient.watch yields every line and ends with the VM; early short, it raises."""
+    early = AsyncClient(sock_path).watch()
+    assert (await anext(early)).vm_state == "running"
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for response in AsyncClient(sock_path).watch():
+            seen.append(response.vm_state)
+            if len(seen) == 1:
+                controller.changes.publish(STOPPING)
+                controller.changes.publish(STOPPED)
+
+    await asyncio.wait_for(consume(), 3)
+    assert seen == ["running", "stopping", "stopped"]
+    assert (await anext(early)).vm_state == "stopping"
+    assert (await anext(early)).vm_state == "stopped"
+    with pytest.raises(StopAsyncIteration):
+        await anext(early)
+
+
+async def test_watch_cut_short_is_an_error(
+    sock_path: Path, controller: FakeController, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vmhost gone before the VM ended: `vmhostctl events` exits 1 and says why."""
+    async with Server(controller, sock_path):
+        events = asyncio.create_task(
+            asyncio.to_thread(vmhostctl_main, ["events", "--socket", str(sock_path)])
+        )
+        async with asyncio.timeout(3):
+            while not len(controller.changes):
+                await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(events, 3) == 1
+    out, err = capsys.readouterr()
+    assert out.endswith(" running\n")
+    assert "watch ended before the VM did" in err
 
 
 # -- against real `vmhost serve` and the real tiny guest ---------------------------------
