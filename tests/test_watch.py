@@ -225,7 +225,7 @@ async def test_watcher_that_never_reads_is_dropped_alone(
 async def test_async_client_watch(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
-    """AsyncClient.watch yields every line and ends with the VM; early short, it raises."""
+    """AsyncClient.watch yields every line, in order, and ends with the VM."""
     early = AsyncClient(sock_path).watch()
     assert (await anext(early)).vm_state == "running"
     seen: list[str] = []
