@@ -3,7 +3,7 @@ that never reads, against the same server without them.
 
 ``python3 -m bench.watchers [--seconds S] [--rounds N]`` runs this scenario alone and
 prints its figures (``python3 -m bench`` runs it among the others).  The stand-in
-publishes a change 20 times a second, far more than a VM ever does, so the watchers
+publishes a change 30 times a second, far more than a VM ever does, so the watchers
 have lines to read and the deaf one's backlog overflows during the run.  Rounds
 alternate without and with watchers so drift on a shared machine hits both alike.
 """
@@ -26,7 +26,7 @@ from . import load, proc
 from .targets import REPO, StandIn, environment
 
 WATCHERS: Final = 100
-CHANGES_PER_SECOND: Final = 20.0
+CHANGES_PER_SECOND: Final = 30.0
 CLIENTS: Final = 16
 _WATCH: Final = b'{"method":"watch"}\n'
 
