@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class FakeController:
-    """A controller whose VM is a flag; for tests of the server layer only."""
+    """A controller whose VM is a flag; for tests of the server layer only.
+
+    It keeps QemuController's contract: a stop takes effect on the call (a
+    ``status`` right after the answer says ``stopping``), and the awaitable it
+    returns resolves once the VM is gone (:meth:`end`, or at once for force_stop).
+    """
 
     backend = "qemu"
     ssh_port = 2222
@@ -44,13 +49,20 @@ class FakeController:
         self.changes = Changes()
         self.changes.publish(Change(self.state))
 
-    async def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> Awaitable[None]:
         self.stops.append(timeout)
-        self.state = VMState.STOPPING
+        if not self.state.ended:
+            self.state = VMState.STOPPING
+        return self.wait()
 
-    async def force_stop(self) -> None:
+    def force_stop(self) -> Awaitable[None]:
         self.force_stops += 1
-        self.state = VMState.STOPPED
+        self.end()
+        return self.wait()
+
+    def end(self, state: VMState = VMState.STOPPED) -> None:
+        """The VM is gone: stops resolve, ``wait`` returns."""
+        self.state = state
         self._ended.set()
 
     async def wait(self) -> None:

@@ -75,7 +75,7 @@ def venv(repo: Path = REPO, cache: Path = VENV_CACHE) -> Path:
                     shutil.copy2(repo / name, Path(src) / name)
                 subprocess.run([str(python), "-m", "venv", str(target)], check=True)
                 pip = str(target / "bin/pip")
-                subprocess.run([pip, "install", "--quiet", f"{src}[fast]"], check=True)
+                subprocess.run([pip, "install", "--quiet", src], check=True)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
