@@ -171,7 +171,7 @@ def report(scenarios: list[Watchers]) -> list[str]:
 def _report(w: Watchers) -> list[str]:
     ratio = w.p99_with_us / w.p99_without_us
     rows = [
-        f"Stand-in (uvloop), a change {w.changes_per_second:g} times a second; `status`, one "
+        f"Stand-in (uvloop), {w.changes_per_second:g} changes a second; `status`, one "
         f"request per connection, {w.clients} clients, without and then with {w.watchers} "
         "reading watchers plus one that never reads, alternating.",
         "",
