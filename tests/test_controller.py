@@ -320,8 +320,11 @@ async def test_stop_timeout_is_clamped(booted: tuple[VM, QemuController]) -> Non
     and what the running chain may still take is what systemd is asked for."""
     _, controller = booted
     assert controller.stop_left() == 0
+    told: list[float] = []
+    controller.on_state = lambda state, message, event: told.append(controller.stop_left())
     gone = controller.stop(100_000)
     assert controller.stop_timeout == 600
+    assert 598 < told[0] <= 602, "the state listener (systemd) was told less"
     assert 598 < controller.stop_left() <= 602
     await gone
     assert controller.stop_left() == 0

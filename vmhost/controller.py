@@ -125,7 +125,7 @@ class QemuController:
 
     def stop_left(self) -> float:
         """Seconds the running stop chain may still take, its last steps included."""
-        if self._stop_chain is None or self._exited.is_set():
+        if not self._deadline or self._exited.is_set():
             return 0.0
         return max(self._deadline - time.monotonic(), 0.0) + 2 * _LAST_STEPS
 
