@@ -12,9 +12,10 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
-from conftest import VM
+from conftest import VM, free_port
 from guest.build import GuestImage
 
 from vmhost import config as vmconfig
@@ -290,8 +291,6 @@ async def test_status_never_waits_on_a_hung_qemu(booted: tuple[VM, QemuControlle
 
 async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
     """With an agent configured, the guest is provisioned at boot and stopped by the agent."""
-    from conftest import free_port
-
     vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
     controller = await started(vm)
     try:
@@ -304,6 +303,43 @@ async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
         await controller.close()
     assert vm.marker() == vm.token and vm.clean()
     assert vm.marker("/agent/secrets/token") == "s3cret"
+
+
+async def test_guest_reboot_is_provisioned_again(make_vm: Callable[..., VM]) -> None:
+    """After a RESET the guest has forgotten its secrets: a new agent connection provisions
+    it again, and the stop goes through that one (the guest then saves /run/agent to disk)."""
+    vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
+    controller = await started(vm)
+    try:
+        await until(lambda: controller._agent is not None, "the guest agent provisioned")
+        first = controller._agent
+        await controller._qmp.execute("system_reset")
+        await until(
+            lambda: controller._agent not in (None, first), "provisioned again after the reset"
+        )
+        await controller.stop(30)
+        assert controller.ending is Ending.REQUESTED
+    finally:
+        await controller.close()
+    assert vm.marker("/agent/secrets/token") == "s3cret"
+
+
+async def test_qemu_that_cannot_run_leaks_no_descriptor(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """An executable QEMU that exec refuses (no #! line): a start error, no socket left open."""
+    binary = tmp_path / "not-an-elf"
+    binary.write_text("not a program\n")
+    binary.chmod(0o755)
+    vm = make_vm(toml=f'[qemu]\nbinary = "{binary}"')
+    before = set(os.listdir("/proc/self/fd"))
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    with pytest.raises(ControllerError, match="cannot run") as raised:
+        await controller.start()
+    await controller.close()
+    # `raised` keeps start()'s frame alive: what it did not close is still open (not collected).
+    assert set(os.listdir("/proc/self/fd")) <= before, raised.traceback
+    assert controller.ending is Ending.START_FAILED
 
 
 async def test_stop_is_visible_at_once(booted: tuple[VM, QemuController]) -> None:
