@@ -350,6 +350,9 @@ def test_sigterm_during_boot(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
     code, _ = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
     assert code == EXIT_OK
     assert not qemu_alive(qemu_pid)
+    output = vm.output()
+    assert "SIGTERM received" in output and "stop: ACPI power-down" in output, output
+    assert "stop: SIGKILL" not in output, "the chain did not end QEMU before its last step"
 
 
 def test_sigterm_during_a_stop_keeps_its_deadline(
@@ -361,7 +364,7 @@ def test_sigterm_during_a_stop_keeps_its_deadline(
     stop_timeout = 4
     started = time.monotonic()
     request_stop(vm, stop_timeout)
-    time.sleep(1)
+    wait_for(lambda: "stop: ACPI power-down" in vm.output(), 10, "the stop pressing ACPI")
     vm.signal(signal.SIGTERM)
     code, _ = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
     assert code == EXIT_OK

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import container
 import pytest
+from conftest import free_port
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
@@ -87,13 +87,6 @@ def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Contai
         booted.write("/run/e2e/hammer.py", _HAMMER)
         booted.write("/run/e2e/read_logs.py", _READ_LOGS)
         yield booted
-
-
-def _free_port() -> int:
-    # The container shares the host's network: pick a port free there.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
@@ -186,7 +179,7 @@ cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
 [[disks]]
 path = "{vm.disk}"
 [network]
-ssh_port = {_free_port()}
+ssh_port = {free_port()}
 [stop]
 timeout_seconds = {timeout}
 """,

@@ -201,6 +201,8 @@ class QemuController:
         """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure,
         and QEMU killed from outside is reported as such, not as a start failure."""
         if not self._exited.is_set():
+            if not isinstance(cause, TimeoutError):  # QMP closed: QEMU is likely on its way out
+                await self._wait_exit(_EXIT_GRACE)
             self._kill(signal.SIGKILL)
             await self._exited.wait()
         if self._stop_requested:
@@ -377,7 +379,8 @@ class QemuController:
         code = self._proc.wait()
         ending, detail = self._classify(code)
         self._end(ending, detail)
-        self._spawn(self._disconnect())
+        if self._qmp.runstate is not Runstate.CONNECTING:  # a connect in progress fails alone
+            self._spawn(self._disconnect())
 
     def _classify(self, code: int) -> tuple[Ending, str]:
         shutdown = self._shutdown_event or {}
