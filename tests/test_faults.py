@@ -406,7 +406,7 @@ def test_second_sigint_forces(
     os.killpg(vm.pid, signal.SIGINT)
     wait_for(lambda: vm.status().vm_state == "stopping", 5, "stopping")
     os.killpg(vm.pid, signal.SIGINT)
-    code, _ = exit_within(vm, 2)
+    code, _ = exit_within(vm, 10)  # at once, not the 30 s deadline: a wide guard
     assert code == EXIT_OK
 
 
