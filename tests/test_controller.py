@@ -63,9 +63,11 @@ async def booted(make_vm: Callable[..., VM]) -> AsyncIterator[tuple[VM, QemuCont
 
 
 async def test_boot_states_info_and_ssh(make_vm: Callable[..., VM]) -> None:
-    """starting → running once QMP says so; ssh_port forwards to the guest's port 22."""
+    """starting → running once QMP says so; ssh_port forwards to the guest's port 22;
+    close() leaves no descriptor behind (QMP, console transport, stderr pipe)."""
     vm = make_vm()
     recorder = Recorder()
+    before = set(os.listdir("/proc/self/fd"))
     controller = QemuController(
         vmconfig.load(vm.config), name="t", state_dir=vm.dir, on_state=recorder
     )
@@ -82,6 +84,7 @@ async def test_boot_states_info_and_ssh(make_vm: Callable[..., VM]) -> None:
     finally:
         await controller.close()
     assert recorder.states[0] is VMState.RUNNING
+    assert set(os.listdir("/proc/self/fd")) <= before
 
 
 async def test_acpi_stop_keeps_data(booted: tuple[VM, QemuController]) -> None:
