@@ -480,18 +480,19 @@ class QemuController:
         """Serial output goes to console.log as is, and line by line to ``on_console``."""
         reader, writer = await asyncio.open_connection(sock=sock)
         partial = b""
-        try:
-            with (self.state_dir / "console.log").open("ab", buffering=0) as out:
-                while chunk := await reader.read(65536):
-                    out.write(chunk)
-                    if self.on_console is None:
-                        continue
-                    *lines, partial = (partial + chunk).split(b"\n")
-                    for line in lines:
-                        self.on_console(line.decode(errors="replace").rstrip("\r"))
-                    partial = partial[-65536:]
-        finally:  # also when cancelled: the transport holds the socket
-            writer.close()
+        # closing(): also when cancelled, the transport holds the socket.
+        with (
+            contextlib.closing(writer),
+            (self.state_dir / "console.log").open("ab", buffering=0) as out,
+        ):
+            while chunk := await reader.read(65536):
+                out.write(chunk)
+                if self.on_console is None:
+                    continue
+                *lines, partial = (partial + chunk).split(b"\n")
+                for line in lines:
+                    self.on_console(line.decode(errors="replace").rstrip("\r"))
+                partial = partial[-65536:]
 
     def _reprovision(self) -> None:
         """A rebooted guest forgot its keys, secrets and mounts, and its agent connection."""
