@@ -386,7 +386,7 @@ class QemuController:
         self._step, self._step_since = step, now
         message = f"stop: {step} ({budget:.1f} s for it)"
         log.info("%s", message, extra={"VMHOST_STATE": "stopping"})
-        self.changes.publish(Change(VMState.STOPPING, message, step.lower().replace(" ", "-")))
+        self.changes.publish(Change(VMState.STOPPING, message, _event_name(step)))
         try:
             async with asyncio.timeout(budget):
                 await action()
@@ -635,6 +635,12 @@ async def _reader_for(fd: int) -> asyncio.StreamReader:
     pipe = os.fdopen(fd, "rb", buffering=0, closefd=False)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     return reader
+
+
+def _event_name(step: str) -> str:
+    """A stop step as a watcher's ``event``: its name without the note, one word
+    (``QMP quit (paused on a disk I/O error: ...)`` is ``qmp-quit``)."""
+    return step.partition(" (")[0].lower().replace(" ", "-")
 
 
 def _die_with_parent() -> None:
