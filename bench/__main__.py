@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import lifecycle, load, proc, watchers
+from . import compare, lifecycle, load, proc, watchers
 from .report import LoadResults, Machine, Profile, Results, targets, write
 from .targets import Reference, Service, StandIn, Target
 
@@ -119,6 +119,12 @@ def main() -> int:
     parser.add_argument("--vms", type=int, default=10, help="idle VMs for the footprint")
     parser.add_argument("--quick", action="store_true", help="1 s runs, fewer repetitions")
     parser.add_argument("--out", type=Path, default=OUT, help="where results.{md,json} go")
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="only: the server at git revision REV against the working tree's (compare.md)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --compare")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.runs, args.guest_runs, args.vms = 1.0, 3, 1, 3
@@ -126,6 +132,8 @@ def main() -> int:
         parser.error("needs two CPUs: one for the server, one for the load")
 
     command = shlex.join(["python3", "-m", "bench", *sys.argv[1:]])
+    if args.compare:
+        return _compare(args.compare, args.seconds, args.rounds, args.out, command)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = _machine()
     print(f"bench: {machine.cpus} CPUs, {machine.busy_before:.0%} busy before start", flush=True)
@@ -179,6 +187,21 @@ def main() -> int:
     for t in results.targets:
         print(f"  {'ok ' if t.met else 'NOT'} {t.name}: {t.measured} (goal {t.goal})")
     print(f"bench: wrote {args.out / 'results.md'} and results.json")
+    return 0
+
+
+def _compare(rev: str, seconds: float, rounds: int, out: Path, command: str) -> int:
+    print(f"bench: {rev} against the working tree, {_busy_share():.0%} busy", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vmhost-bench-") as tmp:
+        work = Path(tmp)
+        sides = compare.compare(work, load.build(work), rev, seconds, rounds)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = f"# Server against {rev}\n\n`{command}`, {started}.\n\n" + compare.table(
+        sides, seconds, rounds
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -121,17 +121,29 @@ class StandIn(Target):
     info = '{"ok":true,"state":"running","ssh_port":2222,"backend":"qemu"}'
 
     def __init__(
-        self, workdir: Path, loop: str, *, profile: Path | None = None, changes: float = 0.0
+        self,
+        workdir: Path,
+        loop: str,
+        *,
+        profile: Path | None = None,
+        name: str = "",
+        env: dict[str, str] | None = None,
+        python: list[str] | None = None,
+        changes: float = 0.0,
     ) -> None:
         self.label = f"Server alone (stand-in controller), {loop} loop"
-        sock = workdir / f"standin-{loop}.sock"
-        argv = [sys.executable, "-m", "bench.standin", str(sock), "--loop", loop]
+        sock = workdir / f"standin-{loop}{name}.sock"
+        argv = [*(python or [sys.executable]), "-m", "bench.standin", str(sock), "--loop", loop]
         if profile is not None:
             argv += ["--profile", str(profile)]
         if changes:
             argv += ["--changes", str(changes)]
         process = proc.spawn(
-            argv, cpu=proc.SERVER_CPU, env=environment(), cwd=REPO, stdout=subprocess.DEVNULL
+            argv,
+            cpu=proc.SERVER_CPU,
+            env=env or environment(),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
         )
         super().__init__(process, sock)
         proc.wait_for(lambda: answers(sock), 10, "the stand-in to answer")

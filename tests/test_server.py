@@ -10,7 +10,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -378,3 +378,27 @@ async def test_default_request_limit(tmp_path: Path, controller: FakeController)
         assert await ask(path, request) == STATUS
         refused = await exchange(path, b" " + request)
     assert refused == protocol.invalid_request("request too large")
+
+
+async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeController) -> None:
+    """`logs` asks the journal for 10,000 lines at most, and each line goes out as it comes."""
+    asked: list[tuple[int, bool]] = []
+    more = asyncio.Event()
+
+    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+        asked.append((lines, follow))
+        yield "first"
+        await more.wait()
+        yield "second"
+
+    path = tmp_path / "s.sock"
+    async with Server(controller, path, logs=journal):
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b'{"method":"logs","lines":9223372036854775807,"follow":true}\n')
+        async with asyncio.timeout(10):
+            assert await reader.readline() == b'{"ok":true,"message":"first"}\n'
+            more.set()
+            assert await reader.readline() == b'{"ok":true,"message":"second"}\n'
+            assert await reader.read() == b""
+        writer.close()
+    assert asked == [(protocol.MAX_LOG_LINES, True)]
