@@ -135,6 +135,7 @@ class Server:
         self._cache: dict[tuple[str, bool, VMState], bytes] = {}
         self._turns: deque[_Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
+        self._drained: asyncio.Event | None = None
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -176,6 +177,30 @@ class Server:
         if self._pid_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._pid_file.unlink()
+
+    async def drain(self, timeout: float, last_line: str) -> None:
+        """Stop accepting (new clients wait in the listen backlog), end log streams with
+        ``last_line``, and give open connections ``timeout`` to finish; then close the rest.
+
+        For a re-exec: the next vmhost answers what waits in the backlog.
+        """
+        assert self._epoll is not None and self._sock is not None
+        self._epoll.modify(self._sock.fileno(), 0)
+        farewell = protocol.encode_response(Response(ok=True, message=last_line))
+        for conn in list(self._streams):
+            conn.finish(farewell)
+        self._drained = asyncio.Event()
+        if self._transports:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._drained.wait()
+        self._drained = None
+        for transport in list(self._transports.values()):
+            transport.abort()
+
+    def resume(self) -> None:
+        """Accept again after :meth:`drain` (the re-exec did not happen)."""
+        self._resume_accepting()
 
     def _ready(self) -> None:
         """Everything the epoll set has for us; an event is only a hint (reads never block)."""
@@ -222,6 +247,8 @@ class Server:
 
     def _closed(self, fd: int) -> None:
         self._transports.pop(fd, None)
+        if self._drained is not None and not self._transports:
+            self._drained.set()
 
     def answer(self, request: Request) -> bytes | None:
         """The encoded answer to one request; ``None`` for the streaming ``logs`` method."""

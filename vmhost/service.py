@@ -6,6 +6,7 @@ config → socket → controller.start() → READY=1 → serve until the VM ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -13,17 +14,24 @@ import logging
 import os
 import resource
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
 from . import config as vmconfig
-from . import systemd
+from . import reload, systemd
 from .client import socket_path
 from .controller import QemuController
-from .errors import AlreadyRunningError, ConfigError, ControllerError, VMCrashedError
+from .errors import (
+    AlreadyRunningError,
+    ConfigError,
+    ControllerError,
+    VMCrashedError,
+    VmhostError,
+)
 from .protocol import VMState
-from .server import Server
+from .server import Server, bind
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +95,23 @@ def run(options: Options) -> int:
 
 async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     name = vmconfig.check_name(options.name)
-    config = vmconfig.load(options.config or _config_path(name))
+    handover = reload.take()
+    listen: socket.socket | None
+    if handover is None:
+        config = vmconfig.load(options.config or _config_path(name))
+        listen = systemd.listen_socket()
+        path = None if listen else options.socket or socket_path(name)
+    else:
+        config = handover.config
+        listen = socket.socket(fileno=handover.listen_fd)
+        path = Path(handover.socket_path) if handover.socket_path else None
     state_dir = _state_dir(options, name)
-    listen = systemd.listen_socket() or options.socket or socket_path(name)
     pid_file = options.pid_file
-    if pid_file is None and isinstance(listen, Path):
-        pid_file = listen.with_name("vmhost.pid")
+    if pid_file is None and path is not None:
+        pid_file = path.with_name("vmhost.pid")
+    if listen is None:
+        assert path is not None
+        listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
 
     controller = QemuController(
         config,
@@ -103,24 +122,65 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
+    reloader = reload.Reloader(
+        name=name,
+        config=config,
+        server=server,
+        controller=controller,
+        notifier=notifier,
+        listen=listen,
+        socket_path=path,
+        reexecs=handover.reexecs if handover else [],
+    )
+    fault = asyncio.Event()
     _raise_fd_limit(server.limits.max_connections)
-    async with server:
-        _install_signals(stop)
-        systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
-        try:
-            await controller.start()
-            if controller.state in (VMState.RUNNING, VMState.PAUSED):
-                gc.freeze()  # what start-up built lives forever: keep it out of collections
-                notifier.ready(controller.status_text())
-                systemd.log_event(systemd.Event.READY, f"VM {name} is {controller.state.value}")
-            heartbeat = asyncio.create_task(_heartbeat(controller, notifier))
+    try:
+        async with server:
             try:
-                await controller.wait()
+                if handover is None:
+                    _install_signals(stop, reloader, fault)
+                    systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
+                    await controller.start()
+                else:
+                    # Signals stay held until QEMU is ours: a stop then runs the whole chain.
+                    await controller.adopt(handover.vm)
+                    _install_signals(stop, reloader, fault)
+                if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                    gc.freeze()  # what start-up built lives forever: keep it out of collections
+                    if handover is None:
+                        notifier.ready(controller.status_text())
+                        systemd.log_event(
+                            systemd.Event.READY, f"VM {name} is {controller.state.value}"
+                        )
+                    else:
+                        reloader.reloaded(handover)
+                await _supervise(controller, notifier, fault)
+            except Exception as e:
+                if not isinstance(e, VmhostError):  # a bug: a new vmhost may do better
+                    await reloader.recover(e)
+                raise
             finally:
-                heartbeat.cancel()
-        finally:
-            await controller.close()
+                await controller.close()
+    finally:
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     return EXIT_OK
+
+
+async def _supervise(
+    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+) -> None:
+    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
+    heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
+    ended = asyncio.create_task(controller.wait())
+    try:
+        done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        heartbeat.cancel()
+        ended.cancel()
 
 
 class _Stopper:
@@ -143,10 +203,11 @@ class _Stopper:
             asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
 
 
-def _install_signals(stop: _Stopper) -> None:
+def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
+    reload.install_signals(reloader, fault.set)
 
 
 def _on_state(
@@ -172,13 +233,17 @@ def _on_state(
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
 
 
-async def _heartbeat(controller: QemuController, notifier: systemd.Notifier) -> None:
+async def _heartbeat(
+    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+) -> None:
     """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
     text moves on without a state change (the stop chain's steps and their clocks)."""
     interval = min(systemd.watchdog_interval() or 1.0, 1.0)
     last = ""
     while True:
         await asyncio.sleep(interval)
+        if fault.is_set():
+            raise reload.PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
         notifier.watchdog()
         text = controller.status_text()
         if text != last:
