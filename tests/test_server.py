@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import FakeController
 
+import vmhost
 from vmhost.errors import AlreadyRunningError
 from vmhost.protocol import VMState
 from vmhost.server import Limits, Server, bind
@@ -56,7 +57,8 @@ async def ask(path: Path, line: bytes = b'{"method":"status"}\n') -> bytes:
         (b'{"method":"status"}', STATUS),
         (
             b'{"method":"status","detail":true}\n',
-            b'{"ok":true,"state":"running","vm_state":"running","pid":4242}\n',
+            b'{"ok":true,"state":"running","vm_state":"running","pid":4242,"version":"%s"}\n'
+            % vmhost.__version__.encode(),
         ),
     ],
 )

@@ -293,6 +293,52 @@ def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     assert vm.show("NRestarts")["NRestarts"] == "0"
 
 
+def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
+    """systemctl reload: vmhost re-executes in place; same PIDs, no restart, no client refused."""
+    vm = make_vm("reload")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    before = vm.show("MainPID", "NRestarts", "InvocationID")
+    qemu = vm.qemu_pid()
+
+    stop_file = f"/run/e2e/{vm.name}.done"
+    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        vm.ct.systemctl("reload", vm.unit)
+        returned = time.monotonic() - started
+
+        def reloaded() -> bool:
+            return bool(vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}"))
+
+        done_on_return = reloaded()
+        wait_for("the reload", reloaded)
+        wait_for("active again", lambda: vm.show("ActiveState")["ActiveState"] == "active")
+        vm.ct.run("touch", stop_file)
+        out, _ = hammer.communicate(timeout=60)
+    finally:
+        hammer.kill()
+    seen = json.loads(out)
+    assert seen["errors"] == []
+    assert seen["states"] == ["running"], seen
+    assert vm.show("MainPID", "NRestarts", "InvocationID") == before
+    assert vm.show("SubState")["SubState"] == "running"
+    assert vm.qemu_pid() == qemu
+    (record,) = vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}")
+    print(
+        f"\nsystemctl reload returned after {returned:.2f} s (reload done then: "
+        f"{done_on_return}); {record['MESSAGE']}"
+    )
+    console = vm.records("SYSLOG_IDENTIFIER=vmhost-console")
+    assert sum(READY_LINE in r["MESSAGE"] for r in console) == 1
+
+    vm.ct.systemctl("stop", vm.unit)
+    assert vm.show("Result", "ExecMainStatus") == {"Result": "success", "ExecMainStatus": "0"}
+    assert vm.marker() == vm.token
+    assert vm.clean()
+
+
 def test_qemu_killed_from_outside_is_restarted(make_vm: Callable[..., VM]) -> None:
     """SIGKILL to QEMU: vmhost exits 3 (crashed), Restart=on-failure starts the VM again."""
     vm = make_vm("crash")

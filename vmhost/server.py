@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol, cast
 
 import msgspec
 
-from . import protocol
+from . import __version__, protocol
 from .errors import AlreadyRunningError, VmhostError
 from .protocol import Request, Response, VMState
 
@@ -286,6 +286,7 @@ class Server:
         if detail:
             response.vm_state = state.value
             response.pid = c.pid
+            response.version = __version__
         return protocol.encode_response(response)
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:
