@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,31 @@ def test_regular_file_not_replaced(tmp_path: Path) -> None:
 def test_limits_default() -> None:
     """The documented limits hold by default."""
     assert Limits().max_request == 64 * 1024
+
+
+async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
+    sock_path: Path, controller: FakeController
+) -> None:
+    """A reload's drain: a log stream gets a last line and EOF; a client that connects meanwhile
+    waits in the backlog, unrefused, and is answered once accepting resumes."""
+
+    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+        yield "a record"
+        await asyncio.Event().wait()  # following: nothing more comes
+
+    async with Server(controller, sock_path, logs=journal) as server:
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        writer.write(b'{"method":"logs","follow":true}\n')
+        async with asyncio.timeout(3):
+            assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
+        await server.drain(1.0, "vmhost reloaded")
+        async with asyncio.timeout(3):
+            assert await reader.readline() == b'{"ok":true,"message":"vmhost reloaded"}\n'
+            assert await reader.read() == b""
+        writer.close()
+
+        waiting = asyncio.ensure_future(ask(sock_path))
+        await asyncio.sleep(0.2)  # long enough to be answered, were it accepted
+        assert not waiting.done()
+        server.resume()
+        assert await waiting == STATUS

@@ -7,6 +7,7 @@ ExecStart at a venv of this working tree.  Each test runs its own VM instance
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -266,6 +267,22 @@ def test_first_connect_starts_a_stopped_instance(make_vm: Callable[..., VM]) -> 
     assert vm.ct.run("test", "-e", vm.socket, check=False).returncode == 1  # RemoveOnStop=
 
 
+@contextlib.contextmanager
+def hammered(vm: VM) -> Iterator[dict[str, Any]]:
+    """A Go-style status poller runs around the block; its tally is filled in at the end."""
+    stop_file = f"/run/e2e/{vm.name}.done"
+    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
+    seen: dict[str, Any] = {}
+    try:
+        time.sleep(0.5)
+        yield seen
+        vm.ct.run("touch", stop_file)
+        out, _ = hammer.communicate(timeout=60)
+    finally:
+        hammer.kill()
+    seen.update(json.loads(out))
+
+
 def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     """systemctl restart: the socket (same inode) stays; clients never see a refused connect."""
     vm = make_vm("restart")
@@ -274,16 +291,8 @@ def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     inode = vm.ct.run("stat", "-c", "%i", vm.socket).stdout
     before = vm.show("InvocationID")["InvocationID"]
 
-    stop_file = f"/run/e2e/{vm.name}.done"
-    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
-    try:
-        time.sleep(0.5)
+    with hammered(vm) as seen:
         vm.ct.systemctl("restart", vm.unit)
-        vm.ct.run("touch", stop_file)
-        out, _ = hammer.communicate(timeout=60)
-    finally:
-        hammer.kill()
-    seen = json.loads(out)
 
     assert seen["errors"] == []
     assert seen["ok"] > 3
@@ -301,25 +310,16 @@ def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
     before = vm.show("MainPID", "NRestarts", "InvocationID")
     qemu = vm.qemu_pid()
 
-    stop_file = f"/run/e2e/{vm.name}.done"
-    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
-    try:
-        time.sleep(0.5)
+    def reloaded() -> bool:
+        return bool(vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}"))
+
+    with hammered(vm) as seen:
         started = time.monotonic()
         vm.ct.systemctl("reload", vm.unit)
         returned = time.monotonic() - started
-
-        def reloaded() -> bool:
-            return bool(vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}"))
-
         done_on_return = reloaded()
         wait_for("the reload", reloaded)
         wait_for("active again", lambda: vm.show("ActiveState")["ActiveState"] == "active")
-        vm.ct.run("touch", stop_file)
-        out, _ = hammer.communicate(timeout=60)
-    finally:
-        hammer.kill()
-    seen = json.loads(out)
     assert seen["errors"] == []
     assert seen["states"] == ["running"], seen
     assert vm.show("MainPID", "NRestarts", "InvocationID") == before

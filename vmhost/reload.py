@@ -101,8 +101,6 @@ class Reloader:
     def __init__(
         self,
         *,
-        name: str,
-        config: Config,
         server: Server,
         controller: QemuController,
         notifier: systemd.Notifier,
@@ -110,8 +108,6 @@ class Reloader:
         socket_path: Path | None,
         reexecs: list[float],
     ) -> None:
-        self.name = name
-        self.config = config
         self.server = server
         self.controller = controller
         self.notifier = notifier
@@ -151,8 +147,8 @@ class Reloader:
                 version=__version__,
                 reason=reason,
                 since_ns=since,
-                name=self.name,
-                config=self.config,
+                name=self.controller.name,
+                config=self.controller.config,
                 listen_fd=self.listen.fileno(),
                 socket_path=str(self.socket_path or ""),
                 vm=vm,

@@ -123,8 +123,6 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(
-        name=name,
-        config=config,
         server=server,
         controller=controller,
         notifier=notifier,
