@@ -148,6 +148,14 @@ class VM:
         (child,) = self.ct.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
         return int(child)
 
+    def process(self) -> tuple[str, str]:
+        """The main process's name and command line."""
+        main = self.show("MainPID")["MainPID"]
+        comm, cmdline = (
+            self.ct.run("cat", f"/proc/{main}/{f}").stdout for f in ("comm", "cmdline")
+        )
+        return comm, cmdline
+
     def marker(self) -> str:
         return self.ct.run("debugfs", "-R", "cat /marker", self.disk).stdout.strip()
 
@@ -309,6 +317,9 @@ def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
     vm.wait_console()
     before = vm.show("MainPID", "NRestarts", "InvocationID")
     qemu = vm.qemu_pid()
+    process = [
+        vm.ct.run("cat", f"/proc/{before['MainPID']}/{f}").stdout for f in ("comm", "cmdline")
+    ]
 
     def reloaded() -> bool:
         return bool(vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}"))
@@ -325,6 +336,9 @@ def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
     assert vm.show("MainPID", "NRestarts", "InvocationID") == before
     assert vm.show("SubState")["SubState"] == "running"
     assert vm.qemu_pid() == qemu
+    assert [
+        vm.ct.run("cat", f"/proc/{before['MainPID']}/{f}").stdout for f in ("comm", "cmdline")
+    ] == process
     (record,) = vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}")
     print(
         f"\nsystemctl reload returned after {returned:.2f} s (reload done then: "

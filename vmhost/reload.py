@@ -185,15 +185,26 @@ def _exec(handover: Handover) -> NoReturn:
             os.set_inheritable(fd, True)
         sys.stdout.flush()
         sys.stderr.flush()
+        path, argv = _entry_point()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
-            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+            os.execve(path, argv, env)
         finally:  # only reached when execve failed
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     finally:
         os.close(memfd)
         for fd in fds:
             os.set_inheritable(fd, False)
+
+
+def _entry_point() -> tuple[str, list[str]]:
+    """What this process was started as: the ``vmhost`` script itself when it was (so the
+    kernel names the process after it again, as ps and systemctl status show), else this
+    interpreter with its arguments (``python -m vmhost serve ...``)."""
+    script = sys.argv[0]
+    if sys.orig_argv[1:2] == [script] and os.access(script, os.X_OK):
+        return script, sys.orig_argv[1:]
+    return sys.executable, [sys.executable, *sys.orig_argv[1:]]
 
 
 def install_signals(reloader: Reloader, fault: Callable[[], None]) -> None:

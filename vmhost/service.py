@@ -133,16 +133,19 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     fault = asyncio.Event()
     _raise_fd_limit(server.limits.max_connections)
     try:
+        if handover is not None:
+            # Clients wait in the backlog, and signals stay held, until QEMU is ours.
+            try:
+                await controller.adopt(handover.vm)
+            except BaseException:
+                await controller.close()
+                raise
         async with server:
             try:
+                _install_signals(stop, reloader, fault)
                 if handover is None:
-                    _install_signals(stop, reloader, fault)
                     systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
                     await controller.start()
-                else:
-                    # Signals stay held until QEMU is ours: a stop then runs the whole chain.
-                    await controller.adopt(handover.vm)
-                    _install_signals(stop, reloader, fault)
                 if controller.state in (VMState.RUNNING, VMState.PAUSED):
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
                     if handover is None:
