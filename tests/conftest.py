@@ -55,6 +55,17 @@ class FakeController:
 
 
 @pytest.fixture
+def host_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """The host's config and socket directories, moved into tmp_path for vmhost and vmhostctl."""
+    config_dir, run_dir = tmp_path / "etc", tmp_path / "run"
+    config_dir.mkdir()
+    run_dir.mkdir()
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(config_dir))
+    monkeypatch.setenv("VMHOST_RUN_DIR", str(run_dir))
+    return config_dir, run_dir
+
+
+@pytest.fixture
 def sock_path(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "vmhost.sock"
 

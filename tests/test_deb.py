@@ -77,6 +77,19 @@ def test_vmhost_man_page_documents_every_serve_option(capsys: pytest.CaptureFixt
     assert documented == codes
 
 
+def test_changelog_is_at_the_package_version() -> None:
+    """debian/changelog, what dpkg-buildpackage, debuild and gbp take the version from, agrees
+    with vmhost.__version__ (the one source, which build-deb and the wheel use)."""
+    fields = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    parsed = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    assert (parsed["Source"], parsed["Version"]) == ("vmhost", vmhost.__version__)
+
+
 # -- the built package ---------------------------------------------------------
 
 
@@ -143,6 +156,11 @@ def newer_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     old = f'__version__ = "{vmhost.__version__}"'
     assert old in init.read_text()
     init.write_text(init.read_text().replace(old, f'__version__ = "{UPGRADE_VERSION}"'))
+    changelog = source / "packaging/debian/changelog"
+    text = changelog.read_text()
+    signature = next(line for line in text.splitlines() if line.startswith(" -- "))
+    entry = f"vmhost ({UPGRADE_VERSION}) unstable; urgency=medium\n\n  * Upgrade test.\n\n"
+    changelog.write_text(f"{entry}{signature}\n\n{text}")
     return _build(f"{_source_hash()}-upgrade", source)
 
 
@@ -169,6 +187,7 @@ def test_package_metadata_and_layout(deb: Path) -> None:
     for path in (
         *UNITS,
         "/usr/lib/systemd/catalog/vmhost.catalog",
+        "/usr/lib/sysusers.d/vmhost.conf",
         "/usr/share/doc/vmhost/examples/demo.toml",
         "/usr/share/man/man1/vmhostctl.1.gz",
         "/usr/share/man/man8/vmhost.8.gz",
@@ -300,6 +319,9 @@ def test_install_run_remove_purge(overlay_host: Container, deb: Path) -> None:
     ct.systemctl("start", "vmhost@demo")
     status = ct.run("vmhostctl", "status", "demo").stdout
     assert status.startswith("demo: running\n"), status
+    # The group that may use it was made on installation (sysusers.d).
+    socket_owner = ct.run("stat", "-c", "%a %U %G", "/run/vmhost/demo/vmhost.sock").stdout
+    assert socket_owner.split() == ["660", "root", "vmhost"]
     _wait_ready(ct, console, boots=1)
 
     started = time.monotonic()
