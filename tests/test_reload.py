@@ -154,6 +154,22 @@ def test_reloads_leave_the_guest_and_clients_untouched(
     assert not vm.socket.exists()
 
 
+def test_reloads_while_the_guest_boots(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
+    """Reloads while the console is busy with the boot: the boot goes on to READY, once."""
+    vm = vmhost_for(make_vm())
+    vm.start()
+    qemu_pid = vm.wait_running().pid
+    for i in range(3):
+        vm.signal(signal.SIGHUP)
+        wait_reloads(vm, i + 1)
+    vm.wait_console("TINYGUEST READY")
+    assert vm.status().pid == qemu_pid
+    assert vm.vm.console.read_text(errors="replace").count("TINYGUEST READY") == 1
+    Client(vm.socket).stop(10)
+    assert vm.wait(20) == EXIT_OK
+    assert vm.vm.marker() == vm.vm.token
+
+
 def test_reload_during_a_stop_is_refused(
     make_vm: MakeVM, vmhost_for: VmhostFor, deaf_guest: GuestImage
 ) -> None:
