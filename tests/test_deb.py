@@ -159,8 +159,10 @@ def newer_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     changelog = source / "packaging/debian/changelog"
     text = changelog.read_text()
     signature = next(line for line in text.splitlines() if line.startswith(" -- "))
+    maintainer = signature.rsplit(">", 1)[0] + ">"
     entry = f"vmhost ({UPGRADE_VERSION}) unstable; urgency=medium\n\n  * Upgrade test.\n\n"
-    changelog.write_text(f"{entry}{signature}\n\n{text}")
+    now = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())  # after the last entry
+    changelog.write_text(f"{entry}{maintainer}  {now}\n\n{text}")
     return _build(f"{_source_hash()}-upgrade", source)
 
 
