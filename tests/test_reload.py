@@ -170,6 +170,22 @@ def test_reloads_while_the_guest_boots(make_vm: MakeVM, vmhost_for: VmhostFor) -
     assert vm.vm.marker() == vm.vm.token
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
+def test_sigterm_right_after_sighup_still_stops_gracefully(
+    make_vm: MakeVM, vmhost_for: VmhostFor, delay: float
+) -> None:
+    """SIGTERM before, during or after the exec (held blocked across it): one graceful stop."""
+    vm = vmhost_for(make_vm())
+    vm.boot()
+    vm.signal(signal.SIGHUP)
+    time.sleep(delay)  # lands before, while draining, or across the exec
+    vm.signal(signal.SIGTERM)
+    assert vm.wait(30) == EXIT_OK, vm.output()
+    assert "stopped: stop requested" in vm.output()
+    assert vm.vm.marker() == vm.vm.token
+    assert vm.vm.clean()
+
+
 def test_reload_during_a_stop_is_refused(
     make_vm: MakeVM, vmhost_for: VmhostFor, deaf_guest: GuestImage
 ) -> None:

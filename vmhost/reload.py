@@ -10,9 +10,10 @@ QEMU's stderr are inherited as descriptors; the rest is a small
 
 Clients notice nothing: the old vmhost stops accepting and lets open
 connections finish; new ones wait in the listen backlog until the new vmhost
-answers them.  SIGHUP, SIGTERM and SIGINT stay blocked across the exec (the
-mask is inherited, pending signals too), so one arriving meanwhile is handled
-by the new vmhost once it runs, not by the default action.
+answers them.  SIGHUP, SIGTERM and SIGINT are held blocked from the start of
+a reload and across the exec (the mask is inherited, pending signals too), so
+one arriving meanwhile is handled by the new vmhost once QEMU is its own, not
+by the default action.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ _FORMAT: Final = 1
 
 
 class Handover(msgspec.Struct, frozen=True, kw_only=True):
-    """What one vmhost tells the next; fields are only ever added, with defaults."""
+    """What one vmhost tells the next.  Any vmhost must read an older one's: new fields
+    come with defaults, and none is ever removed or changes meaning."""
 
     format: int = _FORMAT
     version: str
@@ -140,8 +142,11 @@ class Reloader:
             return
         since = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self.notifier.reloading(f"reloading ({reason})")
-        await self.server.drain(DRAIN_TIMEOUT, RELOADED)
+        # Held from here, so none is caught and then lost in the exec: whichever vmhost
+        # serves next handles it (one caught just before still runs, during the drain).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
+            await self.server.drain(DRAIN_TIMEOUT, RELOADED)
             vm = await self.controller.handover()
             handover = Handover(
                 version=__version__,
@@ -161,6 +166,7 @@ class Reloader:
             self.controller.resume()
             self.server.resume()
             self.notifier.ready(self.controller.status_text())
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def reloaded(self, handover: Handover) -> None:
         """In the new vmhost, once it serves: READY=1 and one log line with the time it took."""
@@ -175,7 +181,8 @@ class Reloader:
 
 
 def _exec(handover: Handover) -> NoReturn:
-    """Exec this interpreter with its own arguments again; returns only by raising OSError."""
+    """Exec our own entry point again, handing ``handover`` over; returns only by raising
+    OSError (then everything is as it was, and this vmhost goes on)."""
     fds = (handover.listen_fd, *handover.vm.fds)
     memfd = os.memfd_create("vmhost-handover", 0)  # no MFD_CLOEXEC: the next vmhost reads it
     try:
@@ -185,13 +192,8 @@ def _exec(handover: Handover) -> NoReturn:
             os.set_inheritable(fd, True)
         sys.stdout.flush()
         sys.stderr.flush()
-        path, argv = _entry_point()
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        try:
-            os.execve(path, argv, env)
-        finally:  # only reached when execve failed
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    finally:
+        os.execve(*_entry_point(), env)
+    finally:  # only reached when execve failed
         os.close(memfd)
         for fd in fds:
             os.set_inheritable(fd, False)
