@@ -109,6 +109,8 @@ def _ctl(args: argparse.Namespace) -> int:
             print(f"  ssh: 127.0.0.1:{response.ssh_port}")
         if response.backend:
             print(f"  backend: {response.backend}")
+        if response.version:
+            print(f"  vmhost: {response.version}")
     return 0
 
 

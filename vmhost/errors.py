@@ -49,3 +49,7 @@ class VMCrashedError(ControllerError):
 
 class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
+
+
+class ReloadRefusedError(VmhostError):
+    """vmhost cannot re-execute itself right now (a stop runs, QEMU is not ready); it goes on."""
