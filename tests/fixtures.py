@@ -46,6 +46,7 @@ class Vmhost:
         self.socket = vm.socket
         """Where to serve; the VM's own path unless a test moves it."""
         self.qemu_pids: set[int] = set()
+        self.env = ENV
         self._console_from = 0
 
     def start(self, *extra: str) -> Vmhost:
@@ -58,7 +59,7 @@ class Vmhost:
                     *(sys.executable, "-m", "vmhost", "serve", NAME, *self.vm.args()),
                     *("--socket", str(self.socket), *extra),  # the last --socket wins
                 ],
-                env=ENV,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FakeController
 
+import vmhost
 from vmhost import AsyncClient, Client, ClientError, ServerError
 from vmhost.cli import vmhostctl_main
 from vmhost.client import socket_path
@@ -30,6 +31,15 @@ async def test_json_status(
     assert await ctl("--json", "--socket", str(sock_path), "status") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["state"] == "running" and out["vm_state"] == "running"
+
+
+async def test_json_info_names_the_running_version(
+    server: Server, sock_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vmhostctl info --json` carries the serving vmhost's version in the detail fields."""
+    assert await ctl("info", "--json", "--socket", str(sock_path)) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["backend"], out["version"]) == ("qemu", vmhost.__version__)
 
 
 async def test_human_info_with_options_after_command(

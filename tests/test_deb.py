@@ -4,8 +4,10 @@ through its units, then removed and purged."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -101,14 +103,11 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def deb() -> Path:
-    """The .deb of this source tree, built (about a minute, lintian included) once per source hash.
-
-    build-deb fails on any lintian error or warning that no override explains, so a
-    cached package is also a lintian-clean one.
-    """
-    target = DEB_CACHE / _source_hash()
+def _build(key: str, source: Path = REPO) -> Path:
+    """The .deb build-deb makes from ``source``, cached under ``key`` (about a minute, lintian
+    included); build-deb fails on any lintian error or warning no override explains, so a
+    cached package is also a lintian-clean one."""
+    target = DEB_CACHE / key
     DEB_CACHE.mkdir(parents=True, exist_ok=True)
     with open(DEB_CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may build the same package
@@ -116,18 +115,54 @@ def deb() -> Path:
             with tempfile.TemporaryDirectory(dir=DEB_CACHE, prefix=".build-") as tmp:
                 started = time.monotonic()
                 build = subprocess.run(
-                    ["bash", str(BUILD_DEB), tmp], capture_output=True, text=True, check=False
+                    ["bash", str(source / "packaging/build-deb"), tmp],
+                    capture_output=True,
+                    text=True,
+                    check=False,
                 )
                 assert build.returncode == 0, (
                     f"build-deb failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
                 )
                 print(f"\nbuild-deb: {time.monotonic() - started:.0f} s")
+                current = key.split("-")[0]
                 for old in DEB_CACHE.iterdir():
-                    if old.is_dir() and not old.name.startswith("."):
+                    if old.is_dir() and not old.name.startswith((".", current)):
                         shutil.rmtree(old)
                 os.rename(tmp, target)
     (package,) = target.glob("vmhost_*.deb")
     return package
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    """The .deb of this source tree, built once per source hash."""
+    return _build(_source_hash())
+
+
+UPGRADE_VERSION = f"{vmhost.__version__}+upgrade1"
+
+
+@pytest.fixture(scope="module")
+def newer_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same source as a newer version: what an upgrade installs."""
+    source = tmp_path_factory.mktemp("newer")
+    for name in subprocess.run(
+        ["bash", str(BUILD_DEB), "--inputs"], capture_output=True, text=True, check=True
+    ).stdout.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    init = source / "vmhost/__init__.py"
+    old = f'__version__ = "{vmhost.__version__}"'
+    assert old in init.read_text()
+    init.write_text(init.read_text().replace(old, f'__version__ = "{UPGRADE_VERSION}"'))
+    changelog = source / "packaging/debian/changelog"
+    text = changelog.read_text()
+    signature = next(line for line in text.splitlines() if line.startswith(" -- "))
+    maintainer = signature.rsplit(">", 1)[0] + ">"
+    entry = f"vmhost ({UPGRADE_VERSION}) unstable; urgency=medium\n\n  * Upgrade test.\n\n"
+    now = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())  # after the last entry
+    changelog.write_text(f"{entry}{maintainer}  {now}\n\n{text}")
+    return _build(f"{_source_hash()}-upgrade", source)
 
 
 def _field(deb: Path, name: str) -> str:
@@ -171,17 +206,27 @@ def test_package_metadata_and_layout(deb: Path) -> None:
 # -- installed in a real systemd -----------------------------------------------
 
 
-@pytest.fixture
-def overlay_host(deb: Path, guest: GuestImage) -> Iterator[Container]:
-    """The host's own OS booted under a throwaway overlay, the package and the guest bound in."""
+@contextlib.contextmanager
+def _overlay(guest: GuestImage, *debs: Path) -> Iterator[Container]:
+    """The host's own OS booted under a throwaway overlay, packages and the guest bound in."""
     try:
         container.require_host()
     except ContainerUnavailable as e:
         pytest.skip(f"cannot start a systemd container here: {e}")
-    binds = [f"{deb.parent}:/run/deb", f"{guest.kernel.parent}:/run/guest"]
+    binds = [f"{d.parent}:/run/deb{i or ''}" for i, d in enumerate(debs)]
+    binds.append(f"{guest.kernel.parent}:/run/guest")
     with container.boot(
         "vmhost-deb", overlay=True, ro_binds=binds, masks=["postgresql.service"]
     ) as ct:
+        # Image-build hosts forbid maintainer scripts to start or stop services (a
+        # policy-rc.d exiting 101, which deb-systemd-invoke obeys); a booted system has none.
+        ct.run("rm", "-f", "/usr/sbin/policy-rc.d")
+        yield ct
+
+
+@pytest.fixture
+def overlay_host(deb: Path, guest: GuestImage) -> Iterator[Container]:
+    with _overlay(guest, deb) as ct:
         yield ct
 
 
@@ -209,32 +254,11 @@ def _unmounted_cleanly(ct: Container, disk: str) -> bool:
     return "needs_recovery" not in ct.run("dumpe2fs", "-h", disk).stdout
 
 
-@pytest.mark.slow
-def test_install_run_remove_purge(overlay_host: Container, deb: Path) -> None:
-    """apt install; vmhost@demo runs, stop powers it off; remove stops VMs; purge leaves nothing."""
-    ct = overlay_host
-    # Image-build hosts forbid maintainer scripts to start or stop services (a policy-rc.d
-    # exiting 101, which deb-systemd-invoke obeys); a booted system has none.
-    ct.run("rm", "-f", "/usr/sbin/policy-rc.d")
-    _apt(ct, "install", "--no-install-recommends", f"/run/deb/{deb.name}")
+def _demo_vm(ct: Container) -> tuple[str, str, str]:
+    """VM demo as an operator sets it up: files in its state directory, config in /etc.
 
-    # Installed: template units known to systemd, none enabled or running; the catalog compiled.
-    files = ct.systemctl("list-unit-files", "--no-legend", "vmhost@*").stdout.split()
-    assert files == [
-        "vmhost@.service",
-        "disabled",
-        "enabled",
-        "vmhost@.socket",
-        "disabled",
-        "enabled",
-    ]
-    assert ct.systemctl("list-units", "--all", "--no-legend", "vmhost@*").stdout == ""
-    assert Event.READY.message_id in ct.run("journalctl", "--list-catalog").stdout
-    assert ct.run("vmhostctl", "--version").stdout == f"vmhostctl {vmhost.__version__}\n"
-    verify = ct.run("systemd-analyze", "verify", "vmhost@x.service", "vmhost@x.socket", check=False)
-    assert (verify.returncode, verify.stderr) == (0, ""), verify.stderr
-
-    # The VM, as an operator would set it up: files in its state directory, config in /etc.
+    Returns its disk, its console log and the token its guest writes at each boot.
+    """
     state = "/var/lib/vmhost/demo"
     disk, console = f"{state}/disk.img", f"{state}/console.log"
     token = f"deb-{os.urandom(4).hex()}"
@@ -261,7 +285,32 @@ timeout_seconds = 20
 """,
     )
     ct.systemctl("enable", "vmhost@demo.socket")
+    return disk, console, token
 
+
+@pytest.mark.slow
+def test_install_run_remove_purge(overlay_host: Container, deb: Path) -> None:
+    """apt install; vmhost@demo runs, stop powers it off; remove stops VMs; purge leaves nothing."""
+    ct = overlay_host
+    _apt(ct, "install", "--no-install-recommends", f"/run/deb/{deb.name}")
+
+    # Installed: template units known to systemd, none enabled or running; the catalog compiled.
+    files = ct.systemctl("list-unit-files", "--no-legend", "vmhost@*").stdout.split()
+    assert files == [
+        "vmhost@.service",
+        "disabled",
+        "enabled",
+        "vmhost@.socket",
+        "disabled",
+        "enabled",
+    ]
+    assert ct.systemctl("list-units", "--all", "--no-legend", "vmhost@*").stdout == ""
+    assert Event.READY.message_id in ct.run("journalctl", "--list-catalog").stdout
+    assert ct.run("vmhostctl", "--version").stdout == f"vmhostctl {vmhost.__version__}\n"
+    verify = ct.run("systemd-analyze", "verify", "vmhost@x.service", "vmhost@x.socket", check=False)
+    assert (verify.returncode, verify.stderr) == (0, ""), verify.stderr
+
+    disk, console, token = _demo_vm(ct)
     ct.systemctl("start", "vmhost@demo")
     status = ct.run("vmhostctl", "status", "demo").stdout
     assert status.startswith("demo: running\n"), status
@@ -308,3 +357,47 @@ timeout_seconds = 20
     # What the operator made stays: the VM's config and disk.
     ct.run("test", "-f", "/etc/vmhost/demo.toml")
     ct.run("test", "-f", disk)
+
+
+def _info(ct: Container) -> dict[str, object]:
+    return dict(json.loads(ct.run("vmhostctl", "info", "demo", "--json").stdout))
+
+
+@pytest.mark.slow
+def test_upgrade_reloads_running_vms(deb: Path, newer_deb: Path, guest: GuestImage) -> None:
+    """apt install of a newer .deb: the running VM moves to the new vmhost, its guest untouched."""
+    assert _field(newer_deb, "Version") == UPGRADE_VERSION
+    with _overlay(guest, deb, newer_deb) as ct:
+        _apt(ct, "install", "--no-install-recommends", f"/run/deb/{deb.name}")
+        disk, console, token = _demo_vm(ct)
+        ct.systemctl("start", "vmhost@demo")
+        _wait_ready(ct, console, boots=1)
+        unit = "vmhost@demo.service"
+        before = ct.show(unit, "MainPID", "NRestarts", "InvocationID")
+        children = f"/proc/{before['MainPID']}/task/{before['MainPID']}/children"
+        qemu = ct.run("cat", children).stdout.split()
+        assert len(qemu) == 1
+        assert _info(ct)["version"] == vmhost.__version__
+
+        _apt(ct, "install", "--no-install-recommends", f"/run/deb1/{newer_deb.name}")
+        assert ct.run("vmhostctl", "--version").stdout == f"vmhostctl {UPGRADE_VERSION}\n"
+        # systemd 252 ends `systemctl reload` once the signal is sent, not when vmhost is back.
+        deadline = time.monotonic() + 30
+        while (info := _info(ct))["version"] != UPGRADE_VERSION:
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+        assert info["state"] == "running"
+        assert ct.show(unit, "MainPID", "NRestarts", "InvocationID") == before
+        assert ct.show(unit, "ActiveState", "SubState") == {
+            "ActiveState": "active",
+            "SubState": "running",
+        }
+        assert ct.run("cat", children).stdout.split() == qemu
+        reloaded = ct.journal("VMHOST_VM=demo", f"MESSAGE_ID={Event.RELOADED.message_id}")
+        (record,) = reloaded
+        assert f"{vmhost.__version__} -> {UPGRADE_VERSION}" in record["MESSAGE"], record
+        print(f"\n{record['MESSAGE']}")
+
+        ct.systemctl("stop", unit)
+        assert _boots(ct, disk) == [token]
+        assert _unmounted_cleanly(ct, disk)

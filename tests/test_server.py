@@ -17,6 +17,7 @@ import pytest
 import uvloop
 from conftest import FakeController
 
+import vmhost
 from vmhost import protocol
 from vmhost.errors import AlreadyRunningError
 from vmhost.protocol import Request, VMState
@@ -73,7 +74,8 @@ async def ask(path: Path, line: bytes = b'{"method":"status"}\n') -> bytes:
         (b'{"method":"status"}', STATUS),
         (
             b'{"method":"status","detail":true}\n',
-            b'{"ok":true,"state":"running","vm_state":"running","pid":4242}\n',
+            b'{"ok":true,"state":"running","vm_state":"running","pid":4242,"version":"%s"}\n'
+            % vmhost.__version__.encode(),
         ),
         (b'{\n  "method": "status"\n}\n', STATUS),
         (b'{"method":"status"}garbage', STATUS),
@@ -402,3 +404,31 @@ async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeControll
             assert await reader.read() == b""
         writer.close()
     assert asked == [(protocol.MAX_LOG_LINES, True)]
+
+
+async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
+    sock_path: Path, controller: FakeController
+) -> None:
+    """A reload's drain: a log stream gets a last line and EOF; a client that connects meanwhile
+    waits in the backlog, unrefused, and is answered once accepting resumes."""
+
+    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+        yield "a record"
+        await asyncio.Event().wait()  # following: nothing more comes
+
+    async with Server(controller, sock_path, logs=journal) as server:
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        writer.write(b'{"method":"logs","follow":true}\n')
+        async with asyncio.timeout(3):
+            assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
+        await server.drain(1.0, "vmhost reloaded")
+        async with asyncio.timeout(3):
+            assert await reader.readline() == b'{"ok":true,"message":"vmhost reloaded"}\n'
+            assert await reader.read() == b""
+        writer.close()
+
+        waiting = asyncio.ensure_future(ask(sock_path))
+        await asyncio.sleep(0.2)  # long enough to be answered, were it accepted
+        assert not waiting.done()
+        await server.resume()
+        assert await waiting == STATUS

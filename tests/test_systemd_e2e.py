@@ -7,6 +7,7 @@ ExecStart at a venv holding a copy of this working tree's code.  Each test runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -152,6 +153,14 @@ class VM:
         (child,) = self.ct.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
         return int(child)
 
+    def process(self) -> tuple[str, str]:
+        """The main process's name and command line."""
+        main = self.show("MainPID")["MainPID"]
+        comm, cmdline = (
+            self.ct.run("cat", f"/proc/{main}/{f}").stdout for f in ("comm", "cmdline")
+        )
+        return comm, cmdline
+
     def marker(self) -> str:
         return self.ct.run("debugfs", "-R", "cat /marker", self.disk).stdout.strip()
 
@@ -271,6 +280,22 @@ def test_first_connect_starts_a_stopped_instance(make_vm: Callable[..., VM]) -> 
     assert vm.ct.run("test", "-e", vm.socket, check=False).returncode == 1  # RemoveOnStop=
 
 
+@contextlib.contextmanager
+def hammered(vm: VM) -> Iterator[dict[str, Any]]:
+    """A Go-style status poller runs around the block; its tally is filled in at the end."""
+    stop_file = f"/run/e2e/{vm.name}.done"
+    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
+    seen: dict[str, Any] = {}
+    try:
+        time.sleep(0.5)
+        yield seen
+        vm.ct.run("touch", stop_file)
+        out, _ = hammer.communicate(timeout=60)
+    finally:
+        hammer.kill()
+    seen.update(json.loads(out))
+
+
 def test_socket_group_members_may_control_the_vm(make_vm: Callable[..., VM]) -> None:
     """Socket root:vmhost 0660: a member's vmhostctl status and stop work; others are refused."""
     vm = make_vm("group")
@@ -335,16 +360,8 @@ def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     inode = vm.ct.run("stat", "-c", "%i", vm.socket).stdout
     before = vm.show("InvocationID")["InvocationID"]
 
-    stop_file = f"/run/e2e/{vm.name}.done"
-    hammer = vm.ct.popen("/usr/bin/python3", "/run/e2e/hammer.py", vm.socket, stop_file)
-    try:
-        time.sleep(0.5)
+    with hammered(vm) as seen:
         vm.ct.systemctl("restart", vm.unit)
-        vm.ct.run("touch", stop_file)
-        out, _ = hammer.communicate(timeout=60)
-    finally:
-        hammer.kill()
-    seen = json.loads(out)
 
     assert seen["errors"] == []
     assert seen["ok"] > 3
@@ -352,6 +369,49 @@ def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     assert vm.show("InvocationID")["InvocationID"] != before
     assert vm.ct.run("stat", "-c", "%i", vm.socket).stdout == inode
     assert vm.show("NRestarts")["NRestarts"] == "0"
+
+
+def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
+    """systemctl reload: vmhost re-executes in place; same PIDs, no restart, no client refused."""
+    vm = make_vm("reload")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    before = vm.show("MainPID", "NRestarts", "InvocationID")
+    qemu = vm.qemu_pid()
+    process = [
+        vm.ct.run("cat", f"/proc/{before['MainPID']}/{f}").stdout for f in ("comm", "cmdline")
+    ]
+
+    def reloaded() -> bool:
+        return bool(vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}"))
+
+    with hammered(vm) as seen:
+        started = time.monotonic()
+        vm.ct.systemctl("reload", vm.unit)
+        returned = time.monotonic() - started
+        done_on_return = reloaded()
+        wait_for("the reload", reloaded)
+        wait_for("active again", lambda: vm.show("ActiveState")["ActiveState"] == "active")
+    assert seen["errors"] == []
+    assert seen["states"] == ["running"], seen
+    assert vm.show("MainPID", "NRestarts", "InvocationID") == before
+    assert vm.show("SubState")["SubState"] == "running"
+    assert vm.qemu_pid() == qemu
+    assert [
+        vm.ct.run("cat", f"/proc/{before['MainPID']}/{f}").stdout for f in ("comm", "cmdline")
+    ] == process
+    (record,) = vm.records(f"MESSAGE_ID={Event.RELOADED.message_id}")
+    print(
+        f"\nsystemctl reload returned after {returned:.2f} s (reload done then: "
+        f"{done_on_return}); {record['MESSAGE']}"
+    )
+    console = vm.records("SYSLOG_IDENTIFIER=vmhost-console")
+    assert sum(READY_LINE in r["MESSAGE"] for r in console) == 1
+
+    vm.ct.systemctl("stop", vm.unit)
+    assert vm.show("Result", "ExecMainStatus") == {"Result": "success", "ExecMainStatus": "0"}
+    assert vm.marker() == vm.token
+    assert vm.clean()
 
 
 def test_qemu_killed_from_outside_is_restarted(make_vm: Callable[..., VM]) -> None:

@@ -222,6 +222,22 @@ async def test_watcher_that_never_reads_is_dropped_alone(
     writer.close()
 
 
+async def test_reload_drain_ends_a_watch(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """A reload's drain ends a watch with its last line and EOF; the watcher's slot is freed."""
+    reader, writer = await watching(sock_path)
+    assert b'"running"' in await line(reader)
+    await server.drain(1.0, "vmhost reloaded")
+    assert await line(reader) == b'{"ok":true,"message":"vmhost reloaded"}\n'
+    assert await line(reader) == b""
+    writer.close()
+    async with asyncio.timeout(3):
+        while len(controller.changes):
+            await asyncio.sleep(0.01)
+    await server.resume()
+
+
 async def test_async_client_watch(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:

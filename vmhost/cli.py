@@ -117,6 +117,8 @@ def _ctl(args: argparse.Namespace) -> int:
             print(f"  ssh: 127.0.0.1:{response.ssh_port}")
         if response.backend:
             print(f"  backend: {response.backend}")
+        if response.version:
+            print(f"  vmhost: {response.version}")
     return 0
 
 
@@ -129,7 +131,7 @@ def _show_change(change: Response, json_out: bool) -> None:
     import datetime
 
     now = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
-    words = [now, change.vm_state or change.state]
+    words = [now, change.vm_state or change.state or "-"]
     if change.event:
         words.append(f"[{change.event}]")
     if change.message:

@@ -21,13 +21,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple, cast
 
+import msgspec
 from qemu.qmp import QMPClient, QMPError, Runstate
 
 from . import qemu
 from .config import Config
-from .errors import ControllerError, TooManyWatchersError, VMCrashedError
+from .errors import ControllerError, ReloadRefusedError, TooManyWatchersError, VMCrashedError
 from .protocol import VMState
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ ACPI_REPEAT: Final = 3.0
 _LAST_STEPS: Final = 1.0  # each of quit / SIGTERM after the deadline
 _EXIT_GRACE: Final = 1.0
 """A wide guard: how long QEMU's pipes may take to report its exit after QMP did."""
+QUIESCE_TIMEOUT: Final = 1.0
+"""For QEMU's streams to reach a line boundary before a handover."""
 _PR_SET_PDEATHSIG: Final = 1
 MAX_WATCHERS: Final = 128
 WATCH_BACKLOG: Final = 32
@@ -163,7 +166,7 @@ class QemuController:
         self.changes = Changes()
         self._state = VMState.STARTING
         self._before_hang = VMState.RUNNING
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | _Adopted | None = None
         self._pidfd = -1
         self._qmp = QMPClient(name)
         self._agent: Agent | None = None
@@ -183,6 +186,10 @@ class QemuController:
         self._stderr_closed = asyncio.Event()
         self._signalled = False
         self._vcpus_stopped = False
+        self._streams: list[tuple[asyncio.ReadTransport, asyncio.StreamReader]] = []
+        """QEMU's streams we read (QMP, console, stderr): paused at a handover."""
+        self._qmp_sock: socket.socket | None = None
+        self._console_sock: socket.socket | None = None
 
     # -- what the server reads ------------------------------------------------
 
@@ -262,12 +269,10 @@ class QemuController:
         self._watch_exit()
         assert self._proc.stderr is not None
         self._spawn(self._read_stderr(self._proc.stderr.fileno()))
+        self._console_sock = serial_parent
         self._spawn(self._read_console(serial_parent))
         try:
-            async with asyncio.timeout(QMP_TIMEOUT):
-                await self._qmp.connect(qmp_parent)
-                self._spawn(self._read_events())
-                status = await self._qmp.execute("query-status")
+            status = await self._connect_qmp(qmp_parent)
         except (QMPError, OSError, TimeoutError) as e:
             await self._fail_start(e)
             return
@@ -280,6 +285,17 @@ class QemuController:
         self._spawn(self._probe())
         if self.config.agent.port:
             self._provisioning = self._spawn(self._provision())
+
+    async def _connect_qmp(self, sock: socket.socket) -> object:
+        """Connect QMP and start reading its events; returns ``query-status``."""
+        self._qmp_sock = sock
+        async with asyncio.timeout(QMP_TIMEOUT):
+            await self._qmp.connect(sock)
+            # qemu.qmp has no public handle on its stream; a handover pauses it.
+            assert self._qmp._writer is not None and self._qmp._reader is not None
+            self._streams.append((_read_side(self._qmp._writer), self._qmp._reader))
+            self._spawn(self._read_events())
+            return await self._qmp.execute("query-status")
 
     async def _fail_start(self, cause: BaseException) -> None:
         """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure,
@@ -352,6 +368,102 @@ class QemuController:
         if self._proc is not None and self._proc.stderr is not None:
             self._proc.stderr.close()
 
+    # -- reload: handing QEMU over to a re-executed vmhost ---------------------
+
+    def handover_refusal(self) -> str:
+        """Why QEMU cannot be handed over right now; empty when it can."""
+        if self._exited.is_set():
+            return "QEMU is gone"
+        if self._stop_requested:
+            return "a stop is running (it goes on)"
+        if self._state not in (VMState.RUNNING, VMState.PAUSED):
+            return f"the VM is {self._state.value}"
+        return ""
+
+    async def handover(self) -> Handover:
+        """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over.
+
+        What was read is consumed here first (QMP events included); the rest
+        stays in the kernel for the next reader.  The caller execs next without
+        yielding to the loop, or calls :meth:`resume` if it cannot.
+        """
+        if refusal := self.handover_refusal():
+            raise ReloadRefusedError(refusal)
+        try:
+            async with asyncio.timeout(QUIESCE_TIMEOUT):
+                for transport, reader in self._streams:
+                    if not transport.is_closing():
+                        await _quiesce(transport, reader)
+                while not self._qmp.events.empty():  # noqa: ASYNC110 - a queue has no such event
+                    await asyncio.sleep(0)  # _read_events takes what the reader queued
+        except TimeoutError:
+            self.resume()
+            raise ReloadRefusedError("QEMU's output did not pause at a line boundary") from None
+        if refusal := self.handover_refusal():  # a stop may have come in meanwhile
+            self.resume()
+            raise ReloadRefusedError(refusal)
+        assert self._proc is not None and self._proc.stderr is not None
+        assert self._qmp_sock is not None and self._console_sock is not None
+        return Handover(
+            pid=self._proc.pid,
+            qmp_fd=self._qmp_sock.fileno(),
+            console_fd=self._console_sock.fileno(),
+            stderr_fd=self._proc.stderr.fileno(),
+            state=self._state,
+            before_hang=self._before_hang,
+            shutdown_event=self._shutdown_event,
+            stderr_tail=list(self._stderr_tail),
+            agent=self._agent is not None,
+        )
+
+    def resume(self) -> None:
+        """Read QEMU's streams again: the handover did not happen."""
+        for transport, _ in self._streams:
+            if not transport.is_closing():
+                transport.resume_reading()
+
+    async def adopt(self, handed: Handover) -> None:
+        """Take over the QEMU a previous vmhost of this PID handed over (instead of :meth:`start`).
+
+        The state is the handed-over one from the first moment, so clients
+        queued meanwhile never see ``starting``; QMP is attached to the
+        established session (no greeting, no negotiation) and asked
+        ``query-status`` to prove QEMU answers.
+        """
+        self._state, self._before_hang = handed.state, handed.before_hang
+        self._shutdown_event = handed.shutdown_event
+        self._stderr_tail.extend(handed.stderr_tail)
+        self._proc = _Adopted(handed.pid, os.fdopen(handed.stderr_fd, "rb", buffering=0))
+        self._watch_exit()
+        self._spawn(self._read_stderr(handed.stderr_fd))
+        self._console_sock = socket.socket(fileno=handed.console_fd)
+        self._spawn(self._read_console(self._console_sock))
+        self._qmp.await_greeting = self._qmp.negotiate = False
+        try:
+            status = await self._connect_qmp(socket.socket(fileno=handed.qmp_fd))
+        except (QMPError, OSError, TimeoutError) as e:
+            if not self._exited.is_set():  # else wait() tells how it ended
+                raise ControllerError(f"cannot take over QEMU (pid {handed.pid}): {e!r}") from e
+            return
+        paused = isinstance(status, dict) and status.get("status") == "paused"
+        if paused != (self._state is VMState.PAUSED) and self._state is not VMState.UNRESPONSIVE:
+            self._set_state(VMState.PAUSED if paused else VMState.RUNNING, "QMP query-status")
+        self._spawn(self._watch_qmp())
+        self._spawn(self._probe())
+        if self.config.agent.port:
+            self._spawn(self._reconnect_agent() if handed.agent else self._provision())
+
+    async def _reconnect_agent(self) -> None:
+        """The guest was provisioned before the reload: connect again, provision nothing."""
+        from .guest import Agent
+
+        deadline = asyncio.get_running_loop().time() + QMP_TIMEOUT
+        port = self.config.agent.port
+        try:
+            self._agent = await Agent.connect("127.0.0.1", port, deadline=deadline)
+        except ControllerError as e:
+            log.warning("guest agent unavailable after the reload, stop will use ACPI: %s", e)
+
     # -- the stop chain -------------------------------------------------------
 
     async def _run_stop_chain(self) -> None:
@@ -420,7 +532,7 @@ class QemuController:
 
     async def _powerdown(self) -> None:
         """Press the power button again now and then: a guest still booting misses the first."""
-        while True:
+        while not self._exited.is_set():
             async with asyncio.timeout(QMP_TIMEOUT):
                 await self._qmp.execute("system_powerdown")
             await self._wait_exit(ACPI_REPEAT)
@@ -555,7 +667,8 @@ class QemuController:
                 self._set_state(self._before_hang, "QMP answers again")
 
     async def _read_stderr(self, fd: int) -> None:
-        reader = await _reader_for(fd)
+        transport, reader = await _reader_for(fd)
+        self._streams.append((transport, reader))
         while line := await reader.readline():
             text = line.decode(errors="replace").rstrip()
             self._stderr_tail.append(text)
@@ -565,6 +678,7 @@ class QemuController:
     async def _read_console(self, sock: socket.socket) -> None:
         """Serial output goes to console.log as is, and line by line to ``on_console``."""
         reader, writer = await asyncio.open_connection(sock=sock)
+        self._streams.append((_read_side(writer), reader))
         partial = b""
         # closing(): also when cancelled, the transport holds the socket.
         with (
@@ -629,12 +743,64 @@ class QemuController:
             log.error("internal task failed: %r", exc, exc_info=exc)
 
 
-async def _reader_for(fd: int) -> asyncio.StreamReader:
+async def _reader_for(fd: int) -> tuple[asyncio.ReadTransport, asyncio.StreamReader]:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     pipe = os.fdopen(fd, "rb", buffering=0, closefd=False)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-    return reader
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return transport, reader
+
+
+class Handover(msgspec.Struct, frozen=True, kw_only=True):
+    """A running QEMU as one vmhost hands it to the next (the descriptors are inherited)."""
+
+    pid: int
+    qmp_fd: int
+    console_fd: int
+    stderr_fd: int
+    state: VMState
+    before_hang: VMState = VMState.RUNNING
+    shutdown_event: dict[str, Any] | None = None
+    stderr_tail: list[str] = []
+    agent: bool = False
+    """The guest agent was provisioned: the next vmhost reconnects without provisioning again."""
+
+    @property
+    def fds(self) -> tuple[int, int, int]:
+        return (self.qmp_fd, self.console_fd, self.stderr_fd)
+
+
+class _Adopted:
+    """A QEMU inherited across a re-exec: still our child, but not a Popen of this process."""
+
+    def __init__(self, pid: int, stderr: IO[bytes]) -> None:
+        self.pid = pid
+        self.stderr: IO[bytes] | None = stderr
+
+    def wait(self) -> int:
+        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+
+def _read_side(writer: asyncio.StreamWriter) -> asyncio.ReadTransport:
+    """A socket stream's transport reads too; it is typed as the writer's only."""
+    return cast(asyncio.ReadTransport, writer.transport)
+
+
+async def _quiesce(transport: asyncio.ReadTransport, reader: asyncio.StreamReader) -> None:
+    """Stop reading from the kernel once what was read ends on a line boundary and is consumed.
+
+    A half-read line is read to its end first: QMP messages must not be cut
+    between two vmhosts.  asyncio shows no public view of a reader's buffer.
+    """
+    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+    transport.pause_reading()
+    while buffer:
+        if b"\n" in buffer:
+            await asyncio.sleep(0)  # the reader's task takes its lines
+        else:
+            transport.resume_reading()
+            await asyncio.sleep(0.001)
+            transport.pause_reading()
 
 
 def _event_name(step: str) -> str:

@@ -51,5 +51,9 @@ class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
 
 
+class ReloadRefusedError(VmhostError):
+    """vmhost cannot re-execute itself right now (a stop runs, QEMU is not ready); it goes on."""
+
+
 class TooManyWatchersError(VmhostError):
     """Every watcher slot of the VM is taken; the control socket answers ``too many watchers``."""

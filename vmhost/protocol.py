@@ -99,6 +99,8 @@ class Response(msgspec.Struct, omit_defaults=True):
     vm_state: str = ""
     pid: int = 0
     message: str = ""
+    version: str = ""
+    """Of the vmhost answering (detail): after an upgrade, which VMs run the new code."""
     event: str = ""
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import msgspec
 
-from . import protocol
+from . import __version__, protocol
 from .errors import AlreadyRunningError, TooManyWatchersError, VmhostError
 from .protocol import Request, Response, Scanner, VMState
 
@@ -199,13 +199,46 @@ class Server:
         connected = await asyncio.gather(
             *(loop.connect_accepted_socket(factory, sock) for sock in accepted)
         )
+        await self._wait_closed([conn for _, conn in connected], deadline - loop.time())
+
+    async def drain(self, timeout: float, last_line: str) -> socket.socket:
+        """Stop accepting (new clients wait in the listen backlog), end log streams and
+        watches with ``last_line``, give open connections ``timeout`` to finish, then drop
+        the rest.
+
+        For a re-exec: the returned socket holds the backlog for the next vmhost to
+        answer; :meth:`resume` serves it again if the exec does not happen.
+        """
+        assert self._server is not None and self._sock is not None
+        self._sock = self._sock.dup()  # the loop closes its socket: the backlog lives on here
+        self._server.close()
+        self._server = None
+        farewell = protocol.encode_response(Response(ok=True, message=last_line))
+        for conn in [*self._streams, *self._watches]:
+            conn.finish(farewell)
+        await self._wait_closed([*self._connections, *self._streams], timeout)
+        for conn in [*self._connections, *self._streams]:
+            conn.transport.abort()
+        return self._sock
+
+    async def resume(self) -> None:
+        """Serve again after :meth:`drain` (the re-exec did not happen)."""
+        assert self._sock is not None
+        factory = functools.partial(_Connection, self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(factory, sock=self._sock, backlog=_BACKLOG)
+
+    @staticmethod
+    async def _wait_closed(conns: list[_Connection], timeout: float) -> None:
+        """Until each of ``conns`` is closed, or ``timeout``."""
+        loop = asyncio.get_running_loop()
         waits = []
-        for transport, conn in connected:
-            if not transport.is_closing():
+        for conn in conns:
+            if not conn.transport.is_closing():
                 conn.closed = loop.create_future()
                 waits.append(conn.closed)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(timeout):
                 await asyncio.gather(*waits)
 
     def answer(self, request: Request) -> bytes | None:
@@ -243,6 +276,7 @@ class Server:
         if detail:
             response.vm_state = state.value
             response.pid = c.pid
+            response.version = __version__
         return protocol.encode_response(response)
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:

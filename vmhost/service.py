@@ -6,6 +6,7 @@ config → socket → controller.start() → READY=1 → serve until the VM ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -13,12 +14,13 @@ import logging
 import os
 import resource
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
 from . import config as vmconfig
-from . import systemd
+from . import reload, systemd
 from .client import socket_path
 from .controller import QemuController
 from .errors import (
@@ -28,9 +30,10 @@ from .errors import (
     ControllerError,
     UsageError,
     VMCrashedError,
+    VmhostError,
 )
 from .protocol import VMState
-from .server import Server
+from .server import Server, bind
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +112,25 @@ def run(options: Options) -> int:
 
 async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     name = vmconfig.check_name(options.name)
-    config = vmconfig.load(options.config or _config_path(name))
+    handover = reload.take()
+    listen: socket.socket | None
+    if handover is None:
+        config = vmconfig.load(options.config or _config_path(name))
+        listen = systemd.listen_socket()
+        path = None if listen else options.socket or socket_path(name)
+    else:
+        config = handover.config
+        listen = socket.socket(fileno=handover.listen_fd)
+        path = Path(handover.socket_path) if handover.socket_path else None
     state_dir = _state_dir(options, name)
-    listen = systemd.listen_socket() or options.socket or socket_path(name)
-    if isinstance(listen, Path) and len(os.fsencode(listen)) > _SUN_PATH_MAX:
-        raise UsageError(f"socket path longer than {_SUN_PATH_MAX} bytes: {listen}")
+    if path is not None and len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise UsageError(f"socket path longer than {_SUN_PATH_MAX} bytes: {path}")
     pid_file = options.pid_file
-    if pid_file is None and isinstance(listen, Path):
-        pid_file = listen.with_name("vmhost.pid")
+    if pid_file is None and path is not None:
+        pid_file = path.with_name("vmhost.pid")
+    if listen is None:
+        assert path is not None
+        listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
 
     controller = QemuController(
         config,
@@ -127,24 +141,65 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
+    reloader = reload.Reloader(
+        server=server,
+        controller=controller,
+        notifier=notifier,
+        socket_path=path,
+        reexecs=handover.reexecs if handover else [],
+    )
+    fault = asyncio.Event()
     _raise_fd_limit(server.limits.max_connections)
-    async with server:
-        _install_signals(stop)
-        systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
-        try:
-            await controller.start()
-            if controller.state in (VMState.RUNNING, VMState.PAUSED):
-                gc.freeze()  # what start-up built lives forever: keep it out of collections
-                notifier.ready(controller.status_text())
-                systemd.log_event(systemd.Event.READY, f"VM {name} is {controller.state.value}")
-            heartbeat = asyncio.create_task(_heartbeat(controller, notifier))
+    try:
+        if handover is not None:
+            # Clients wait in the backlog, and signals stay held, until QEMU is ours.
             try:
-                await controller.wait()
+                await controller.adopt(handover.vm)
+            except BaseException:
+                await controller.close()
+                raise
+        async with server:
+            try:
+                _install_signals(stop, reloader, fault)
+                if handover is None:
+                    systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
+                    await controller.start()
+                if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                    gc.freeze()  # what start-up built lives forever: keep it out of collections
+                    if handover is None:
+                        notifier.ready(controller.status_text())
+                        systemd.log_event(
+                            systemd.Event.READY, f"VM {name} is {controller.state.value}"
+                        )
+                    else:
+                        reloader.reloaded(handover)
+                await _supervise(controller, notifier, fault)
+            except Exception as e:
+                if not isinstance(e, VmhostError):  # a bug: a new vmhost may do better
+                    await reloader.recover(e)
+                raise
             finally:
-                heartbeat.cancel()
-        finally:
-            await controller.close()
+                await controller.close()
+    finally:
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     return EXIT_OK
+
+
+async def _supervise(
+    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+) -> None:
+    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
+    heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
+    ended = asyncio.create_task(controller.wait())
+    try:
+        done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        heartbeat.cancel()
+        ended.cancel()
 
 
 class _Stopper:
@@ -167,10 +222,11 @@ class _Stopper:
             asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
 
 
-def _install_signals(stop: _Stopper) -> None:
+def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
+    reload.install_signals(reloader, fault.set)
 
 
 def _on_state(
@@ -202,13 +258,17 @@ def _extend_stop_timeout(controller: QemuController, notifier: systemd.Notifier)
     notifier.extend_timeout(controller.stop_left() + _STOP_MARGIN)
 
 
-async def _heartbeat(controller: QemuController, notifier: systemd.Notifier) -> None:
+async def _heartbeat(
+    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+) -> None:
     """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
     text moves on without a state change (the stop chain's steps and their clocks)."""
     interval = min(systemd.watchdog_interval() or 1.0, 1.0)
     last = ""
     while True:
         await asyncio.sleep(interval)
+        if fault.is_set():
+            raise reload.PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
         notifier.watchdog()
         text = controller.status_text()
         if text != last:

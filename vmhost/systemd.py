@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Collection
 from typing import Final
 from uuid import UUID
@@ -119,6 +120,11 @@ class Notifier:
     def status(self, text: str) -> None:
         self._send(_status(text))
 
+    def reloading(self, status: str) -> None:
+        """RELOADING=1 with the CLOCK_MONOTONIC timestamp systemd 253+ matches it by."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send("RELOADING=1", f"MONOTONIC_USEC={usec}", _status(status))
+
     def stopping(self, status: str) -> None:
         self._send("STOPPING=1", _status(status))
 
@@ -184,6 +190,7 @@ class Event(enum.Enum):
     STOPPED = UUID("4c6c9d30aaca4352ac575b71538a6bec")
     CRASHED = UUID("9c198aa67b8549218780195849241649")
     FAILED = UUID("6bfc1a302fd04df0824f5a49c15d5ef4")
+    RELOADED = UUID("18b5b2c0dc2f4c81a1d5a170be84f393")
 
     @property
     def message_id(self) -> str:

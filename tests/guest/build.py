@@ -32,7 +32,7 @@ BASE_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
 ACPI_MODULES = ("button", "evdev")  # power button as an input device, /dev/input/event*
 
 HERE = Path(__file__).resolve().parent
-GUEST_FILES = ("init.sh", "agent.awk", "poweroff.sh")
+GUEST_FILES = ("init.sh", "agent.awk", "poweroff.sh", "ssh.sh")
 STAMP = "stamp.json"
 OUTPUTS = ("vmlinuz", "initrd.img", "initrd-noacpi.img", "disk.img")
 
@@ -187,6 +187,7 @@ def _initramfs(busybox: Path, kernel_root: Path, modules: list[Path], acpi: bool
     cpio.add_file("init", (HERE / "init.sh").read_bytes(), 0o755)
     cpio.add_file("etc/tinyguest/poweroff", (HERE / "poweroff.sh").read_bytes(), 0o755)
     cpio.add_file("etc/tinyguest/agent.awk", (HERE / "agent.awk").read_bytes(), 0o644)
+    cpio.add_file("etc/tinyguest/ssh", (HERE / "ssh.sh").read_bytes(), 0o755)
     guest_paths = ["/" + str(ko.relative_to(kernel_root)) for ko in modules]
     config = f'MODULES="{" ".join(guest_paths)}"\nACPI={int(acpi)}\n'
     cpio.add_file("etc/tinyguest/config", config.encode(), 0o644)

@@ -74,7 +74,7 @@ ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 
-nc -ll -p 22 -e echo SSH-2.0-tinyguest &
+nc -ll -p 22 -e /etc/tinyguest/ssh &
 mkdir -p /run/agent
 (umask 077 && exec nc -ll -p 1024 -e awk -f /etc/tinyguest/agent.awk) &
 
