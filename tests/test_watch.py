@@ -24,7 +24,7 @@ from vmhost import controller
 from vmhost.cli import vmhostctl_main
 from vmhost.client import AsyncClient, Client
 from vmhost.controller import Change, Changes, Watcher
-from vmhost.errors import TooManyWatchersError
+from vmhost.errors import ClientError, TooManyWatchersError
 from vmhost.protocol import Response, VMState
 from vmhost.server import Server
 
@@ -445,3 +445,31 @@ def test_go_client_sees_nothing_new_with_watchers(
         reader.close()
     deaf.close()
     assert vm.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_reload_ends_a_watch_and_the_next_one_sees_the_vm(
+    make_vm: Callable[..., VM], vmhost_for: Callable[[VM], Vmhost]
+) -> None:
+    """SIGHUP (reload): the watch gets `vmhost reloaded` and ends, cut short; a new watch
+    on the reloaded vmhost starts from the adopted state (running), not `starting`."""
+    vm = vmhost_for(make_vm())
+    qemu_pid = vm.boot().pid
+    before = Watching(vm)
+    wait_for(lambda: before.seen, 10, "the snapshot")
+    vm.signal(signal.SIGHUP)
+    assert before.ended(30)
+    assert [r.message for r in before.seen[1:]] == ["vmhost reloaded"]
+    assert isinstance(before.error, ClientError) and "ended before the VM" in str(before.error)
+    after = wait_for(lambda: _snapshot(vm), 30, "a watch on the reloaded vmhost")
+    assert (after.vm_state, after.pid) == ("running", qemu_pid)
+    assert after.message == "taken over by the reloaded vmhost"
+    Client(vm.socket).stop(10)
+    assert vm.wait(30) == 0
+
+
+def _snapshot(vm: Vmhost) -> Response | None:
+    try:
+        return next(Client(vm.socket, deadline=2).watch())
+    except ClientError:
+        return None

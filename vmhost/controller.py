@@ -431,6 +431,7 @@ class QemuController:
         ``query-status`` to prove QEMU answers.
         """
         self._state, self._before_hang = handed.state, handed.before_hang
+        self.changes.publish(Change(handed.state, "taken over by the reloaded vmhost"))
         self._shutdown_event = handed.shutdown_event
         self._stderr_tail.extend(handed.stderr_tail)
         self._proc = _Adopted(handed.pid, os.fdopen(handed.stderr_fd, "rb", buffering=0))
