@@ -200,6 +200,7 @@ class Server:
         self._sock = self._sock.dup()  # the loop closes its socket: the backlog lives on here
         self._server.close()
         self._server = None
+        await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
         farewell = protocol.encode_response(Response(ok=True, message=last_line))
         for conn in list(self._streams):
             conn.finish(farewell)
