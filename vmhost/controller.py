@@ -111,6 +111,11 @@ class QemuController:
     def ending(self) -> Ending | None:
         return self._ending
 
+    @property
+    def step(self) -> str:
+        """The stop chain's step running now ("" outside a stop), for ``status`` with detail."""
+        return self._step
+
     def status_text(self) -> str:
         """One line for ``STATUS=``: what the VM is doing right now."""
         if self._state is VMState.STOPPING and self._step:
