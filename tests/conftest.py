@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from guest.build import GuestImage, build, fresh_disk
+from qemu.qmp import QMPClient
 
+from vmhost import qemu
+from vmhost.config import Config
 from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
 
@@ -29,7 +33,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class FakeController:
-    """A controller whose VM is a flag; for tests of the server layer only."""
+    """A controller whose VM is a flag; for tests of the server layer only.
+
+    It keeps QemuController's contract: a stop takes effect on the call (a
+    ``status`` right after the answer says ``stopping``), and the awaitable it
+    returns resolves once the VM is gone (:meth:`end`, or at once for force_stop).
+    """
 
     backend = "qemu"
     ssh_port = 2222
@@ -42,17 +51,35 @@ class FakeController:
         self.force_stops = 0
         self._ended = asyncio.Event()
 
-    async def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> Awaitable[None]:
         self.stops.append(timeout)
-        self.state = VMState.STOPPING
+        if not self.state.ended:
+            self.state = VMState.STOPPING
+        return self.wait()
 
-    async def force_stop(self) -> None:
+    def force_stop(self) -> Awaitable[None]:
         self.force_stops += 1
-        self.state = VMState.STOPPED
+        self.end()
+        return self.wait()
+
+    def end(self, state: VMState = VMState.STOPPED) -> None:
+        """The VM is gone: stops resolve, ``wait`` returns."""
+        self.state = state
         self._ended.set()
 
     async def wait(self) -> None:
         await self._ended.wait()
+
+
+@pytest.fixture
+def host_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """The host's config and socket directories, moved into tmp_path for vmhost and vmhostctl."""
+    config_dir, run_dir = tmp_path / "etc", tmp_path / "run"
+    config_dir.mkdir()
+    run_dir.mkdir()
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(config_dir))
+    monkeypatch.setenv("VMHOST_RUN_DIR", str(run_dir))
+    return config_dir, run_dir
 
 
 @pytest.fixture
@@ -78,6 +105,7 @@ CACHE = Path(os.environ.get("VMHOST_TEST_CACHE", "/var/tmp/vmhost-test-cache"))
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (systemd containers share the host's network)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -85,13 +113,59 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def guest() -> GuestImage:
+    """The tiny guest, built once per package versions into the one cache every test uses."""
     return build(CACHE / "guest")
 
 
 @pytest.fixture(scope="session")
-def deaf_guest() -> GuestImage:
-    """A guest that ignores the ACPI power button."""
-    return build(CACHE / "guest-noacpi", ignore_acpi=True)
+def deaf_guest(guest: GuestImage) -> GuestImage:
+    """A guest that ignores the ACPI power button (built alongside ``guest``)."""
+    return build(guest.kernel.parent, ignore_acpi=True)
+
+
+@dataclasses.dataclass
+class BareQemu:
+    """QEMU from ``qemu.argv()`` alone, no controller: for tests of the command line and the
+    agent client.  ``stderr`` and ``console`` are filled in once the context has ended."""
+
+    proc: asyncio.subprocess.Process
+    qmp: QMPClient
+    stderr: bytes = b""
+    console: bytes = b""
+
+
+@contextlib.asynccontextmanager
+async def bare_qemu(config: Config, name: str) -> AsyncIterator[BareQemu]:
+    """Run QEMU with QMP connected and the serial console drained (so the guest never blocks)."""
+    qmp_parent, qmp_child = socket.socketpair()
+    serial_parent, serial_child = socket.socketpair()
+    args = qemu.argv(
+        config, name=name, qmp_fd=qmp_child.fileno(), serial_fd=serial_child.fileno(), kvm=False
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        pass_fds=[qmp_child.fileno(), serial_child.fileno()],
+        env=qemu.environment(os.environ),
+        stderr=subprocess.PIPE,
+    )
+    qmp_child.close()
+    serial_child.close()
+    serial_reader, serial_writer = await asyncio.open_connection(sock=serial_parent)
+    console = asyncio.create_task(serial_reader.read())
+    bare = BareQemu(proc, QMPClient(name))
+    try:
+        async with asyncio.timeout(30):
+            await bare.qmp.connect(qmp_parent)
+        yield bare
+    finally:
+        with contextlib.suppress(EOFError):  # raised when QEMU has gone first
+            await bare.qmp.disconnect()
+        if proc.returncode is None:
+            proc.kill()
+        _, bare.stderr = await proc.communicate()
+        serial_writer.close()
+        bare.console = await console
+        qmp_parent.close()
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FakeController
 
-from vmhost import AsyncClient, Client, ClientError, ServerError, VMState, config
+from vmhost import AsyncClient, Client, ClientError, ServerError, VMState
 from vmhost.cli import vmhostctl_main
 from vmhost.client import socket_path
 from vmhost.errors import ConfigError
@@ -77,7 +78,7 @@ async def test_a_vm_that_is_down(
 ) -> None:
     """Configured but not listening: `status` says stopped, exit 3, `stop` has nothing to do;
     unknown: exit 4 and a word on stderr; `is-alive` exits 1 for both."""
-    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))
     (tmp_path / "web.toml").write_text("")
     none = str(tmp_path / "none.sock")
     assert await ctl("status", "web", "--socket", none) == 3
@@ -85,7 +86,7 @@ async def test_a_vm_that_is_down(
     assert capsys.readouterr().out == "web: stopped\nweb: stopped\n"
     assert await ctl("status", "other", "--socket", none) == 4
     assert await ctl("stop", "other", "--socket", none) == 4
-    assert "no VM named other exists here" in capsys.readouterr().err
+    assert "no VM other here: no " in capsys.readouterr().err
     assert await ctl("is-alive", "web", "--socket", none) == 1
     assert await ctl("is-alive", "other", "--socket", none) == 1
 
@@ -161,3 +162,29 @@ def test_deadline_on_a_silent_server(tmp_path: Path) -> None:
             Client(path, deadline=0.5).status()
         assert 0.4 < time.monotonic() - start < 2
         assert not Client(path, deadline=0.2).is_alive()
+
+
+def test_logs_of_an_unknown_vm_fail(
+    host_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No config, no socket, no journal record: exit 1, saying where it looked."""
+    name = f"nosuch-{os.urandom(4).hex()}"
+    assert vmhostctl_main(["logs", name]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"no VM {name}: no {host_dirs[0] / name}.toml, no {host_dirs[1] / name}/" in err
+    assert f"no journal records with VMHOST_VM={name} in the local journal" in err
+
+
+def test_logs_without_records_say_so(
+    host_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VM with a config but no journal record (never run by systemd): exit 0, a note on stderr."""
+    name = f"quiet-{os.urandom(4).hex()}"
+    (host_dirs[0] / f"{name}.toml").write_text("")
+    assert vmhostctl_main(["logs", name]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"vmhostctl: no journal records with VMHOST_VM={name} in ")
+    assert vmhostctl_main(["logs", name, "-n", "0"]) == 0  # none asked for: nothing to say
+    assert capsys.readouterr() == ("", "")

@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import container
 import pytest
-from conftest import CACHE
+from conftest import CACHE, free_port
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
@@ -73,6 +72,19 @@ def test_vmhost_man_page_documents_every_serve_option(capsys: pytest.CaptureFixt
     codes = {v for k, v in vars(service).items() if k.startswith("EXIT_") and isinstance(v, int)}
     documented = {int(c) for c in re.findall(r"^\.B (\d+)$", page, re.MULTILINE)}
     assert documented == codes
+
+
+def test_changelog_is_at_the_package_version() -> None:
+    """debian/changelog, what dpkg-buildpackage, debuild and gbp take the version from, agrees
+    with vmhost.__version__ (the one source, which build-deb and the wheel use)."""
+    fields = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    parsed = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    assert (parsed["Source"], parsed["Version"]) == ("vmhost", vmhost.__version__)
 
 
 # -- the built package ---------------------------------------------------------
@@ -141,6 +153,7 @@ def test_package_metadata_and_layout(deb: Path) -> None:
     for path in (
         *UNITS,
         "/usr/lib/systemd/catalog/vmhost.catalog",
+        "/usr/lib/sysusers.d/vmhost.conf",
         "/usr/share/doc/vmhost/examples/demo.toml",
         "/usr/share/man/man1/vmhostctl.1.gz",
         "/usr/share/man/man8/vmhost.8.gz",
@@ -170,12 +183,6 @@ def overlay_host(deb: Path, guest: GuestImage) -> Iterator[Container]:
         "vmhost-deb", overlay=True, ro_binds=binds, masks=["postgresql.service"]
     ) as ct:
         yield ct
-
-
-def _free_port() -> int:
-    with socket.socket() as s:  # the container shares the host's network
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(ct: Container, console: str, boots: int, timeout: float = 60) -> None:
@@ -248,7 +255,7 @@ cmdline = "console=ttyS0 quiet panic=-1 guest.token={token}"
 [[disks]]
 path = "{disk}"
 [network]
-ssh_port = {_free_port()}
+ssh_port = {free_port()}
 [stop]
 timeout_seconds = 20
 """,
@@ -258,6 +265,9 @@ timeout_seconds = 20
     ct.systemctl("start", "vmhost@demo")
     status = ct.run("vmhostctl", "status", "demo").stdout
     assert status.startswith("demo: running\n"), status
+    # The group that may use it was made on installation (sysusers.d).
+    socket_owner = ct.run("stat", "-c", "%a %U %G", "/run/vmhost/demo/vmhost.sock").stdout
+    assert socket_owner.split() == ["660", "root", "vmhost"]
     _wait_ready(ct, console, boots=1)
 
     started = time.monotonic()

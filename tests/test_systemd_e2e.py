@@ -1,7 +1,7 @@
 """vmhost@NAME under a real systemd (issue 5 §6), in a container booted for this module.
 
 The units from units/ are installed as they ship, with one drop-in pointing
-ExecStart at a venv of this working tree.  Each test runs its own VM instance
+ExecStart at a venv holding a copy of this working tree's code.  Each test runs its own VM instance
 (its own name), so no test reads another's journal records or unit state.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import container
 import pytest
+from conftest import free_port
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
@@ -28,6 +28,7 @@ from vmhost.systemd import Event
 pytestmark = pytest.mark.slow
 
 UNITS = (container.REPO / "units/vmhost@.socket", container.REPO / "units/vmhost@.service")
+SYSUSERS = container.REPO / "units/sysusers.d/vmhost.conf"
 READY_LINE = "TINYGUEST READY"
 STATUS = '{"method":"status"}'
 # systemd's catalog: "Deactivated successfully" and "Failed with result ...".
@@ -132,8 +133,11 @@ def venv() -> Path:
 
 @pytest.fixture(scope="module")
 def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Container]:
-    binds = {container.REPO, venv, guest.kernel.parent, deaf_guest.kernel.parent}
+    binds = {venv, guest.kernel.parent, deaf_guest.kernel.parent}  # not the checkout: see venv()
     with container.boot("vmhost-e2e", ro_binds=sorted(map(str, binds))) as booted:
+        # The vmhost group (SocketGroup=), made as the package makes it.
+        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
+        booted.run("systemd-sysusers")
         booted.install_units(UNITS, venv)
         booted.write("/run/e2e/hammer.py", _HAMMER)
         booted.write("/run/e2e/read_logs.py", _READ_LOGS)
@@ -142,19 +146,20 @@ def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Contai
         yield booted
 
 
-def _free_port() -> int:
-    # The container shares the host's network: pick a port free there.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+def watching(ct: Container, pid: str) -> bool:
+    """Whether a journal reader has its inotify fd: every record from then on reaches it
+    (vmhost.logs.entries takes it before reading the tail)."""
+    family = f"{pid} $(cat /proc/{pid}/task/*/children)"  # it may run under timeout(1)
+    find = f'for p in {family}; do find /proc/$p/fd -lname "anon_inode:inotify"; done'
+    return bool(ct.run("sh", "-c", find, check=False).stdout.strip())
 
 
 @dataclass
@@ -262,7 +267,7 @@ cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} {cmdline}"
 [[disks]]
 path = "{vm.disk}"
 [network]
-ssh_port = {_free_port()}
+ssh_port = {free_port()}
 [stop]
 timeout_seconds = {timeout}
 """,
@@ -421,8 +426,67 @@ def test_vmhostctl_stop_waits_until_gone_and_start_brings_it_back(
 
     vm.ct.write("/etc/vmhost/.keep", "")  # /etc/vmhost exists, no config of that name
     unknown = vm.ctl("status", "nosuchvm", check=False)
-    assert unknown.returncode == 4 and "no VM named nosuchvm" in unknown.stderr, unknown
+    assert (
+        unknown.returncode == 4
+        and "no VM nosuchvm here: no /etc/vmhost/nosuchvm.toml" in unknown.stderr
+    ), unknown
     assert vm.ctl("is-alive", "nosuchvm", check=False).returncode == 1
+
+
+def test_socket_group_members_may_control_the_vm(make_vm: Callable[..., VM]) -> None:
+    """Socket root:vmhost 0660: a member's vmhostctl status and stop work; others are refused."""
+    vm = make_vm("group")
+    vm.ct.systemctl("start", vm.unit)
+    mode = vm.ct.run("stat", "-c", "%a %U %G", vm.socket).stdout.split()
+    assert mode == ["660", "root", "vmhost"]
+    vm.ct.run("useradd", "--no-create-home", "--user-group", "--groups", "vmhost", "member")
+    vm.ct.run("useradd", "--no-create-home", "--user-group", "outsider")
+
+    def ctl_as(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        setpriv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--")
+        return vm.ct.run(*setpriv, str(vm.venv / "bin/vmhostctl"), *args, check=False)
+
+    for command in ("status", "stop"):
+        refused = ctl_as("outsider", command, vm.name)
+        assert (refused.returncode, refused.stdout) == (1, ""), refused
+        assert "Permission denied" in refused.stderr
+    assert vm.show("ActiveState")["ActiveState"] == "active"
+
+    vm.wait_console()  # so the stop below is a quick ACPI one
+    status = ctl_as("member", "status", vm.name)
+    assert re.match(rf"{vm.name}: (starting|running)\n", status.stdout), status
+    stopped = ctl_as("member", "stop", vm.name)
+    assert stopped.returncode == 0, stopped
+    wait_for("the service to stop", lambda: vm.show("ActiveState")["ActiveState"] == "inactive")
+
+
+def test_list_does_not_wake_a_vm(make_vm: Callable[..., VM]) -> None:
+    """vmhostctl list: a running VM with its QEMU pid and port; one whose socket waits for a
+    connect is stopped, and the list does not start it."""
+    up, asleep = make_vm("list-up"), make_vm("list-asleep")
+    up.ct.systemctl("start", up.unit, f"vmhost@{asleep.name}.socket")
+    info = json.loads(up.ctl("info", up.name, "--json").stdout)
+
+    rows = {row["name"]: row for row in json.loads(up.ctl("list", "--json").stdout)}
+    assert rows[up.name]["state"] in ("starting", "running"), rows
+    assert (rows[up.name]["pid"], rows[up.name]["ssh_port"]) == (up.qemu_pid(), info["ssh_port"])
+    assert rows[asleep.name]["state"] == "stopped", rows
+    assert asleep.show("ActiveState")["ActiveState"] == "inactive"
+    table = up.ctl("list").stdout.splitlines()
+    assert [f"{asleep.name} stopped - - -"] == [
+        " ".join(line.split()) for line in table if line.startswith(f"{asleep.name} ")
+    ]
+
+
+def test_logs_of_a_vm_without_records(make_vm: Callable[..., VM]) -> None:
+    """With a real journal: an unknown VM fails; a configured one that never ran says so."""
+    quiet = make_vm("logs-quiet")
+    unknown = quiet.ctl("logs", "logs-nosuch", check=False)
+    assert (unknown.returncode, unknown.stdout) == (1, ""), unknown
+    assert "no VM logs-nosuch: no /etc/vmhost/logs-nosuch.toml" in unknown.stderr
+    empty = quiet.ctl("logs", quiet.name, check=False)
+    assert (empty.returncode, empty.stdout) == (0, ""), empty
+    assert f"no journal records with VMHOST_VM={quiet.name} in the local journal (/" in empty.stderr
 
 
 def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
@@ -523,6 +587,34 @@ def test_long_stop_extends_systemd_timeout(
     assert vm.ended_cleanly()  # exit 0: not killed at TimeoutStopSec
 
 
+def test_control_stop_longer_than_timeout_stop_sec_is_not_killed(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage
+) -> None:
+    """A control-socket stop of 12 s, then systemctl stop, with TimeoutStopSec=3: systemd is
+    told what the running chain needs (not the config's 1 s), so nothing is SIGKILLed."""
+    vm = make_vm("longctl", image=deaf_guest, timeout=1, service="TimeoutStopSec=3")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    stop = "import sys; from vmhost.client import Client; print(Client(sys.argv[1]).stop(12))"
+    started = time.monotonic()
+    assert "stopping" in vm.ct.run(str(vm.venv / "bin/python"), "-c", stop, vm.socket).stdout
+    wait_for("ACPI pressed", lambda: "stop: ACPI power-down" in messages(vm))
+    vm.ct.systemctl("stop", vm.unit)
+    elapsed = time.monotonic() - started
+
+    assert 11 < elapsed < 30, (
+        elapsed,
+        messages(vm),
+        vm.ct.run("journalctl", "-u", vm.unit, "-o", "cat").stdout,
+    )
+    assert vm.ended_cleanly()  # exit 0: not SIGKILLed at TimeoutStopSec
+    assert "stop: QMP quit" in messages(vm)  # the chain ran out its 12 s
+
+
+def messages(vm: VM) -> str:
+    return "\n".join(str(r["MESSAGE"]) for r in vm.records("SYSLOG_IDENTIFIER=vmhost"))
+
+
 def test_logs_from_the_journal(make_vm: Callable[..., VM]) -> None:
     """vmhostctl logs: last N lines locally and over the control socket; -f sees new records."""
     vm = make_vm("logs")
@@ -547,7 +639,7 @@ def test_logs_from_the_journal(make_vm: Callable[..., VM]) -> None:
     try:
         assert follow.stdout is not None
         pid = follow.stdout.readline().strip()
-        time.sleep(1)
+        wait_for("the follower watching the journal", lambda: watching(vm.ct, pid))
         vm.ctl("stop", vm.name)
         followed = []
         for text in follow.stdout:
@@ -575,8 +667,13 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
         return out.stdout.splitlines()
 
     def follow(name: str, lines: int, count: int) -> subprocess.Popen[str]:
-        reader = ct.popen(python, "/run/e2e/read_logs.py", name, str(lines), "follow", str(count))
-        time.sleep(1.5)  # reading the tail, then waiting
+        reader = ct.popen(
+            "sh", "-c", 'echo $$; exec "$0" "$@"', python, "/run/e2e/read_logs.py",
+            name, str(lines), "follow", str(count),
+        )  # fmt: skip
+        assert reader.stdout is not None
+        pid = reader.stdout.readline().strip()
+        wait_for(f"the reader of {name} watching the journal", lambda: watching(ct, pid))
         return reader
 
     assert read("edge-none", 5) == []

@@ -74,6 +74,8 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StopConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 30
+    max_timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 600
+    """A client's ``timeout_seconds`` beyond this is clamped: systemd waits that long too."""
 
 
 class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -109,6 +111,13 @@ def check_name(name: str) -> str:
             "not starting with . or -"
         )
     return name
+
+
+def config_dir() -> Path:
+    """``$CONFIGURATION_DIRECTORY`` (set by the unit's ConfigurationDirectory=, or by tests), else
+    /etc/vmhost: the service and vmhostctl look in the same place."""
+    directory = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
+    return Path(directory) if directory else CONFIG_DIR
 
 
 def path_for(name: str, config_dir: Path = CONFIG_DIR) -> Path:
@@ -185,6 +194,9 @@ def _check(config: Config) -> tuple[str, str] | None:
             return f"agent.shares[{i}].path", f"not a directory: {share.path}"
         if not share.guest_path.startswith("/"):
             return f"agent.shares[{i}].guest_path", f"not an absolute path: {share.guest_path!r}"
+    limit = config.stop.max_timeout_seconds
+    if config.stop.timeout_seconds > limit:
+        return "stop.timeout_seconds", f"above stop.max_timeout_seconds ({limit})"
     binary = config.qemu.binary
     if shutil.which(binary) is None:
         return "qemu.binary", f"not an executable or not in PATH: {binary}"
