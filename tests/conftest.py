@@ -43,6 +43,7 @@ class FakeController:
     backend = "qemu"
     ssh_port = 2222
     pid = 4242
+    step = ""
 
     def __init__(self) -> None:
         self.state = VMState.RUNNING

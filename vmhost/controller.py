@@ -136,6 +136,11 @@ class QemuController:
             return 0.0
         return max(self._deadline - time.monotonic(), 0.0) + 2 * _LAST_STEPS
 
+    @property
+    def step(self) -> str:
+        """The stop chain's step running now ("" outside a stop), for ``status`` with detail."""
+        return self._step
+
     def status_text(self) -> str:
         """One line for ``STATUS=``: what the VM is doing right now."""
         if self._state is VMState.STOPPING and self._step:

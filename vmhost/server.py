@@ -58,6 +58,11 @@ class Controller(Protocol):
     @property
     def pid(self) -> int: ...
 
+    @property
+    def step(self) -> str:
+        """The stop chain's step running now, "" outside a stop."""
+        ...
+
     def stop(self, timeout: float) -> Awaitable[None]:
         """Start a graceful stop now; the result resolves once the VM is gone."""
         ...
@@ -125,7 +130,7 @@ class Server:
         self._connections: dict[_Connection, None] = {}
         self._streams: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cache: dict[tuple[str, bool, VMState], bytes] = {}
+        self._cache: dict[tuple[str, bool, VMState, str], bytes] = {}
         self._turns: deque[_Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
         self.closing = False
@@ -249,13 +254,13 @@ class Server:
     def state_answer(self, method: str, detail: bool) -> bytes:
         """``status``/``info``, encoded once per VM state and reused until the state changes."""
         state = self.controller.state
-        key = (method, detail, state)
+        key = (method, detail, state, self.controller.step)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = self._encode_state(method, detail, state)
+            cached = self._cache[key] = self._encode_state(*key)
         return cached
 
-    def _encode_state(self, method: str, detail: bool, state: VMState) -> bytes:
+    def _encode_state(self, method: str, detail: bool, state: VMState, step: str) -> bytes:
         c = self.controller
         response = Response(ok=True, state=state.wire)
         if method == protocol.INFO:
@@ -265,6 +270,7 @@ class Server:
             response.vm_state = state.value
             response.pid = c.pid
             response.version = __version__
+            response.message = step  # the stop chain's step, while stopping
         return protocol.encode_response(response)
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:
