@@ -275,8 +275,8 @@ async def test_provision_runs_the_boot_sequence(fake: FakeAgent, tmp_path: Path)
         ssh_public_key="ssh-ed25519 AAAA k",
         secrets={"a": "1", "b": "2"},
         shares=[
-            ShareConfig(path="/srv/x", guest_path="/mnt/x"),
-            ShareConfig(path="/srv/y", guest_path="/mnt/y", read_only=True),
+            ShareConfig(path="/srv/x", guest_path="/mnt/x", read_only=False),
+            ShareConfig(path="/srv/y", guest_path="/mnt/y"),
         ],
     )
     loop = asyncio.get_running_loop()

@@ -97,7 +97,8 @@ def test_argv_full_config() -> None:
             port=2223,
             shares=[
                 ShareConfig(path="/srv/data", guest_path="/mnt/data"),
-                ShareConfig(path="/srv/ro", guest_path="/mnt/ro", read_only=True),
+                ShareConfig(path="/srv/rw", guest_path="/mnt/rw", read_only=False),
+                ShareConfig(path="/srv/raw", guest_path="/mnt/raw", security_model="none"),
             ],
         ),
         qemu=QemuConfig(binary="/opt/qemu", sandbox=False, extra_args=["-S", "-d", "guest_errors"]),
@@ -116,13 +117,16 @@ def test_argv_full_config() -> None:
         "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:2223-:1024"
     ]
     assert option(args, "-fsdev") == [
-        "local,id=fs0,path=/srv/data,security_model=none",
-        "local,id=fs1,path=/srv/ro,security_model=none,readonly=on",
+        # Read-only and mapped unless the config says otherwise; "none" only by name.
+        "local,id=fs0,path=/srv/data,security_model=mapped-xattr,readonly=on",
+        "local,id=fs1,path=/srv/rw,security_model=mapped-xattr",
+        "local,id=fs2,path=/srv/raw,security_model=none,readonly=on",
     ]
     assert option(args, "-device") == [
         "virtio-net-pci,netdev=net0",
         "virtio-9p-pci,fsdev=fs0,mount_tag=share0",
         "virtio-9p-pci,fsdev=fs1,mount_tag=share1",
+        "virtio-9p-pci,fsdev=fs2,mount_tag=share2",
     ]
     assert "-sandbox" not in args and "-no-reboot" not in args
     assert args[-3:] == ["-S", "-d", "guest_errors"]
@@ -252,7 +256,15 @@ def vm_files(tmp_path: Path) -> Config:
         network=NetworkConfig(ssh_port=free_port()),
         agent=AgentConfig(
             port=free_port(),
-            shares=[ShareConfig(path=str(tmp_path / "share"), guest_path="/mnt", read_only=True)],
+            shares=[
+                ShareConfig(path=str(tmp_path / "share"), guest_path="/mnt"),
+                ShareConfig(
+                    path=str(tmp_path / "share"),
+                    guest_path="/rw",
+                    read_only=False,
+                    security_model="mapped-file",
+                ),
+            ],
         ),
         qemu=QemuConfig(extra_args=["-S"]),
     )

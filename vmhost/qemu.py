@@ -63,8 +63,8 @@ def argv(config: Config, *, name: str, qmp_fd: int, serial_fd: int, kvm: bool) -
     )
     args += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
     for i, share in enumerate(config.agent.shares):
-        # security_model=none: guest sees host ownership and modes as they are.
-        fsdev = f"local,id=fs{i},path={_opt(share.path)},security_model=none"
+        # The model is the config's (mapped-xattr unless "none" is named there): see ShareConfig.
+        fsdev = f"local,id=fs{i},path={_opt(share.path)},security_model={share.security_model}"
         args += [
             "-fsdev",
             fsdev + (",readonly=on" if share.read_only else ""),
