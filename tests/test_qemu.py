@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -24,6 +26,7 @@ from vmhost.config import (
     QemuConfig,
     ShareConfig,
 )
+from vmhost.errors import ControllerError
 
 DISK_ONLY = Config(disks=[DiskConfig(path="/vm/disk.img")])
 
@@ -217,7 +220,7 @@ def test_environment_is_an_allowlist() -> None:
         "JOURNAL_STREAM": "8:1",
         "LD_PRELOAD": "/tmp/evil.so",
     }
-    assert qemu.environment(parent) == {
+    kept = {
         "PATH": "/usr/bin:/bin",
         "HOME": "/root",
         "TMPDIR": "/var/tmp",
@@ -225,11 +228,31 @@ def test_environment_is_an_allowlist() -> None:
         "LC_ALL": "C",
         "TZ": "UTC",
     }
+    assert qemu.environment(parent, host_loopback=True) == kept
+    assert qemu.environment(parent) == {**kept, "LD_PRELOAD": qemu.slirp_guard()}
 
 
 def test_environment_always_has_path() -> None:
     """systemd may start us without PATH; QEMU still gets a sane one."""
-    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH}
+    assert qemu.environment({}, host_loopback=True) == {"PATH": qemu.DEFAULT_PATH}
+
+
+def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
+    """The guard QEMU preloads exists and defines slirp_new (nm: a text symbol)."""
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", qemu.slirp_guard()], capture_output=True, text=True
+    ).stdout
+    assert re.search(r" T slirp_new$", symbols, re.M), symbols
+
+
+def test_missing_slirp_guard_refuses_rather_than_runs_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the guard QEMU would run with the loopback open: an error naming the way out."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ControllerError, match=r"network\.host_loopback = true"):
+        qemu.environment({})
+    assert "LD_PRELOAD" not in qemu.environment({}, host_loopback=True)
 
 
 def free_port() -> int:

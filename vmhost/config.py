@@ -54,6 +54,8 @@ class DiskConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class NetworkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ssh_port: _Port = 0
     """Host 127.0.0.1:ssh_port forwards to guest port 22; 0 means no forward."""
+    host_loopback: bool = False
+    """Let the guest reach the host's 127.0.0.1 through the gateway (QEMU's old default)."""
 
 
 class ShareConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -143,7 +143,7 @@ class QemuController:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=(qmp_child.fileno(), serial_child.fileno()),
-                env=qemu.environment(os.environ),
+                env=qemu.environment(os.environ, host_loopback=self.config.network.host_loopback),
                 preexec_fn=_die_with_parent,
                 # Its own process group: Ctrl-C on a foreground `vmhost serve` must reach
                 # vmhost only (QEMU quits on SIGINT without asking the guest: a dirty disk).

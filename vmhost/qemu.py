@@ -8,12 +8,14 @@ console.  The one probe with I/O is :func:`kvm_usable`, for ``accel = "auto"``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
 from .config import Config
+from .errors import ControllerError
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
@@ -109,12 +111,28 @@ def accel_is_kvm(config: Config) -> bool:
     return accel == "kvm" or (accel == "auto" and kvm_usable())
 
 
-def environment(parent: Mapping[str, str]) -> dict[str, str]:
-    """QEMU's environment, built from an allowlist.
+def environment(parent: Mapping[str, str], *, host_loopback: bool = False) -> dict[str, str]:
+    """QEMU's environment, built from an allowlist, with the slirp guard preloaded.
 
     vmhost itself runs with systemd's LISTEN_*, NOTIFY_SOCKET, WATCHDOG_* and
     INVOCATION_ID; QEMU inheriting them could answer systemd in vmhost's name.
+    Unless ``host_loopback`` (the config's ``network.host_loopback``), ``LD_PRELOAD``
+    names the guard (vmhost/slirp_guard.c) that stops guests reaching the host's loopback.
     """
     env = {k: v for k, v in parent.items() if k in _KEPT_ENV or k.startswith("LC_")}
     env.setdefault("PATH", DEFAULT_PATH)
+    if not host_loopback:
+        env["LD_PRELOAD"] = slirp_guard()
     return env
+
+
+def slirp_guard() -> str:
+    """The guard library's path; missing, QEMU would run without it, so that is an error."""
+    spec = importlib.util.find_spec(f"{__package__}._slirp_guard")
+    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
+        raise ControllerError(
+            "the slirp guard (vmhost/_slirp_guard*.so, built with vmhost from slirp_guard.c) "
+            "is missing: guests would reach the host's loopback; reinstall vmhost, or set "
+            "network.host_loopback = true"
+        )
+    return spec.origin

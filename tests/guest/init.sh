@@ -46,12 +46,14 @@ token=
 autopoweroff=0
 autopoweroff_delay=1
 reboot_once=0
+probe=
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	guest.token=*) token=${arg#*=} ;;
 	guest.autopoweroff=*) autopoweroff=${arg#*=} ;;
 	guest.autopoweroff_delay=*) autopoweroff_delay=${arg#*=} ;;
 	guest.reboot_once=*) reboot_once=${arg#*=} ;;
+	guest.probe=*) probe=${arg#*=} ;;
 	esac
 done
 
@@ -89,6 +91,13 @@ wait_for listening 1024 || fail "port 1024 not listening"
 # The agent reports "ready" from here on, like the console line below.
 : >/run/tinyguest-ready
 say READY
+
+# guest.probe=HOST:PORT,...: connect to each once and report what it answered, so host tests
+# see what this guest can reach ("TINYGUEST PROBE 10.0.2.2:2222 SSH-2.0-..." or "... FAILED").
+for target in $(echo "$probe" | tr , ' '); do
+	answer=$(nc -w 3 "${target%:*}" "${target##*:}" </dev/null 2>/dev/null | head -n 1)
+	say "PROBE $target ${answer:-FAILED}"
+done
 
 if [ "$autopoweroff" = 1 ]; then
 	sleep "$autopoweroff_delay"
