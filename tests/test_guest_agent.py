@@ -111,7 +111,7 @@ async def fake() -> AsyncIterator[FakeAgent]:
 @pytest.fixture
 async def agent(fake: FakeAgent) -> AsyncIterator[Agent]:
     loop = asyncio.get_running_loop()
-    agent = await Agent.connect(HOST, fake.port, deadline=loop.time() + 5, timeout=1.0)
+    agent = await Agent.connect((HOST, fake.port), deadline=loop.time() + 5, timeout=1.0)
     yield agent
     agent.close()
 
@@ -230,7 +230,7 @@ async def test_connect_backs_off_until_agent_listens() -> None:
     fake.hang_up_first = 4
     server = await serve(fake)
     loop = asyncio.get_running_loop()
-    agent = await Agent.connect(HOST, fake.port, deadline=loop.time() + 10)
+    agent = await Agent.connect((HOST, fake.port), deadline=loop.time() + 10)
     agent.close()
     server.close()
     gaps = [b - a for a, b in zip(fake.accepted, fake.accepted[1:], strict=False)]
@@ -245,7 +245,7 @@ async def test_connect_waits_for_a_late_listener() -> None:
     port = free_port()
     fake = FakeAgent()
     loop = asyncio.get_running_loop()
-    connecting = asyncio.create_task(Agent.connect(HOST, port, deadline=loop.time() + 5))
+    connecting = asyncio.create_task(Agent.connect((HOST, port), deadline=loop.time() + 5))
     await asyncio.sleep(0.5)
     server = await serve(fake, port)
     agent = await asyncio.wait_for(connecting, 3)
@@ -259,7 +259,7 @@ async def test_connect_gives_up_at_deadline() -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     with pytest.raises(AgentError, match=f"no guest agent at {HOST}:") as info:
-        await Agent.connect(HOST, free_port(), deadline=start + 1.0)
+        await Agent.connect((HOST, free_port()), deadline=start + 1.0)
     assert 0.6 <= loop.time() - start <= 1.0  # the next try would start past the deadline
     assert isinstance(info.value.__cause__, OSError)
 
@@ -397,7 +397,7 @@ async def test_real_guest_provision_and_shutdown(
     proc = await asyncio.create_subprocess_exec(
         *args,
         pass_fds=[qmp_child.fileno(), serial_child.fileno()],
-        env=qemu.environment(os.environ),
+        env=qemu.environment(os.environ, agent_socket=tmp_path / "agent.sock"),
     )
     qmp_child.close()
     serial_child.close()
@@ -408,7 +408,12 @@ async def test_real_guest_provision_and_shutdown(
     try:
         await qmp.connect(qmp_parent)
         start = loop.time()
-        agent = await guest.provision(config.agent, connect_timeout=60, ready_timeout=30)
+        agent = await guest.provision(
+            config.agent,
+            address=str(tmp_path / "agent.sock"),
+            connect_timeout=60,
+            ready_timeout=30,
+        )
         provisioned = loop.time() - start
         assert (await agent.get_health()).state == "ready"
         start = loop.time()

@@ -116,9 +116,8 @@ def test_argv_full_config() -> None:
         "file=/vm/a.img,format=raw,if=virtio",
         "file=/vm/b,,c.qcow2,format=qcow2,if=virtio,readonly=on",
     ]
-    assert option(args, "-netdev") == [
-        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:2223-:1024"
-    ]
+    # No TCP forward for the agent (port 2223): the slirp guard gives it a unix socket.
+    assert option(args, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"]
     assert option(args, "-fsdev") == [
         # Read-only and mapped unless the config says otherwise; "none" only by name.
         "local,id=fs0,path=/srv/data,security_model=mapped-xattr,readonly=on",
@@ -143,11 +142,11 @@ def test_argv_kernel_without_initrd() -> None:
     assert option(args, "-append") == ["console=ttyS0"] and "-drive" not in args
 
 
-def test_argv_only_agent_forward() -> None:
-    """ssh_port = 0 forwards nothing to port 22; the agent port is still forwarded."""
+def test_argv_agent_port_opens_no_tcp_forward() -> None:
+    """ssh_port = 0 forwards nothing to port 22; the agent port forwards nothing either."""
     config = Config(disks=DISK_ONLY.disks, agent=AgentConfig(port=5000))
     args = qemu.argv(config, name="demo", qmp_fd=3, serial_fd=4, kvm=False)
-    assert option(args, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:5000-:1024"]
+    assert option(args, "-netdev") == ["user,id=net0"]
 
 
 @pytest.fixture
@@ -228,13 +227,19 @@ def test_environment_is_an_allowlist() -> None:
         "LC_ALL": "C",
         "TZ": "UTC",
     }
-    assert qemu.environment(parent, host_loopback=True) == kept
-    assert qemu.environment(parent) == {**kept, "LD_PRELOAD": qemu.slirp_guard()}
+    guard = {"LD_PRELOAD": qemu.slirp_guard()}
+    assert qemu.environment(parent) == {**kept, **guard}
+    assert qemu.environment(parent, host_loopback=True, agent_socket=Path("/s/agent.sock")) == {
+        **kept,
+        **guard,
+        "VMHOST_SLIRP_HOST_LOOPBACK": "1",
+        "VMHOST_SLIRP_AGENT_SOCKET": "/s/agent.sock",
+    }
 
 
 def test_environment_always_has_path() -> None:
     """systemd may start us without PATH; QEMU still gets a sane one."""
-    assert qemu.environment({}, host_loopback=True) == {"PATH": qemu.DEFAULT_PATH}
+    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH, "LD_PRELOAD": qemu.slirp_guard()}
 
 
 def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
@@ -248,11 +253,10 @@ def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
 def test_missing_slirp_guard_refuses_rather_than_runs_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Without the guard QEMU would run with the loopback open: an error naming the way out."""
+    """Without the guard QEMU would run with the loopback open: refused."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ControllerError, match=r"network\.host_loopback = true"):
-        qemu.environment({})
-    assert "LD_PRELOAD" not in qemu.environment({}, host_loopback=True)
+    with pytest.raises(ControllerError, match=r"slirp guard .* is missing"):
+        qemu.environment({}, host_loopback=True)
 
 
 def free_port() -> int:
@@ -307,10 +311,11 @@ async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
     args = qemu.argv(
         config, name="demo", qmp_fd=qmp_child.fileno(), serial_fd=serial_child.fileno(), kvm=False
     )
+    agent = Path(config.disks[0].path).parent / "agent.sock"
     proc = await asyncio.create_subprocess_exec(
         *args,
         pass_fds=[qmp_child.fileno(), serial_child.fileno()],
-        env=qemu.environment(os.environ),
+        env=qemu.environment(os.environ, agent_socket=agent),
         stderr=subprocess.PIPE,
     )
     qmp_child.close()
@@ -330,9 +335,12 @@ async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
             assert {"serial0", "qmp0"} <= chardevs
             comm = await asyncio.to_thread(Path(f"/proc/{proc.pid}/comm").read_text)
             assert comm == "vmhost-demo\n"
-            for port in (config.network.ssh_port, config.agent.port):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()  # user networking listens on each forwarded host port
+            _, writer = await asyncio.open_connection("127.0.0.1", config.network.ssh_port)
+            writer.close()  # user networking listens on the forwarded ssh port
+            _, writer = await asyncio.open_unix_connection(agent)
+            writer.close()  # and, through the slirp guard, on the agent's socket
+            with pytest.raises(ConnectionRefusedError):  # but not on any agent TCP port
+                await asyncio.open_connection("127.0.0.1", config.agent.port)
             await qmp.execute("quit")
             assert await proc.wait() == 0
     finally:

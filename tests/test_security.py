@@ -15,16 +15,22 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from conftest import VM
-from fixtures import ENV, wait_for
+from fixtures import ENV, Vmhost, vmhost_factory, wait_for
+from guest.build import GuestImage
+
+from vmhost.client import Client
 
 pytestmark = pytest.mark.slow
 
 OUTSIDE = "192.0.2.1"
+KEY = "ssh-ed25519 AAAAC3NzaTEST vmhost@test"
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
 BOOT_TIMEOUT = 120.0
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)  # os.setns is Python 3.12+
@@ -201,3 +207,82 @@ def test_host_loopback_true_opens_it_again(netns: Netns, make_vm: Callable[..., 
     # Its own ssh forward stands for any VM's: through 127.0.0.1 they are all the same.
     assert seen == {targets[0]: "LOOPBACK", targets[1]: "SSH-2.0-tinyguest"}, seen
     assert local.accepted == 1
+
+
+@pytest.fixture
+def vmhost_for() -> Iterator[Callable[[VM], Vmhost]]:
+    yield from vmhost_factory()
+
+
+def tcp_listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (its sockets' inodes in its netns' tables)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for row in list(f)[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_agent_answers_vmhost_alone(
+    make_vm: Callable[..., VM],
+    deaf_guest: GuestImage,
+    vmhost_for: Callable[[VM], Vmhost],
+) -> None:
+    """The agent is behind a unix socket QEMU makes in the state dir: another user cannot open
+    it, no TCP port leads to it (so no guest can reach it either), and vmhost provisions and
+    stops through it: a guest deaf to ACPI powers off within the agent's share of the stop."""
+    agent_port = 40000 + os.getpid() % 20000  # the old forward's port: now it must stay closed
+    agent = f'[agent]\nport = {agent_port}\nssh_public_key = "{KEY}"\n'
+    vm = make_vm(image=deaf_guest, toml=agent, timeout=20)
+    for directory in (vm.dir, *vm.dir.parents):  # only the socket's own mode stands in the way
+        directory.chmod(directory.stat().st_mode | 0o005)
+    served = vmhost_for(vm)
+    status = served.boot()
+    wait_for(lambda: "provisioned" in served.output(), BOOT_TIMEOUT, "agent provisioning")
+    assert f"agent.port {agent_port} is not used" in served.output()
+
+    sock = vm.dir / "agent.sock"
+    assert sock.is_socket() and sock.stat().st_mode & 0o022 == 0, oct(sock.stat().st_mode)
+    assert tcp_listening_ports(status.pid) == {vm.ssh_port}
+    other = subprocess.run(
+        [*NOBODY, sys.executable, "-c", _CONNECT, str(sock), str(agent_port)],
+        capture_output=True,
+        text=True,
+    )
+    assert other.stdout.split() == ["unix:PermissionError", "tcp:ConnectionRefusedError"], other
+
+    started = time.monotonic()
+    assert Client(vm.socket).stop(20).state == "stopping"
+    assert served.wait(30) == 0
+    elapsed = time.monotonic() - started
+    log = served.output()
+    assert "stop: guest agent shutdown" in log and "ACPI power-down" not in log, log
+    assert elapsed < 10, f"{elapsed:.1f} s: the agent did not stop the deaf guest"
+    assert vm.marker("/agent/ssh/admin/authorized_keys") == KEY  # provisioned through it
+
+
+# A would-be intruder: try the agent's unix socket and its old TCP forward.
+_CONNECT = """
+import socket, sys
+for kind, family, address in (
+    ("unix", socket.AF_UNIX, sys.argv[1]),
+    ("tcp", socket.AF_INET, ("127.0.0.1", int(sys.argv[2]))),
+):
+    try:
+        with socket.socket(family) as s:
+            s.settimeout(5)
+            s.connect(address)
+            s.sendall(b'{"type":"ping"}\\n')
+            print(f"{kind}:answered:{s.recv(100)!r}")
+    except OSError as e:
+        print(f"{kind}:{type(e).__name__}")
+"""

@@ -92,6 +92,7 @@ class QemuController:
         self._step_since = 0.0
         self._deadline = 0.0
         self._stderr_tail: deque[str] = deque(maxlen=5)
+        self._agent_socket = qemu.agent_socket(state_dir) if config.agent.port else None
 
     # -- what the server reads ------------------------------------------------
 
@@ -135,6 +136,14 @@ class QemuController:
             kvm=qemu.accel_is_kvm(self.config),
         )
         log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
+        if self._agent_socket is not None:
+            self._agent_socket.unlink(missing_ok=True)  # a previous run's: QEMU binds it anew
+            log.warning(
+                "agent.port %d is not used: the agent is reached through %s, which only "
+                "vmhost may open (no TCP forward that other users or guests could reach)",
+                self.config.agent.port,
+                self._agent_socket,
+            )
         try:
             # Popen, not asyncio's: we watch the child through a pidfd, and fork+exec is quick.
             self._proc = subprocess.Popen(  # noqa: ASYNC220
@@ -143,7 +152,11 @@ class QemuController:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=(qmp_child.fileno(), serial_child.fileno()),
-                env=qemu.environment(os.environ, host_loopback=self.config.network.host_loopback),
+                env=qemu.environment(
+                    os.environ,
+                    host_loopback=self.config.network.host_loopback,
+                    agent_socket=self._agent_socket,
+                ),
                 preexec_fn=_die_with_parent,
                 # Its own process group: Ctrl-C on a foreground `vmhost serve` must reach
                 # vmhost only (QEMU quits on SIGINT without asking the guest: a dirty disk).
@@ -419,7 +432,7 @@ class QemuController:
         from .guest import provision  # most VMs have no agent: keep it off the start path
 
         try:
-            self._agent = await provision(self.config.agent, host="127.0.0.1")
+            self._agent = await provision(self.config.agent, address=str(self._agent_socket))
         except ControllerError as e:
             log.warning("guest agent unavailable, stop will use ACPI: %s", e)
             return
