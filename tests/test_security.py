@@ -24,9 +24,8 @@ from conftest import VM
 from fixtures import ENV, Vmhost, vmhost_factory, wait_for
 from guest.build import GuestImage
 
+from vmhost import systemd
 from vmhost.client import Client
-
-pytestmark = pytest.mark.slow
 
 OUTSIDE = "192.0.2.1"
 KEY = "ssh-ed25519 AAAAC3NzaTEST vmhost@test"
@@ -160,6 +159,7 @@ def probes(vm: VM, count: int, proc: subprocess.Popen[bytes]) -> dict[str, str]:
     return wait_for(found, BOOT_TIMEOUT, f"{count} probe results on {vm.console}")
 
 
+@pytest.mark.slow
 def test_guest_cannot_reach_the_host_loopback_nor_another_vm(
     netns: Netns, make_vm: Callable[..., VM]
 ) -> None:
@@ -193,6 +193,7 @@ def test_guest_cannot_reach_the_host_loopback_nor_another_vm(
     assert other_proc.poll() is None and proc.poll() is None
 
 
+@pytest.mark.slow
 def test_host_loopback_true_opens_it_again(netns: Netns, make_vm: Callable[..., VM]) -> None:
     """``[network] host_loopback = true``: the old behaviour, so the test above can fail."""
     local = netns.listen("127.0.0.1", "LOOPBACK")
@@ -232,6 +233,7 @@ def tcp_listening_ports(pid: int) -> set[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_agent_answers_vmhost_alone(
     make_vm: Callable[..., VM],
     deaf_guest: GuestImage,
@@ -286,3 +288,47 @@ for kind, family, address in (
     except OSError as e:
         print(f"{kind}:{type(e).__name__}")
 """
+
+
+def test_console_budget_sends_a_bounded_share_and_counts_the_rest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten seconds' worth at once, then the rate; whatever is over is counted and reported
+    by vmhost, at most once a second, and a partial line waits for its end."""
+    sent: list[str] = []
+    monkeypatch.setattr("vmhost.systemd.journal.send", lambda message, **_: sent.append(message))
+    now = [100.0]
+    console = systemd.ConsoleJournal("vm", 5, clock=lambda: now[0])
+    console(b"".join(b"line %d\r\n" % i for i in range(80)) + b"part")
+    assert sent == [f"line {i}" for i in range(50)]  # the burst: 10 s at 5 lines/s
+    now[0] += 0.5
+    console(b"ial\n" + b"more\n" * 9)
+    assert sent[50:] == ["partial", "more"]  # 2.5 lines' worth of budget came back
+    now[0] += 0.2
+    console(b"x\n" * 100)
+    assert sent[52:] == ["x"]
+    assert caplog.messages == []  # 137 dropped so far, but a report waits a second
+    now[0] += 1.0
+    console(b"late\n")
+    assert sent[53:] == ["late"]
+    assert caplog.messages == [
+        "137 guest console lines not sent to the journal (over its budget of 5 lines/s); "
+        "console.log has them"
+    ]
+    assert caplog.records[0].__dict__["VMHOST_CONSOLE_DROPPED"] == "137"
+
+
+@pytest.mark.slow
+def test_console_log_rotates_within_its_cap(
+    make_vm: Callable[..., VM], vmhost_for: Callable[[VM], Vmhost]
+) -> None:
+    """A guest printing at full speed: console.log rotates at file_kib and keeps ``files``."""
+    vm = make_vm(cmdline="guest.flood=4", toml="[console]\nfile_kib = 64\nfiles = 3\n")
+    served = vmhost_for(vm)
+    served.start()
+    served.wait_console("TINYGUEST FLOOD DONE", BOOT_TIMEOUT)
+    files = sorted(p.name for p in vm.dir.glob("console.log*"))
+    assert files == ["console.log", "console.log.1", "console.log.2"], files
+    sizes = {name: (vm.dir / name).stat().st_size for name in files}
+    assert all(size <= 64 * 1024 for size in sizes.values()), sizes
+    assert b"TINYGUEST FLOOD the guest" in (vm.dir / "console.log.2").read_bytes()

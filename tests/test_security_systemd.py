@@ -5,6 +5,7 @@ Runs in its own container, with the VM helpers of test_systemd_e2e.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
     binds = {container.REPO, venv, guest.kernel.parent}
     with container.boot("vmhost-sec", ro_binds=sorted(map(str, binds))) as booted:
         booted.install_units(UNITS, venv)
+        booted.write("/run/sec/status_latency.py", _STATUS_LATENCY)
         yield booted
 
 
@@ -111,3 +113,88 @@ def test_forged_journal_records_never_show_up(make_vm: Callable[..., VM]) -> Non
         assert "FORGED" not in out
         assert "vmhost-console: TINYGUEST READY" in out
         assert f"vmhost: starting VM {vm.name}" in out
+
+
+# A good client: one status per connection every 5 ms; prints the latencies (s) once the
+# console files have the text.
+_STATUS_LATENCY = """
+import json, socket, sys, time
+path, console, text = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+def done():  # the text may already be in the rotated file
+    found = False
+    for name in (console, console + ".1"):
+        try:
+            with open(name, "rb") as f:
+                found = found or text in f.read()
+        except FileNotFoundError:
+            pass
+    return found
+out = []
+while len(out) % 20 or not done():
+    start = time.perf_counter()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b'{"method":"status"}\\n')
+        s.makefile("rb").readline()
+    out.append(time.perf_counter() - start)
+    time.sleep(0.005)
+print(json.dumps(out))
+"""
+
+
+def p99(samples: list[float]) -> float:
+    return sorted(samples)[int(len(samples) * 0.99)]
+
+
+def flood(make_vm: Callable[..., VM], name: str, seconds: int) -> None:
+    """A guest printing at full speed for ``seconds``: status p99 within 2x of quiet, console
+    files within their cap, every lifecycle record of vmhost in the journal, none suppressed."""
+    vm = make_vm(name)
+    config = f"/etc/vmhost/{vm.name}.toml"
+    flags = f"guest.busy={seconds} guest.flood={seconds}"
+    vm.ct.run("sed", "-i", f"s/guest.token=/{flags} guest.token=/", config)
+    append_config(vm, "[console]\nfile_kib = 256\nfiles = 2\n")
+    vm.ct.systemctl("start", vm.unit)
+    invocation = vm.show("InvocationID")["InvocationID"]
+    vm.wait_console()
+    console = f"/var/lib/vmhost/{vm.name}/console.log"
+    client = ("/usr/bin/python3", "/run/sec/status_latency.py", vm.socket, console)
+    # Quiet: the guest as busy as when flooding, but silent; so only the console differs.
+    quiet = json.loads(vm.ct.run(*client, "BUSY DONE", timeout=seconds + 120).stdout)
+    during = json.loads(vm.ct.run(*client, "FLOOD DONE", timeout=seconds + 120).stdout)
+    vm.ctl("stop", vm.name)
+    wait_for("stopped", lambda: vm.show("ActiveState")["ActiveState"] == "inactive")
+
+    sizes = vm.ct.run("sh", "-c", f"stat -c '%n %s' {console}*").stdout.split("\n")
+    files = dict(line.rsplit(" ", 1) for line in sizes if line)
+    assert set(files) == {console, f"{console}.1"}, files  # it rotated, and kept two
+    assert all(int(size) <= 256 * 1024 for size in files.values()), files
+
+    records = vm.records(f"_SYSTEMD_INVOCATION_ID={invocation}")
+    events = [r.get("VMHOST_EVENT") for r in records if r.get("VMHOST_EVENT")]
+    assert events == ["started", "ready", "stopping", "stopped"], events
+    dropped = sum(
+        int(r["VMHOST_CONSOLE_DROPPED"]) for r in records if "VMHOST_CONSOLE_DROPPED" in r
+    )
+    console_lines = sum(r["SYSLOG_IDENTIFIER"] == "vmhost-console" for r in records)
+    suppressed = [
+        r["MESSAGE"] for r in vm.ct.journal("_COMM=systemd-journal") if vm.unit in r["MESSAGE"]
+    ]
+    assert not suppressed, suppressed
+    print(
+        f"\nflood {seconds} s: {len(during)} status calls, p99 {p99(during) * 1e3:.2f} ms "
+        f"(quiet {p99(quiet) * 1e3:.2f} ms); console lines: {console_lines} to the journal, "
+        f"{dropped} counted as dropped; files {files}"
+    )
+    assert dropped > console_lines  # the budget did the limiting, not journald
+    assert p99(during) <= 2 * p99(quiet), (p99(during), p99(quiet))
+
+
+def test_console_flood(make_vm: Callable[..., VM]) -> None:
+    flood(make_vm, "flood", 10)
+
+
+@pytest.mark.soak
+def test_console_flood_30s(make_vm: Callable[..., VM]) -> None:
+    flood(make_vm, "flood-soak", 30)

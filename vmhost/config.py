@@ -91,6 +91,21 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shares: list[ShareConfig] = []
 
 
+class ConsoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The guest owns its serial console: what it may cost the host is capped here.
+
+    ``console.log`` rotates at ``file_kib`` into ``files`` files at most
+    (console.log, console.log.1, ...); at most ``journal_lines_per_second``
+    lines (bursts of ten seconds' worth) go to the journal, the rest are
+    counted and reported, so the unit's journald rate limit is never spent
+    on the console and vmhost's own records are never the ones dropped.
+    """
+
+    file_kib: Annotated[int, msgspec.Meta(ge=64)] = 8192
+    files: Annotated[int, msgspec.Meta(ge=2, le=100)] = 2
+    journal_lines_per_second: Annotated[int, msgspec.Meta(ge=0)] = 50
+
+
 class StopConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 30
 
@@ -109,6 +124,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     disks: list[DiskConfig] = []
     network: NetworkConfig = NetworkConfig()
     agent: AgentConfig = AgentConfig()
+    console: ConsoleConfig = ConsoleConfig()
     stop: StopConfig = StopConfig()
     qemu: QemuConfig = QemuConfig()
 

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import enum
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -44,6 +45,8 @@ PROBE_TIMEOUT: Final = 2.0
 ACPI_REPEAT: Final = 3.0
 _LAST_STEPS: Final = 1.0  # each of quit / SIGTERM after the deadline
 _PR_SET_PDEATHSIG: Final = 1
+_CONSOLE_CHUNK: Final = 16384  # < the smallest rotation size: a file never outgrows its cap
+_CONSOLE_GATHER: Final = 0.05  # at most 20 console wakeups a second for a trickle
 
 
 class Ending(enum.Enum):
@@ -68,7 +71,7 @@ class QemuController:
         name: str,
         state_dir: Path,
         on_state: StateListener | None = None,
-        on_console: Callable[[str], None] | None = None,
+        on_console: Callable[[bytes], None] | None = None,
     ) -> None:
         self.config = config
         self.name = name
@@ -413,18 +416,30 @@ class QemuController:
             log.warning("qemu: %s", text)
 
     async def _read_console(self, sock: socket.socket) -> None:
-        """Serial output goes to console.log as is, and line by line to ``on_console``."""
+        """Serial output goes to console.log as is (rotated by size: the guest decides how
+        much it prints, so the host caps what it keeps), and to ``on_console``."""
         reader, writer = await asyncio.open_connection(sock=sock)
-        partial = b""
-        with (self.state_dir / "console.log").open("ab", buffering=0) as out:
-            while chunk := await reader.read(65536):
-                out.write(chunk)
-                if self.on_console is None:
-                    continue
-                *lines, partial = (partial + chunk).split(b"\n")
-                for line in lines:
-                    self.on_console(line.decode(errors="replace").rstrip("\r"))
-                partial = partial[-65536:]
+        console = self.config.console
+        # The stdlib's size rotation; latin-1 is one char per byte both ways, so the guest's
+        # bytes land unchanged and the handler's lengths are byte counts.
+        out = logging.handlers.RotatingFileHandler(
+            self.state_dir / "console.log",
+            maxBytes=console.file_kib * 1024,
+            backupCount=console.files - 1,
+            encoding="latin-1",
+        )
+        out.terminator = ""
+        try:
+            while chunk := await reader.read(_CONSOLE_CHUNK):
+                out.emit(_console_record(chunk.decode("latin-1")))
+                if self.on_console is not None:
+                    self.on_console(chunk)
+                if len(chunk) < _CONSOLE_CHUNK:
+                    # QEMU writes a few bytes at a time: let them gather in the socket (and
+                    # QEMU wait) so a chatty guest costs the loop a bounded number of wakeups.
+                    await asyncio.sleep(_CONSOLE_GATHER)
+        finally:
+            out.close()
         writer.close()
 
     async def _provision(self) -> None:
@@ -464,6 +479,10 @@ class QemuController:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("internal task failed: %r", exc, exc_info=exc)
+
+
+def _console_record(text: str) -> logging.LogRecord:
+    return logging.LogRecord("console", logging.INFO, "", 0, text, None, None)
 
 
 async def _reader_for(fd: int) -> asyncio.StreamReader:

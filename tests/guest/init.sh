@@ -47,6 +47,8 @@ autopoweroff=0
 autopoweroff_delay=1
 reboot_once=0
 probe=
+flood=0
+busy=0
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	guest.token=*) token=${arg#*=} ;;
@@ -54,6 +56,8 @@ for arg in $(cat /proc/cmdline); do
 	guest.autopoweroff_delay=*) autopoweroff_delay=${arg#*=} ;;
 	guest.reboot_once=*) reboot_once=${arg#*=} ;;
 	guest.probe=*) probe=${arg#*=} ;;
+	guest.flood=*) flood=${arg#*=} ;;
+	guest.busy=*) busy=${arg#*=} ;;
 	esac
 done
 
@@ -98,6 +102,17 @@ for target in $(echo "$probe" | tr , ' '); do
 	answer=$(nc -w 3 "${target%:*}" "${target##*:}" </dev/null 2>/dev/null | head -n 1)
 	say "PROBE $target ${answer:-FAILED}"
 done
+
+# guest.busy=SECONDS: as busy as the flood below but silent (a baseline for it), then
+# guest.flood=SECONDS: a guest printing as fast as it can; each says when it stopped.
+if [ "$busy" -gt 0 ]; then
+	timeout "$busy" yes "TINYGUEST BUSY" >/dev/null
+	say "BUSY DONE"
+fi
+if [ "$flood" -gt 0 ]; then
+	timeout "$flood" yes "TINYGUEST FLOOD the guest owns its console but not the host's disk or journal"
+	say "FLOOD DONE"
+fi
 
 if [ "$autopoweroff" = 1 ]; then
 	sleep "$autopoweroff_delay"
