@@ -255,6 +255,20 @@ def test_agent_answers_vmhost_alone(
     sock = vm.dir / "agent.sock"
     assert sock.is_socket() and sock.stat().st_mode & 0o022 == 0, oct(sock.stat().st_mode)
     assert tcp_listening_ports(status.pid) == {vm.ssh_port}
+
+    # A second guest, even one allowed onto the host's loopback, finds the first one's ssh
+    # forward there, and no agent.
+    targets = [f"10.0.2.2:{vm.ssh_port}", f"10.0.2.2:{agent_port}"]
+    intruder = make_vm(cmdline="guest.probe=" + ",".join(targets))
+    text = intruder.config.read_text().replace("[network]\n", "[network]\nhost_loopback = true\n")
+    intruder.config.write_text(text)
+    probing = vmhost_for(intruder)
+    proc = probing.start().proc
+    assert proc is not None
+    assert probes(intruder, len(targets), proc) == {
+        targets[0]: "SSH-2.0-tinyguest",
+        targets[1]: "FAILED",
+    }
     other = subprocess.run(
         [*NOBODY, sys.executable, "-c", _CONNECT, str(sock), str(agent_port)],
         capture_output=True,
