@@ -88,7 +88,8 @@ class Netns:
 
         def bind() -> None:  # a thread of its own: setns changes only the calling thread
             self.enter()
-            sock = socket.create_server((host, 0))
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, 0), family=family)
             made.append(sock)
 
         thread = threading.Thread(target=bind)
@@ -166,6 +167,7 @@ def test_guest_cannot_reach_the_host_loopback_nor_another_vm(
     """Two guests: neither reaches 127.0.0.1 through the gateway (nor any other alias of the
     virtual network), so not the other's ssh forward either; outbound and its own forward work."""
     local = netns.listen("127.0.0.1", "LOOPBACK")
+    local6 = netns.listen("::1", "LOOPBACK6")
     outside = netns.listen(OUTSIDE, "OUTSIDE")
     other = make_vm()
     other_proc = netns.serve(other)
@@ -173,6 +175,7 @@ def test_guest_cannot_reach_the_host_loopback_nor_another_vm(
         f"10.0.2.2:{local.port}",
         f"10.0.2.77:{local.port}",
         f"10.0.2.2:{other.ssh_port}",
+        f"fec0::2:{local6.port}",  # QEMU's IPv6 gateway -> the host's ::1
         f"{OUTSIDE}:{outside.port}",
     ]
     vm = make_vm(cmdline="guest.probe=" + ",".join(targets))
@@ -184,9 +187,10 @@ def test_guest_cannot_reach_the_host_loopback_nor_another_vm(
         targets[0]: "FAILED",
         targets[1]: "FAILED",
         targets[2]: "FAILED",
-        targets[3]: "OUTSIDE",
+        targets[3]: "FAILED",
+        targets[4]: "OUTSIDE",
     }, seen
-    assert local.accepted == 0
+    assert local.accepted == local6.accepted == 0
     # The forwards themselves still work from the host side.
     assert netns.connect("127.0.0.1", vm.ssh_port).startswith(b"SSH-2.0-tinyguest")
     assert netns.connect("127.0.0.1", other.ssh_port).startswith(b"SSH-2.0-tinyguest")
@@ -197,8 +201,9 @@ def test_guest_cannot_reach_the_host_loopback_nor_another_vm(
 def test_host_loopback_true_opens_it_again(netns: Netns, make_vm: Callable[..., VM]) -> None:
     """``[network] host_loopback = true``: the old behaviour, so the test above can fail."""
     local = netns.listen("127.0.0.1", "LOOPBACK")
+    local6 = netns.listen("::1", "LOOPBACK6")
     vm = make_vm()
-    targets = [f"10.0.2.2:{local.port}", f"10.0.2.2:{vm.ssh_port}"]
+    targets = [f"10.0.2.2:{local.port}", f"10.0.2.2:{vm.ssh_port}", f"fec0::2:{local6.port}"]
     text = vm.config.read_text()
     text = text.replace("guest.token=", f"guest.probe={','.join(targets)} guest.token=")
     text = text.replace("[network]\n", "[network]\nhost_loopback = true\n")
@@ -206,8 +211,12 @@ def test_host_loopback_true_opens_it_again(netns: Netns, make_vm: Callable[..., 
     proc = netns.serve(vm)
     seen = probes(vm, len(targets), proc)
     # Its own ssh forward stands for any VM's: through 127.0.0.1 they are all the same.
-    assert seen == {targets[0]: "LOOPBACK", targets[1]: "SSH-2.0-tinyguest"}, seen
-    assert local.accepted == 1
+    assert seen == {
+        targets[0]: "LOOPBACK",
+        targets[1]: "SSH-2.0-tinyguest",
+        targets[2]: "LOOPBACK6",
+    }, seen
+    assert local.accepted == local6.accepted == 1
 
 
 @pytest.fixture

@@ -28,6 +28,15 @@ listening() {
 	grep -q ":$port [0-9A-F]*:0000 0A" /proc/net/tcp6 /proc/net/tcp 2>/dev/null
 }
 
+# An IPv6 probe waits for the address QEMU's router advertisement gives (fec0::/64), past its
+# duplicate address detection.  Shell builtins only: a fork per try is slow under TCG.
+ip6_global() {
+	while read -r _ _ _ scope flags dev; do
+		[ "$dev" = eth0 ] && [ "$scope" != 20 ] && [ $((0x$flags & 0x40)) = 0 ] && return 0
+	done </proc/net/if_inet6
+	return 1
+}
+
 # acpid opens the event devices after it starts: a powerdown before that is lost.
 acpid_ready() { ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; }
 
@@ -98,6 +107,7 @@ say READY
 
 # guest.probe=HOST:PORT,...: connect to each once and report what it answered, so host tests
 # see what this guest can reach ("TINYGUEST PROBE 10.0.2.2:2222 SSH-2.0-..." or "... FAILED").
+case $probe in *::*) wait_for ip6_global || say "no IPv6 address" ;; esac
 for target in $(echo "$probe" | tr , ' '); do
 	answer=$(nc -w 3 "${target%:*}" "${target##*:}" </dev/null 2>/dev/null | head -n 1)
 	say "PROBE $target ${answer:-FAILED}"
