@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class FakeController:
-    """A controller whose VM is a flag; for tests of the server layer only."""
+    """A controller whose VM is a flag; for tests of the server layer only.
+
+    It keeps QemuController's contract: a stop takes effect on the call (a
+    ``status`` right after the answer says ``stopping``), and the awaitable it
+    returns resolves once the VM is gone (:meth:`end`, or at once for force_stop).
+    """
 
     backend = "qemu"
     ssh_port = 2222
@@ -41,17 +46,35 @@ class FakeController:
         self.force_stops = 0
         self._ended = asyncio.Event()
 
-    async def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> Awaitable[None]:
         self.stops.append(timeout)
-        self.state = VMState.STOPPING
+        if not self.state.ended:
+            self.state = VMState.STOPPING
+        return self.wait()
 
-    async def force_stop(self) -> None:
+    def force_stop(self) -> Awaitable[None]:
         self.force_stops += 1
-        self.state = VMState.STOPPED
+        self.end()
+        return self.wait()
+
+    def end(self, state: VMState = VMState.STOPPED) -> None:
+        """The VM is gone: stops resolve, ``wait`` returns."""
+        self.state = state
         self._ended.set()
 
     async def wait(self) -> None:
         await self._ended.wait()
+
+
+@pytest.fixture
+def host_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """The host's config and socket directories, moved into tmp_path for vmhost and vmhostctl."""
+    config_dir, run_dir = tmp_path / "etc", tmp_path / "run"
+    config_dir.mkdir()
+    run_dir.mkdir()
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(config_dir))
+    monkeypatch.setenv("VMHOST_RUN_DIR", str(run_dir))
+    return config_dir, run_dir
 
 
 @pytest.fixture

@@ -2,9 +2,9 @@
 
 The recipe is the verified one in docs/test-infra.md ("systemd in a
 container"): the host's own root, volatile (only /usr is the host's), each
-container started from its own cgroup, entered with ``nsenter``.  The repo is
-visible inside at its host path (read-only) and runs from a venv made with
-the host's ``/usr/bin/python3``, the only interpreter a volatile container
+container started from its own cgroup, entered with ``nsenter``.  vmhost runs
+from a venv holding a copy of the repo's code (wherever the checkout is), made
+with the host's ``/usr/bin/python3``, the only interpreter a volatile container
 sees.  Everything started here is torn down by the ``boot`` context manager,
 whatever the test did.
 """
@@ -43,35 +43,66 @@ class ContainerError(Exception):
 
 
 def venv(repo: Path = REPO, cache: Path = VENV_CACHE) -> Path:
-    """A /usr/bin/python3 venv with the repo installed editable, reused while pyproject.toml holds.
+    """A /usr/bin/python3 venv with a copy of the repo's code installed, one per source hash.
 
-    Editable, so the code under test is always the working tree's; the key
-    covers the dependencies, the repo path and the interpreter.
+    Not editable: the hardened unit sees neither /tmp (PrivateTmp=) nor /root
+    and /home (ProtectHome=), where checkouts live, so the venv holds the
+    code itself.  The key covers the installed sources and the interpreter,
+    so any change rebuilds it (about 10 s, wheels come from pip's cache) and
+    every test session of the same tree shares it.
     """
     python = Path("/usr/bin/python3")
     if not python.exists():
         raise ContainerUnavailable("no /usr/bin/python3: nothing could run vmhost inside /usr")
-    key = hashlib.sha256()
-    key.update((repo / "pyproject.toml").read_bytes())
-    key.update(str(repo).encode())
-    key.update(os.readlink(python).encode() if python.is_symlink() else b"")
+    sources = _package_sources(repo)
+    key = hashlib.sha256(os.readlink(python).encode() if python.is_symlink() else b"")
+    for name in sources:
+        key.update(name.encode() + b"\0" + (repo / name).read_bytes() + b"\0")
     target = cache / f"venv-{key.hexdigest()[:16]}"
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other sessions build the same venv
+        _prune(cache, keep=target)
         if (target / ".complete").exists():
+            (target / ".complete").touch()  # in use: not pruned
             return target
         shutil.rmtree(target, ignore_errors=True)  # a build that died half-way
         try:
-            subprocess.run([str(python), "-m", "venv", str(target)], check=True)
-            subprocess.run(
-                [str(target / "bin/pip"), "install", "--quiet", "-e", f"{repo}[fast]"], check=True
-            )
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".src-") as src:
+                # pip builds in the source tree: build it from a copy of exactly what was hashed.
+                for name in sources:
+                    (Path(src) / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(repo / name, Path(src) / name)
+                subprocess.run([str(python), "-m", "venv", str(target)], check=True)
+                pip = str(target / "bin/pip")
+                subprocess.run([pip, "install", "--quiet", src], check=True)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
         (target / ".complete").touch()
     return target
+
+
+def _package_sources(repo: Path) -> list[str]:
+    """What ``pip install`` reads from the repo, relative to it."""
+    code = sorted(
+        str(p.relative_to(repo))
+        for p in (repo / "vmhost").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    return ["pyproject.toml", "README.md", *code]
+
+
+def _prune(cache: Path, keep: Path, unused_days: float = 2) -> None:
+    """Remove venvs of older trees that no session used for a while, and dead half-builds.
+
+    Called under the lock: builds happen under it too, so an incomplete venv is a dead one.
+    """
+    for old in cache.glob("venv-*"):
+        stamp = old / ".complete"
+        unused = not stamp.exists() or time.time() - stamp.stat().st_mtime > unused_days * 86400
+        if old != keep and unused:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)

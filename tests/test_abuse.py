@@ -2,7 +2,8 @@
 
 Each abuse runs while a well-behaved client (the project's own ``Client``, in
 a separate process so the abusers' CPU does not count against it) asks for
-``status`` in a loop.  That client must see no error and a p99 below 10 ms;
+``status`` in a loop.  That client must see no error and a p99 within 10 times
+its quiet value (measured just before; the absolute figures belong to the bench);
 the server must survive, close what it should, and keep its memory bounded:
 its RSS is sampled from /proc throughout and may not grow by more than
 ``RSS_BOUND``.  Then the access rules: socket mode 0660, a user without group
@@ -42,7 +43,9 @@ MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
 Abuse = Callable[[Path], Coroutine[Any, Any, str]]
 
-P99_LIMIT: Final = 0.010
+P99_FACTOR: Final = 10
+P99_FLOOR: Final = 0.010
+"""The good client's p99 under abuse: within 10x its quiet p99, or 10 ms on a quiet machine."""
 RSS_BOUND: Final = 64 * 1024 * 1024
 """Growth allowed over the idle server; the measured growth is printed with each test."""
 TIMEOUT: Final = Limits().request_timeout
@@ -143,7 +146,9 @@ def good_client_result(good: subprocess.Popen[bytes], seconds: float) -> tuple[l
     return result["latencies"], result["errors"]
 
 
-def under_abuse(vm: Vmhost, abuse: Abuse, seconds: float) -> None:
+def under_abuse(
+    vm: Vmhost, abuse: Abuse, seconds: float, factor: float = P99_FACTOR, floor: float = P99_FLOOR
+) -> None:
     """Run ``abuse`` against vm while a good client polls status; check what both saw."""
     quiet, _ = good_client_result(good_client(vm.socket, 2), 2)  # for comparison only
     baseline_rss, baseline_fds = rss(vm.pid), descriptors(vm.pid)
@@ -166,7 +171,7 @@ def under_abuse(vm: Vmhost, abuse: Abuse, seconds: float) -> None:
     )
     assert errors == []
     assert len(latencies) > seconds * 20, "the good client was starved"
-    assert p99(latencies) < P99_LIMIT
+    assert p99(latencies) <= max(factor * p99(quiet), floor)
     assert growth < RSS_BOUND
     assert vm.status().vm_state == "running"
     # Everything the abusers opened is gone again: nothing lingers past its timeout.
@@ -272,7 +277,7 @@ async def half_closed(path: Path, rounds: int = 200) -> str:
             answered(_STATUS), answered(b""), answered(_STATUS[:10]), vanish()
         )
         assert full == ok_line
-        assert bare == b""
+        assert bare == protocol.invalid_request("EOF")  # as Go answers nothing at all
         assert protocol.decode_response(cut).error.startswith("invalid request: ")
     return f"half-closed: {rounds} x (request+EOF, bare EOF, cut request+EOF, vanished)"
 
@@ -309,9 +314,38 @@ async def oversized(path: Path, clients: int = 50) -> str:
         sock.close()
         assert answer == too_large
 
-    lines = [b"x" * 2**20, b" " * 2**20 + b"\n", b'{"method":"' + b"s" * 2**20 + b'"}\n']
+    lines = [
+        b"[" * 5000 + b"1" * 2**20,
+        b" " * 2**20 + b"\n",
+        b'{"method":"' + b"s" * 2**20 + b'"}\n',
+    ]
     await asyncio.gather(*(one(lines[i % len(lines)]) for i in range(clients)))
     return f"oversized: {clients} lines of 1 MiB refused"
+
+
+async def dribblers(path: Path, clients: int = 20, seconds: float = 5.0) -> str:
+    """60 KB requests whose last KB comes a byte per send, over and over: each read costs the
+    server the new bytes only, never a new look at the 59 KB before them."""
+    request = b'{"method":"status"' + b" " * (60_000 - 20) + b"}"
+    head, tail = request[:-1000], request[-1000:]
+    end = time.monotonic() + seconds
+
+    async def one() -> int:
+        answered = 0
+        while time.monotonic() < end:
+            sock = await connect(path)
+            await send(sock, head)
+            for i in range(len(tail)):
+                await send(sock, tail[i : i + 1])
+                await asyncio.sleep(0.001)  # a byte per read, at a rate the good client shares
+            sock.shutdown(socket.SHUT_WR)
+            assert await read_to_eof(sock, TIMEOUT) == b'{"ok":true,"state":"running"}\n'
+            sock.close()
+            answered += 1
+        return answered
+
+    answered = await asyncio.gather(*(one() for _ in range(clients)))
+    return f"dribblers: {clients} clients, {sum(answered)} requests of 60 KB, a byte at a time"
 
 
 async def pipeliners(path: Path, clients: int = 3, seconds: float = 5.0) -> str:
@@ -385,6 +419,12 @@ def test_clients_that_never_read(served: Vmhost) -> None:
 def test_oversized_lines(served: Vmhost) -> None:
     """1 MiB lines are refused without buffering them; the good client is unaffected."""
     under_abuse(served, oversized, 5)
+
+
+@pytest.mark.slow
+def test_dribbled_requests(served: Vmhost) -> None:
+    """20 clients sending 60 KB a byte at a time: the good client's p99 stays within 2x quiet."""
+    under_abuse(served, dribblers, 5, factor=2)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -106,3 +107,29 @@ def test_deadline_on_a_silent_server(tmp_path: Path) -> None:
             Client(path, deadline=0.5).status()
         assert 0.4 < time.monotonic() - start < 2
         assert not Client(path, deadline=0.2).is_alive()
+
+
+def test_logs_of_an_unknown_vm_fail(
+    host_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No config, no socket, no journal record: exit 1, saying where it looked."""
+    name = f"nosuch-{os.urandom(4).hex()}"
+    assert vmhostctl_main(["logs", name]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"no VM {name}: no {host_dirs[0] / name}.toml, no {host_dirs[1] / name}/" in err
+    assert f"no journal records with VMHOST_VM={name} in the local journal" in err
+
+
+def test_logs_without_records_say_so(
+    host_dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VM with a config but no journal record (never run by systemd): exit 0, a note on stderr."""
+    name = f"quiet-{os.urandom(4).hex()}"
+    (host_dirs[0] / f"{name}.toml").write_text("")
+    assert vmhostctl_main(["logs", name]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"vmhostctl: no journal records with VMHOST_VM={name} in ")
+    assert vmhostctl_main(["logs", name, "-n", "0"]) == 0  # none asked for: nothing to say
+    assert capsys.readouterr() == ("", "")

@@ -75,6 +75,19 @@ def test_vmhost_man_page_documents_every_serve_option(capsys: pytest.CaptureFixt
     assert documented == codes
 
 
+def test_changelog_is_at_the_package_version() -> None:
+    """debian/changelog, what dpkg-buildpackage, debuild and gbp take the version from, agrees
+    with vmhost.__version__ (the one source, which build-deb and the wheel use)."""
+    fields = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    parsed = dict(line.split(": ", 1) for line in fields.splitlines() if ": " in line)
+    assert (parsed["Source"], parsed["Version"]) == ("vmhost", vmhost.__version__)
+
+
 # -- the built package ---------------------------------------------------------
 
 
@@ -141,6 +154,7 @@ def test_package_metadata_and_layout(deb: Path) -> None:
     for path in (
         *UNITS,
         "/usr/lib/systemd/catalog/vmhost.catalog",
+        "/usr/lib/sysusers.d/vmhost.conf",
         "/usr/share/doc/vmhost/examples/demo.toml",
         "/usr/share/man/man1/vmhostctl.1.gz",
         "/usr/share/man/man8/vmhost.8.gz",
@@ -258,6 +272,9 @@ timeout_seconds = 20
     ct.systemctl("start", "vmhost@demo")
     status = ct.run("vmhostctl", "status", "demo").stdout
     assert status.startswith("demo: running\n"), status
+    # The group that may use it was made on installation (sysusers.d).
+    socket_owner = ct.run("stat", "-c", "%a %U %G", "/run/vmhost/demo/vmhost.sock").stdout
+    assert socket_owner.split() == ["660", "root", "vmhost"]
     _wait_ready(ct, console, boots=1)
 
     started = time.monotonic()

@@ -1,31 +1,48 @@
-"""The control server over real unix sockets: answers, bad input, limits, neighbours unharmed."""
+"""The control server over real unix sockets: answers, framing, bad input, limits, closing.
+
+Every test runs on uvloop (what ``vmhost serve`` uses) and on the stdlib loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 from conftest import FakeController
 
+from vmhost import protocol
 from vmhost.errors import AlreadyRunningError
-from vmhost.protocol import VMState
+from vmhost.protocol import Request, VMState
 from vmhost.server import Limits, Server, bind
 
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding the .event_loop_policy. fixture")
+
 STATUS = b'{"ok":true,"state":"running"}\n'
+STOPPING = b'{"ok":true,"state":"stopping"}\n'
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def event_loop_policy(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoopPolicy]:
+    yield (
+        uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+    )
 
 
 async def exchange(path: Path, data: bytes, *, close_write: bool = False) -> bytes:
-    """Send ``data`` and read until the server closes or 2 s pass."""
+    """Send ``data`` and read until the server closes (10 s at most)."""
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(data)
     if close_write:
         writer.write_eof()
     try:
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(10):
             return await reader.read()
     finally:
         writer.close()
@@ -36,7 +53,7 @@ async def ask(path: Path, line: bytes = b'{"method":"status"}\n') -> bytes:
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(line)
     try:
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(10):
             return await reader.readline()
     finally:
         writer.close()
@@ -58,10 +75,14 @@ async def ask(path: Path, line: bytes = b'{"method":"status"}\n') -> bytes:
             b'{"method":"status","detail":true}\n',
             b'{"ok":true,"state":"running","vm_state":"running","pid":4242}\n',
         ),
+        (b'{\n  "method": "status"\n}\n', STATUS),
+        (b'{"method":"status"}garbage', STATUS),
+        (b'{"method":"<&>"}\n', b'{"ok":false,"error":"unknown method: \\u003c\\u0026\\u003e"}\n'),
     ],
 )
 async def test_answers(server: Server, sock_path: Path, line: bytes, answer: bytes) -> None:
-    """Each request gets the Go server's exact bytes, newline or not."""
+    """Each request gets the Go server's exact bytes: newline or not, over several lines,
+    followed by anything, with Go's escapes in the answer."""
     assert await ask(sock_path, line) == answer
 
 
@@ -77,24 +98,21 @@ async def test_state_changes_are_seen(
 async def test_stop_and_force_stop(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
-    """stop answers stopping at once; a missing timeout means 30 s."""
-    assert await ask(sock_path, b'{"method":"stop","timeout_seconds":10}\n') == (
-        b'{"ok":true,"state":"stopping"}\n'
-    )
-    assert await ask(sock_path, b'{"method":"stop"}\n') == b'{"ok":true,"state":"stopping"}\n'
-    assert await ask(sock_path, b'{"method":"force_stop"}\n') == (
-        b'{"ok":true,"state":"stopping"}\n'
-    )
-    await asyncio.sleep(0.05)
+    """stop answers stopping and has started when the answer arrives; no timeout means 30 s."""
+    assert await ask(sock_path, b'{"method":"stop","timeout_seconds":10}\n') == STOPPING
+    assert controller.stops == [10]
+    assert await ask(sock_path) == b'{"ok":true,"state":"stopping"}\n'
+    assert await ask(sock_path, b'{"method":"stop"}\n') == STOPPING
+    assert await ask(sock_path, b'{"method":"force_stop"}\n') == STOPPING
     assert controller.stops == [10, 30]
     assert controller.force_stops == 1
 
 
 async def test_pipelined_requests(server: Server, sock_path: Path) -> None:
-    """Several newline-delimited requests on one connection get answers in order."""
+    """Several requests on one connection, with or without newlines, answered in order."""
     answer = await exchange(
         sock_path,
-        b'{"method":"status"}\n{"method":"bogus"}\n{"method":"status"}\n',
+        b'{"method":"status"}\n{"method":"bogus"}{"method":"status"}\n',
         close_write=True,
     )
     assert answer == STATUS + b'{"ok":false,"error":"unknown method: bogus"}\n' + STATUS
@@ -103,28 +121,64 @@ async def test_pipelined_requests(server: Server, sock_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "error"),
     [
-        (b"{bad json\n", b"invalid request: JSON is malformed"),
-        (b'\xff\xfe{"method":"status"}\n', b"invalid request: JSON is malformed"),
-        (b'{"method":7}\n', b"invalid request: Expected `str`, got `int` - at `$.method`"),
-        (b'["status"]\n', b"invalid request: cannot decode array"),
-        (b'{"method":"status"' + b" " * 70000 + b"}\n", b"invalid request: request too large"),
-        (b"x" * 70000, b"invalid request: request too large"),
+        (b"{bad json\n", b"invalid character 'b' looking for beginning of object key string"),
+        (b'\xff\xfe{"method":"status"}\n', b"invalid character '\xc3\xbf' looking for beginning"),
+        (
+            b'{"method":7}\n',
+            b"json: cannot unmarshal number into Go struct field Request.method of type",
+        ),
+        (b'["status"]\n', b"json: cannot unmarshal array into Go value of type vmhost.Request"),
+        (b"[" * 10_001, b"invalid character '[' exceeded max depth"),
+        (b'{"method":"status"' + b" " * 70000 + b"}\n", b"request too large"),
+        (b" " * 70000 + b'{"method":"status"}', b"request too large"),
     ],
 )
 async def test_bad_input_is_answered_and_closed(
     server: Server, sock_path: Path, data: bytes, error: bytes
 ) -> None:
-    """Bad input gets one `invalid request` answer, then the server closes the connection."""
+    """Bad input gets one `invalid request` answer in Go's words (or, past the size limit, a
+    refusal), then the server closes the connection."""
     answer = await exchange(sock_path, data + b'{"method":"status"}\n')
-    assert answer.startswith(b'{"ok":false,"error":"' + error)
+    assert answer.startswith(b'{"ok":false,"error":"invalid request: ' + error)
     assert answer.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "answer"),
+    [
+        (b"", b'{"ok":false,"error":"invalid request: EOF"}\n'),
+        (b" \n\t ", b'{"ok":false,"error":"invalid request: EOF"}\n'),
+        (b'{"method":"sta', b'{"ok":false,"error":"invalid request: unexpected EOF"}\n'),
+        (b'{"method":"status"}\n  ', STATUS),
+        (b"null", b'{"ok":false,"error":"unknown method: "}\n'),
+    ],
+)
+async def test_half_close(server: Server, sock_path: Path, data: bytes, answer: bytes) -> None:
+    """After a half-close, Go's answer: EOF before any value, or the value EOF completed."""
+    assert await exchange(sock_path, data, close_write=True) == answer
+
+
+async def test_request_split_into_many_reads(server: Server, sock_path: Path) -> None:
+    """A request dribbled a byte at a time is answered once it is whole, not before."""
+    reader, writer = await asyncio.open_unix_connection(sock_path)
+    wire = b'{"method":\n"info"  }'
+    for byte in wire[:-1]:
+        writer.write(bytes([byte]))
+        await writer.drain()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await reader.readline()
+    writer.write(wire[-1:])
+    async with asyncio.timeout(10):
+        assert (await reader.readline()).startswith(b'{"ok":true,"state":"running","ssh_port"')
+    writer.close()
 
 
 async def test_silent_client_is_closed(server: Server, sock_path: Path) -> None:
     """A client that sends nothing is dropped after the request timeout, without an answer."""
     start = time.monotonic()
     assert await exchange(sock_path, b"") == b""
-    assert 0.9 < time.monotonic() - start < 2.9
+    assert time.monotonic() - start >= server.limits.request_timeout
 
 
 async def test_stalled_half_line_times_out(server: Server, sock_path: Path) -> None:
@@ -156,7 +210,8 @@ async def test_cap_evicts_idle_not_the_newcomer(server: Server, sock_path: Path)
 
 
 async def test_abusers_do_not_slow_a_good_client(server: Server, sock_path: Path) -> None:
-    """A good client's answers keep coming while others stall, flood and send junk."""
+    """A good client's answers keep coming while others stall, flood and send junk: none of
+    its requests waits for the stalled clients' timeout (the figures are in the bench)."""
     stalled = []
     for _ in range(100):
         _, writer = await asyncio.open_unix_connection(sock_path)
@@ -172,10 +227,98 @@ async def test_abusers_do_not_slow_a_good_client(server: Server, sock_path: Path
             latencies.append(time.perf_counter() - start)
 
     await asyncio.gather(good(), *junk)
-    latencies.sort()
-    assert latencies[int(len(latencies) * 0.99)] < 0.05
+    assert max(latencies) < server.limits.request_timeout / 2
     for writer in stalled:
         writer.close()
+
+
+async def test_a_failing_turn_does_not_wedge_the_others(
+    server: Server, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in one pipelining client's turn costs that client, not the others'."""
+    lines = protocol.encode_request(Request(method="stop", timeout_seconds=5)) * 200
+    real = server.answer
+    calls = 0
+
+    def answer(request: Request) -> bytes | None:
+        nonlocal calls
+        calls += 1
+        if calls == 100:  # inside the second turn of the first client
+            raise RuntimeError("boom")
+        return real(request)
+
+    monkeypatch.setattr(server, "answer", answer)
+    first = await exchange(sock_path, lines, close_write=True)
+    assert first.count(b"\n") < 200
+    second = await exchange(sock_path, lines, close_write=True)
+    assert second == STOPPING * 200
+
+
+async def test_queued_connections_answered_at_close(
+    tmp_path: Path, controller: FakeController
+) -> None:
+    """Connections the kernel queued before close get their answer: the final state for
+    status, stopping for stop and force_stop; then close returns."""
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(512)
+    requests = [b'{"method":"status"}\n', b'{"method":"stop"}\n', b'{"method":"force_stop"}']
+    expected = [b'{"ok":true,"state":"stopped"}\n', STOPPING, STOPPING]
+    srv = Server(controller, listener)
+    await srv.start()
+    assert await ask(path) == STATUS
+    controller.end()
+    clients = []
+    for i in range(300):  # no await in between: the loop accepts none of them
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.sendall(requests[i % 3])
+        clients.append(client)
+    started = time.monotonic()
+    await srv.close()
+    assert time.monotonic() - started < 10
+    loop = asyncio.get_running_loop()
+    for i, client in enumerate(clients):
+        client.setblocking(False)
+        async with asyncio.timeout(10):
+            answer = await loop.sock_recv(client, 100)
+        assert answer == expected[i % 3]
+        client.close()
+    assert controller.stops == [] and controller.force_stops == 0
+
+
+async def test_out_of_descriptors_does_not_spin(
+    server: Server, sock_path: Path, event_loop_policy: asyncio.AbstractEventLoopPolicy
+) -> None:
+    """EMFILE at accept: the server neither spins nor stops serving once descriptors are free."""
+    if not isinstance(event_loop_policy, uvloop.EventLoopPolicy):
+        pytest.skip("the stdlib loop logs EMFILE once per queued connection (asyncio's own)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    clients = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 20, hard))
+    try:
+        with pytest.raises(OSError):  # every descriptor taken: by clients or accepted ones
+            for _ in range(40):
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                clients.append(client)
+                client.setblocking(False)
+                client.connect(str(sock_path))
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        assert time.process_time() - cpu < 0.25, "the loop spun on accept"
+    finally:
+        for client in clients:
+            client.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                assert await ask(sock_path) == STATUS
+                break
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await asyncio.sleep(0.1)
 
 
 async def test_pid_file_and_socket_cleaned_up(tmp_path: Path, controller: FakeController) -> None:
@@ -207,13 +350,14 @@ async def test_second_server_refused(server: Server, sock_path: Path) -> None:
     assert await ask(sock_path) == STATUS
 
 
-def test_stale_socket_replaced(tmp_path: Path) -> None:
-    """A socket file left by a dead server is replaced."""
+async def test_stale_socket_replaced(tmp_path: Path, controller: FakeController) -> None:
+    """A socket file left by a dead server is replaced, and the new one serves."""
     path = tmp_path / "stale.sock"
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
     dead.close()
-    bind(path).close()
+    async with Server(controller, path):
+        assert await ask(path) == STATUS
 
 
 def test_regular_file_not_replaced(tmp_path: Path) -> None:
@@ -225,6 +369,12 @@ def test_regular_file_not_replaced(tmp_path: Path) -> None:
     assert path.read_text() == "keep"
 
 
-def test_limits_default() -> None:
-    """The documented limits hold by default."""
-    assert Limits().max_request == 64 * 1024
+async def test_default_request_limit(tmp_path: Path, controller: FakeController) -> None:
+    """With the default limits, a 64 KiB request is served and one byte more is refused."""
+    path = tmp_path / "s.sock"
+    request = b'{"method":"status"' + b" " * (protocol.MAX_REQUEST_BYTES - 19) + b"}"
+    assert len(request) == Limits().max_request
+    async with Server(controller, path):
+        assert await ask(path, request) == STATUS
+        refused = await exchange(path, b" " + request)
+    assert refused == protocol.invalid_request("request too large")

@@ -1,7 +1,7 @@
 """vmhost@NAME under a real systemd (issue 5 §6), in a container booted for this module.
 
 The units from units/ are installed as they ship, with one drop-in pointing
-ExecStart at a venv of this working tree.  Each test runs its own VM instance
+ExecStart at a venv holding a copy of this working tree's code.  Each test runs its own VM instance
 (its own name), so no test reads another's journal records or unit state.
 """
 
@@ -28,6 +28,7 @@ from vmhost.systemd import Event
 pytestmark = pytest.mark.slow
 
 UNITS = (container.REPO / "units/vmhost@.socket", container.REPO / "units/vmhost@.service")
+SYSUSERS = container.REPO / "units/sysusers.d/vmhost.conf"
 READY_LINE = "TINYGUEST READY"
 
 # A Go-style peer: a connection per request, a 30 s deadline; counts replies until told to stop.
@@ -99,8 +100,11 @@ def venv() -> Path:
 
 @pytest.fixture(scope="module")
 def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Container]:
-    binds = {container.REPO, venv, guest.kernel.parent, deaf_guest.kernel.parent}
+    binds = {venv, guest.kernel.parent, deaf_guest.kernel.parent}  # not the checkout: see venv()
     with container.boot("vmhost-e2e", ro_binds=sorted(map(str, binds))) as booted:
+        # The vmhost group (SocketGroup=), made as the package makes it.
+        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
+        booted.run("systemd-sysusers")
         booted.install_units(UNITS, venv)
         booted.write("/run/e2e/hammer.py", _HAMMER)
         booted.write("/run/e2e/read_logs.py", _READ_LOGS)
@@ -283,6 +287,62 @@ def test_first_connect_starts_a_stopped_instance(make_vm: Callable[..., VM]) -> 
     vm.ct.systemctl("stop", f"vmhost@{vm.name}.socket")
     assert vm.show("ActiveState")["ActiveState"] == "inactive"  # stopped along with its socket
     assert vm.ct.run("test", "-e", vm.socket, check=False).returncode == 1  # RemoveOnStop=
+
+
+def test_socket_group_members_may_control_the_vm(make_vm: Callable[..., VM]) -> None:
+    """Socket root:vmhost 0660: a member's vmhostctl status and stop work; others are refused."""
+    vm = make_vm("group")
+    vm.ct.systemctl("start", vm.unit)
+    mode = vm.ct.run("stat", "-c", "%a %U %G", vm.socket).stdout.split()
+    assert mode == ["660", "root", "vmhost"]
+    vm.ct.run("useradd", "--no-create-home", "--user-group", "--groups", "vmhost", "member")
+    vm.ct.run("useradd", "--no-create-home", "--user-group", "outsider")
+
+    def ctl_as(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        setpriv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--")
+        return vm.ct.run(*setpriv, str(vm.venv / "bin/vmhostctl"), *args, check=False)
+
+    for command in ("status", "stop"):
+        refused = ctl_as("outsider", command, vm.name)
+        assert (refused.returncode, refused.stdout) == (1, ""), refused
+        assert "Permission denied" in refused.stderr
+    assert vm.show("ActiveState")["ActiveState"] == "active"
+
+    vm.wait_console()  # so the stop below is a quick ACPI one
+    status = ctl_as("member", "status", vm.name)
+    assert re.match(rf"{vm.name}: (starting|running)\n", status.stdout), status
+    stopped = ctl_as("member", "stop", vm.name)
+    assert stopped.returncode == 0, stopped
+    wait_for("the service to stop", lambda: vm.show("ActiveState")["ActiveState"] == "inactive")
+
+
+def test_list_does_not_wake_a_vm(make_vm: Callable[..., VM]) -> None:
+    """vmhostctl list: a running VM with its QEMU pid and port; one whose socket waits for a
+    connect is stopped, and the list does not start it."""
+    up, asleep = make_vm("list-up"), make_vm("list-asleep")
+    up.ct.systemctl("start", up.unit, f"vmhost@{asleep.name}.socket")
+    info = json.loads(up.ctl("info", up.name, "--json").stdout)
+
+    rows = {row["name"]: row for row in json.loads(up.ctl("list", "--json").stdout)}
+    assert rows[up.name]["state"] in ("starting", "running"), rows
+    assert (rows[up.name]["pid"], rows[up.name]["ssh_port"]) == (up.qemu_pid(), info["ssh_port"])
+    assert rows[asleep.name]["state"] == "stopped", rows
+    assert asleep.show("ActiveState")["ActiveState"] == "inactive"
+    table = up.ctl("list").stdout.splitlines()
+    assert [f"{asleep.name} stopped - - -"] == [
+        " ".join(line.split()) for line in table if line.startswith(f"{asleep.name} ")
+    ]
+
+
+def test_logs_of_a_vm_without_records(make_vm: Callable[..., VM]) -> None:
+    """With a real journal: an unknown VM fails; a configured one that never ran says so."""
+    quiet = make_vm("logs-quiet")
+    unknown = quiet.ctl("logs", "logs-nosuch", check=False)
+    assert (unknown.returncode, unknown.stdout) == (1, ""), unknown
+    assert "no VM logs-nosuch: no /etc/vmhost/logs-nosuch.toml" in unknown.stderr
+    empty = quiet.ctl("logs", quiet.name, check=False)
+    assert (empty.returncode, empty.stdout) == (0, ""), empty
+    assert f"no journal records with VMHOST_VM={quiet.name} in the local journal (/" in empty.stderr
 
 
 def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:

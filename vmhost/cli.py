@@ -8,6 +8,7 @@ call does not pay for the service's modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ import msgspec
 from . import __version__
 from .errors import VmhostError
 
-_COMMANDS = ("status", "info", "stop", "force-stop", "logs", "is-alive")
+_COMMANDS = ("list", "status", "info", "stop", "force-stop", "logs", "is-alive")
 
 
 def vmhostctl_main(argv: Sequence[str] | None = None) -> int:
@@ -44,6 +45,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmhostctl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
+        "list": "show every VM of this host: state, QEMU pid, SSH port, uptime",
         "status": "show the VM's state",
         "info": "show state, SSH port and backend",
         "stop": "stop gracefully (agent, ACPI, then force)",
@@ -54,7 +56,8 @@ def _ctl_parser() -> argparse.ArgumentParser:
     for command in _COMMANDS:
         aliases = ["force_stop"] if command == "force-stop" else []
         p = sub.add_parser(command, parents=[common], help=helps[command], aliases=aliases)
-        p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
+        if command != "list":
+            p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
         if command == "stop":
             p.add_argument("--timeout", type=int, default=0, help="seconds (default 30)")
         if command == "logs":
@@ -68,6 +71,10 @@ def _ctl(args: argparse.Namespace) -> int:
 
     json_out: bool = getattr(args, "json", False)
     sock: Path | None = getattr(args, "socket", None)
+    if args.command == "list":
+        if sock is not None:
+            raise SystemExit("vmhostctl list: no --socket; $VMHOST_RUN_DIR moves the sockets")
+        return _list(json_out)
     if args.command == "logs" and sock is None:
         return _local_logs(_name(args), args.lines, args.follow)
     if sock is None:
@@ -76,8 +83,12 @@ def _ctl(args: argparse.Namespace) -> int:
     if args.command == "is-alive":
         return 0 if client.is_alive() else 1
     if args.command == "logs":
+        shown = 0
         for line in client.logs(args.lines, follow=args.follow):
             print(line, flush=True)
+            shown += 1
+        if not shown and args.lines > 0:
+            print(f"vmhostctl: no journal records (asked {sock})", file=sys.stderr)
         return 0
     if args.command == "stop":
         response = client.stop(args.timeout)
@@ -101,6 +112,24 @@ def _ctl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(json_out: bool) -> int:
+    import asyncio
+
+    from .client import run_dir
+    from .config import config_dir
+    from .inventory import survey, table
+
+    rows = asyncio.run(survey(config_dir(), run_dir()))
+    if json_out:
+        sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
+        return 0
+    print(table(rows))
+    for row in rows:
+        if row.error:
+            print(f"vmhostctl: {row.name}: {row.error}", file=sys.stderr)
+    return 0
+
+
 def _name(args: argparse.Namespace) -> str:
     if not args.name:
         raise SystemExit(f"vmhostctl {args.command}: give a VM NAME or --socket PATH")
@@ -108,17 +137,54 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def _local_logs(name: str, lines: int, follow: bool) -> int:
-    """Read the journal here rather than through the server: works when the VM is down too."""
+    """Read the journal here rather than through the server: works when the VM is down too.
+
+    No record at all and neither a config nor a socket: a VM this host does not
+    know (a typo, most likely), which fails rather than print nothing.
+    """
     import asyncio
 
+    from .client import socket_path
+    from .config import config_dir, path_for
     from .logs import entries
 
-    async def show() -> None:
-        async for line in entries(name, lines=lines, follow=follow):
-            print(line, flush=True)
+    async def show(limit: int, *, follow: bool = False, echo: bool = True) -> int:
+        shown = 0
+        async for line in entries(name, lines=limit, follow=follow):
+            if echo:
+                print(line, flush=True)
+            shown += 1
+        return shown
 
-    asyncio.run(show())
+    config, sock = path_for(name, config_dir()), socket_path(name)
+    if not (config.exists() or sock.exists()) and not asyncio.run(show(1, echo=False)):
+        print(
+            f"vmhostctl: no VM {name}: no {config}, no {sock} and {_no_records(name)}",
+            file=sys.stderr,
+        )
+        return 1
+    if not asyncio.run(show(lines, follow=follow)) and lines > 0:
+        print(f"vmhostctl: {_no_records(name)}", file=sys.stderr)
     return 0
+
+
+def _no_records(name: str) -> str:
+    """Says where the records were looked for, and why there may be none."""
+    import grp
+
+    from .systemd import FIELD_VM
+
+    dirs = [d for d in ("/var/log/journal", "/run/log/journal") if os.path.isdir(d)]
+    where = f"the local journal ({', '.join(dirs) or 'none on this host'})"
+    text = f"no journal records with {FIELD_VM}={name} in {where}"
+    text += "; vmhost logs there under systemd only (started by hand: to its stderr)"
+    groups = set()
+    for gid in os.getgroups():
+        with contextlib.suppress(KeyError):
+            groups.add(grp.getgrgid(gid).gr_name)
+    if os.geteuid() != 0 and not groups & {"adm", "systemd-journal"}:
+        text += "; outside the adm and systemd-journal groups you see only your own records"
+    return text
 
 
 def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -7,6 +7,7 @@ Like the Go client: dial with a 5 s timeout, one request per connection, a
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -26,11 +27,17 @@ _MAX_LINE = 1024 * 1024
 R = TypeVar("R")
 
 
+def run_dir() -> Path:
+    """Where control sockets live: ``$VMHOST_RUN_DIR`` (tests, VMs started by hand), else
+    /run/vmhost, where the socket unit puts them."""
+    return Path(os.environ.get("VMHOST_RUN_DIR") or RUN_DIR)
+
+
 def socket_path(name: str) -> Path:
-    """Where the socket unit puts VM ``name``'s control socket."""
+    """VM ``name``'s control socket."""
     from .config import check_name
 
-    return RUN_DIR / check_name(name) / "vmhost.sock"
+    return run_dir() / check_name(name) / "vmhost.sock"
 
 
 def _result(line: bytes, path: Path) -> Response:

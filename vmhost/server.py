@@ -1,44 +1,41 @@
 """The control server: one listening unix socket, many short connections.
 
-The common exchange is one tiny request per connection, so per-connection
-cost is what matters.  Each connection is an ``asyncio.Protocol`` (the
-parsing, no task or reader object per client) driven by a minimal transport
-of our own: all sockets sit in ONE private epoll set that the event loop
-watches as a single reader, a new connection is read at once (a Go client
-has written its request before we accept it), and the answers to
-``status``/``info`` are pre-encoded bytes keyed by the VM state.  Compared
-with asyncio's or uvloop's transports this saves the per-connection
-bookkeeping (handles, weak references, scheduled callbacks) that cost more
-than the request itself, and it runs the same on either loop.
+The event loop's own unix server and transports carry the bytes (uvloop in
+``vmhost serve``; the stdlib loop works too, slower).  Each connection is an
+``asyncio.Protocol`` that frames requests as Go's server does, one JSON value
+at a time (:class:`vmhost.protocol.Scanner` keeps its place between reads, so
+no byte is scanned twice), and answers ``status``/``info`` with bytes encoded
+once per VM state; the exact lines Go's and our clients send skip parsing.
 
 Limits keep one client from hurting the others: a request must fit in
 ``max_request`` bytes and arrive within ``request_timeout`` of the connect (or
 of the previous answer); past ``max_connections`` the longest-idle connection
-is dropped to make room; a client that stops reading stops being read.
+is dropped to make room; a pipelining client gets a turn of 64 answers, then
+waits for the others; a client that stops reading stops being read, and is
+dropped at its timeout.
 """
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
-import select
 import socket
 import stat
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final, Protocol, cast
+from typing import Final, Protocol, cast
 
 import msgspec
 
 from . import protocol
 from .errors import AlreadyRunningError, VmhostError
-from .protocol import Request, Response, VMState
+from .protocol import Request, Response, Scanner, VMState
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +79,23 @@ class Limits(msgspec.Struct, frozen=True):
 _TOO_LARGE: Final = protocol.invalid_request("request too large")
 _TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
 _STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
+_ENDED: Final = protocol.error_response("vmhost is exiting")
 _LINES_PER_TURN: Final = 64
 """Pipelined requests answered in a row before the other connections get their turn."""
 _TURNS_PER_SLICE: Final = 4
-"""Turns run between two looks at new I/O (about a millisecond)."""
+"""Turns run before the loop looks at new I/O again (about a millisecond)."""
 _KNOWN_LINES: Final = {
     protocol.encode_request(Request(method=method, detail=detail)): (method, detail)
     for method in (protocol.STATUS, protocol.INFO)
     for detail in (False, True)
 }
 """The exact bytes Go's and our clients send for status/info, mapped to what they ask."""
-_EVENTS_PER_WAKEUP: Final = 256
-_ACCEPTS_PER_WAKEUP: Final = 64
-_READ_SIZE: Final = 256 * 1024  # as asyncio: a bad request is read whole before the answer
-_HIGH_WATER: Final = 64 * 1024
-_LOW_WATER: Final = 16 * 1024
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_IN: Final = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-_AF_UNIX: Final = int(socket.AF_UNIX)
-_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
-_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
+_BACKLOG: Final = socket.SOMAXCONN
+"""The loop calls listen() again: as long a queue as systemd's default ``Backlog=`` gives (the
+kernel caps both at ``net.core.somaxconn``, 4096 by default), and as :func:`bind` asks for."""
+_QUEUED_MAX: Final = 512
+_QUEUED_SECONDS: Final = 0.05
+"""At close: how many queued connections are answered, and how long that may take."""
 
 
 class Server:
@@ -126,8 +120,7 @@ class Server:
         self._pid_file = pid_file
         self._logs = logs
         self._sock: socket.socket | None = None
-        self._epoll: select.epoll | None = None
-        self._transports: dict[int, _Transport] = {}
+        self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: dict[_Connection, None] = {}
         self._streams: set[_Connection] = set()
@@ -135,6 +128,8 @@ class Server:
         self._cache: dict[tuple[str, bool, VMState], bytes] = {}
         self._turns: deque[_Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
+        self.closing = False
+        """Set by :meth:`close`: every connection gets one answer, then is closed."""
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -145,100 +140,77 @@ class Server:
 
     async def start(self) -> None:
         sock = self._listen if isinstance(self._listen, socket.socket) else bind(self._listen)
-        # Listened on already (by bind or by systemd): the kernel's backlog is kept.
-        sock.setblocking(False)
         self._sock = sock
-        self._epoll = select.epoll()
-        self._epoll.register(sock.fileno(), select.EPOLLIN)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self._epoll.fileno(), self._ready)
+        factory = functools.partial(_Connection, self)
+        self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
         if self._pid_file is not None:
             self._pid_file.write_text(f"{os.getpid()}\n")
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self) -> None:
+        """Stop listening; answer what the kernel queued meanwhile (bounded); drop the rest."""
+        if self._server is None or self._sock is None:
+            return
+        self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._turn_runner is not None:
-            self._turn_runner.cancel()
-        if self._epoll is not None:
-            asyncio.get_running_loop().remove_reader(self._epoll.fileno())
-            for transport in list(self._transports.values()):
-                transport.abort()
-            self._epoll.close()
-            self._epoll = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
         if isinstance(self._listen, Path):
             with contextlib.suppress(FileNotFoundError):
                 self._listen.unlink()
+        queue = self._sock.dup()  # the loop closes its socket: the queue lives on in this one
+        self._server.close()
+        with queue:
+            await self._answer_queued(queue)
+        if self._turn_runner is not None:
+            self._turn_runner.cancel()
+        for conn in [*self._connections, *self._streams]:
+            conn.transport.abort()
+        for task in self._tasks:
+            task.cancel()  # waits for a VM that is gone, or that outlives us
+        self._server = self._sock = None
         if self._pid_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._pid_file.unlink()
 
-    def _ready(self) -> None:
-        """Everything the epoll set has for us; an event is only a hint (reads never block)."""
-        assert self._epoll is not None and self._sock is not None
-        listen_fd = self._sock.fileno()
-        transports = self._transports
-        for fd, events in self._epoll.poll(0, _EVENTS_PER_WAKEUP):
-            if fd == listen_fd:
-                self._accept()
-            elif (transport := transports.get(fd)) is not None:
-                transport.ready(events)
-
-    def _accept(self) -> None:
-        assert self._epoll is not None and self._sock is not None
-        # socket.accept() builds two enums and a Python-level socket per call: the C
-        # method and a C socket object cost a fraction, and this runs per request.
-        accept: Callable[[], tuple[int, object]] = self._sock._accept  # type: ignore[attr-defined]
-        transports = self._transports
-        for _ in range(_ACCEPTS_PER_WAKEUP):
-            try:
-                fd, _ = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in _OUT_OF_RESOURCES:
-                    self._pause_accepting(e)
-                    return
-                continue  # the client gave up before we accepted: nothing to serve
-            transport = transports[fd] = _Transport(self, fd)
-            # A Go client writes right after connecting: answer first, join the epoll set after.
-            transport.read()
-            transport.watch()
-
-    def _pause_accepting(self, error: OSError) -> None:
-        """Out of descriptors or memory: stop accepting for a second rather than spin."""
-        assert self._epoll is not None and self._sock is not None
-        log.error("cannot accept control connections: %s; retrying in 1 s", error)
-        self._epoll.modify(self._sock.fileno(), 0)
-        asyncio.get_running_loop().call_later(1.0, self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        if self._epoll is not None and self._sock is not None:
-            self._epoll.modify(self._sock.fileno(), select.EPOLLIN)
-
-    def _closed(self, fd: int) -> None:
-        self._transports.pop(fd, None)
+    async def _answer_queued(self, queue: socket.socket) -> None:
+        """Connections a client made before we stopped listening get their one answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _QUEUED_SECONDS
+        accepted: list[socket.socket] = []
+        with contextlib.suppress(OSError):  # BlockingIOError: none left; EMFILE: no room
+            while len(accepted) < _QUEUED_MAX:
+                accepted.append(queue.accept()[0])
+        if not accepted:
+            return
+        factory = functools.partial(_Connection, self)
+        connected = await asyncio.gather(
+            *(loop.connect_accepted_socket(factory, sock) for sock in accepted)
+        )
+        waits = []
+        for transport, conn in connected:
+            if not transport.is_closing():
+                conn.closed = loop.create_future()
+                waits.append(conn.closed)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*waits)
 
     def answer(self, request: Request) -> bytes | None:
         """The encoded answer to one request; ``None`` for the streaming ``logs`` method."""
         method = request.method
         if method in (protocol.STATUS, protocol.INFO):
             return self.state_answer(method, request.detail)
-        if method == protocol.STOP:
-            timeout = request.timeout_seconds
-            if timeout <= 0:
-                timeout = protocol.DEFAULT_STOP_TIMEOUT
-            self._spawn(self.controller.stop(timeout))
-            return _STOPPING
-        if method == protocol.FORCE_STOP:
-            self._spawn(self.controller.force_stop())
+        if method in (protocol.STOP, protocol.FORCE_STOP):
+            if not self.closing:  # else the VM is gone already
+                timeout = request.timeout_seconds
+                if timeout <= 0:
+                    timeout = protocol.DEFAULT_STOP_TIMEOUT
+                c = self.controller
+                self._spawn(c.stop(timeout) if method == protocol.STOP else c.force_stop())
             return _STOPPING
         if method == protocol.LOGS and self._logs is not None:
-            return None
+            return _ENDED if self.closing else None
         return protocol.error_response(f"unknown method: {method}")
 
     def state_answer(self, method: str, detail: bool) -> bytes:
@@ -271,17 +243,17 @@ class Server:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("control request failed: %s", exc, exc_info=exc)
 
-    def _admit(self, conn: _Connection) -> None:
+    def admit(self, conn: _Connection) -> None:
         if len(self._connections) >= self.limits.max_connections:
             oldest = next(iter(self._connections))
             del self._connections[oldest]
             oldest.transport.abort()
         self._connections[conn] = None
 
-    def _touch(self, conn: _Connection) -> None:
+    def touch(self, conn: _Connection) -> None:
         """Move ``conn`` to the young end, so dict order is idle order."""
-        del self._connections[conn]
-        self._connections[conn] = None
+        if self._connections.pop(conn, 0) is None:
+            self._connections[conn] = None
 
     def wait_turn(self, conn: _Connection) -> None:
         """Queue a pipelining connection for its next turn."""
@@ -291,15 +263,18 @@ class Server:
 
     def _run_turns(self) -> None:
         """A few turns, then back to the loop: new requests wait for a slice, not a round."""
-        # While callbacks are ready the loop polls without sleeping, and then Linux does
-        # not always report our (nested) epoll as readable: look at it ourselves.
-        if self._epoll is not None:
-            self._ready()
-        for _ in range(min(len(self._turns), _TURNS_PER_SLICE)):
-            self._turns.popleft().next_turn()
-        # Decided only now, so the turns queued meanwhile never start a second runner.
-        loop = asyncio.get_running_loop()
-        self._turn_runner = loop.call_soon(self._run_turns) if self._turns else None
+        try:
+            for _ in range(min(len(self._turns), _TURNS_PER_SLICE)):
+                conn = self._turns.popleft()
+                try:
+                    conn.next_turn()
+                except Exception:  # costs its connection, never the other pipeliners
+                    log.exception("control connection failed")
+                    conn.transport.abort()
+        finally:
+            # Decided only now, so the turns queued meanwhile never start a second runner.
+            loop = asyncio.get_running_loop()
+            self._turn_runner = loop.call_soon(self._run_turns) if self._turns else None
 
     def _sweep(self) -> None:
         deadline = time.monotonic() - self.limits.request_timeout
@@ -319,7 +294,7 @@ class Server:
             conn.finish(protocol.error_response("too many log streams"))
             return
         self._streams.add(conn)
-        lines = request.lines if request.lines > 0 else 10
+        lines = min(request.lines, protocol.MAX_LOG_LINES) if request.lines > 0 else 10
         task = asyncio.ensure_future(_pump_logs(conn, self._logs(lines, request.follow)))
         conn.stream = task
         task.add_done_callback(lambda _: self._streams.discard(conn))
@@ -331,11 +306,15 @@ class Server:
 
 
 class _Connection(asyncio.Protocol):
+    """One client: its unanswered bytes, the value being scanned, its place in the limits."""
+
     __slots__ = (
+        "answered",
         "buffer",
+        "closed",
         "drained",
-        "held",
         "paused",
+        "scanner",
         "server",
         "since",
         "stream",
@@ -347,21 +326,26 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.buffer = b""
-        self.held = 0
-        """``buffer[held:]`` is what is left to answer: held lines are not copied per turn."""
+        self.buffer = bytearray()
+        """Everything after the last value answered; the scanner's place is in it."""
+        self.scanner = Scanner()
+        self.answered = False
         self.waiting = False
         self.since = time.monotonic()
         self.stream: asyncio.Future[None] | None = None
         self.paused = False
         self.drained: asyncio.Event | None = None
+        self.closed: asyncio.Future[None] | None = None
+        """Set by :meth:`Server.close` for a connection it waits for."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self.server._admit(self)
+        self.server.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
+        if self.closed is not None:
+            self.closed.set_result(None)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -382,33 +366,75 @@ class _Connection(asyncio.Protocol):
             self.transport.write(self.server.state_answer(*known))
             self._answered()
             return
-        start = 0
-        if self.buffer:
-            if data:
-                data = self.buffer[self.held :] + data
-            else:  # held lines, taken up where they stopped
-                data, start = self.buffer, self.held
-            self.buffer, self.held = b"", 0
-        turn = _LINES_PER_TURN
-        while (end := data.find(b"\n", start)) >= 0:
-            if self.paused or not turn:
-                # Answers pile up unread, or this client had its turn: hold the rest.
-                self.buffer, self.held = data, start
-                if not self.paused:
-                    self._pause_for_others()
-                return
-            if end - start > self.server.limits.max_request:
-                self.finish(_TOO_LARGE)
-                return
-            if not self._handle(data[start:end]):
-                return
-            turn -= 1
-            start = end + 1
-        rest = data[start:] if start else data
-        if len(rest) > self.server.limits.max_request:
-            self.finish(_TOO_LARGE)
-        elif rest and not rest.isspace():
-            self._handle_unterminated(rest)
+        self.buffer += data
+        self._serve(False)
+
+    def eof_received(self) -> bool:
+        if self.stream is None and not self.transport.is_closing():
+            self._serve(True)
+        if self.stream is None:
+            self.transport.close()
+        return True
+
+    def _serve(self, eof: bool) -> None:
+        """Answer every complete value in the buffer, up to this client's turn."""
+        buf, limit = self.buffer, self.server.limits.max_request
+        answers: list[bytes] = []
+        last = False
+        try:
+            while (buf or eof) and not last:
+                if (self.paused or len(answers) == _LINES_PER_TURN) and not eof:
+                    # Answers pile up unread, or this client had its turn: hold the rest.
+                    if not self.paused:
+                        self._pause_for_others()
+                    break
+                request, end = self._next_value(buf, limit, eof)
+                if request is None:
+                    if len(buf) > limit:
+                        answers.append(_TOO_LARGE)
+                        last = True
+                    break
+                del buf[:end]
+                self.scanner = Scanner()
+                answer = request if isinstance(request, bytes) else self.server.answer(request)
+                if answer is None:
+                    assert isinstance(request, Request)
+                    self.server.stream_logs(self, request)
+                    break
+                answers.append(answer)
+                last = self.server.closing
+        except msgspec.DecodeError as e:
+            if str(e) != "EOF" or not (self.answered or answers):  # Go: nothing at all came
+                answers.append(protocol.invalid_request(str(e)))
+            last = True
+        if answers:
+            self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
+            self._answered()
+        if last:
+            self._close()
+
+    def _next_value(
+        self, buf: bytearray, limit: int, eof: bool
+    ) -> tuple[Request | bytes | None, int]:
+        """The next request (or its answer, for a known line) and where it ends in ``buf``;
+        ``None`` while it is not complete.  At EOF, Go's error for what is missing is raised."""
+        scanner = self.scanner
+        if not scanner.kind:
+            # At a value's start: a whole line of the usual kind needs no scanner.
+            start = scanner.pos = protocol.skip_space(buf, scanner.pos)
+            nl = buf.find(b"\n", start, limit)
+            if nl >= 0:
+                line = bytes(buf[start : nl + 1])
+                if (known := _KNOWN_LINES.get(line)) is not None:
+                    return self.server.state_answer(*known), nl + 1
+                if (request := protocol.decode_plain(line)) is not None:
+                    return request, nl + 1
+        end = scanner.scan(buf, min(len(buf), limit))
+        if end < 0 and eof:
+            end = scanner.at_eof()
+        if end < 0:
+            return None, -1
+        return scanner.request(buf), end
 
     def _pause_for_others(self) -> None:
         """A pipelining client waits while every other ready connection is served."""
@@ -418,261 +444,41 @@ class _Connection(asyncio.Protocol):
             self.server.wait_turn(self)
 
     def next_turn(self) -> None:
-        """Answer held lines; read again only once they are all answered (or it grows)."""
+        """Answer held requests; read again only once they are all answered."""
         self.waiting = False
         if self.paused or self.transport.is_closing():
             return  # resume_writing carries on, or there is no one left to answer
         if self.buffer:
-            self.data_received(b"")
+            self._serve(False)
         if not (self.waiting or self.paused or self.transport.is_closing()):
             self.transport.resume_reading()
 
-    def eof_received(self) -> bool | None:
-        rest = self.buffer[self.held :]
-        if rest and not rest.isspace():
-            self._handle(rest)
-        if self.stream is None:
-            self.transport.close()
-        return True
-
-    def _handle_unterminated(self, rest: bytes) -> None:
-        """Answer a request that came without its newline, as Go's decoder would."""
-        try:
-            request = protocol.decode_request(rest)
-        except msgspec.DecodeError as e:
-            if "truncated" in str(e):
-                self.buffer = rest
-            else:
-                self.finish(protocol.invalid_request(str(e)))
-            return
-        self._dispatch(request)
-
-    def _handle(self, line: bytes) -> bool:
-        """Answer one line; ``False`` when the connection is done."""
-        if not line or line.isspace():
-            return True
-        try:
-            request = protocol.decode_request(line)
-        except (msgspec.DecodeError, UnicodeDecodeError) as e:
-            self.finish(protocol.invalid_request(str(e)))
-            return False
-        return self._dispatch(request)
-
-    def _dispatch(self, request: Request) -> bool:
-        answer = self.server.answer(request)
-        if answer is None:
-            self.server.stream_logs(self, request)
-            return False
-        self.transport.write(answer)
-        self._answered()
-        return True
-
     def _answered(self) -> None:
         """Restart the idle clock: the request timeout counts from the last answer."""
+        self.answered = True
         self.since = time.monotonic()
-        if self in self.server._connections:
-            self.server._touch(self)
+        self.server.touch(self)
+        if self.server.closing:
+            self._close()
+
+    def _close(self) -> None:
+        self.buffer.clear()
+        self.transport.close()
 
     def finish(self, answer: bytes) -> None:
         """Write a last answer and close; the rest of the input is dropped."""
-        self.buffer, self.held = b"", 0
         self.transport.write(answer)
-        self.transport.close()
+        self._close()
 
     def expire(self) -> None:
         if self.transport.get_write_buffer_size():
             # Unread answers for a whole timeout: closing would wait on this peer forever.
             self.transport.abort()
-        elif self.buffer:
+        elif self.scanner.kind:
             self.finish(_TIMED_OUT)
         else:
             self.transport.close()
         self.server.forget(self)
-
-
-class _Transport(asyncio.Transport):
-    """One accepted socket, in the server's epoll set, driving one :class:`_Connection`.
-
-    Semantics as asyncio's socket transport, minus what the control socket
-    never needs: writes go out at once and only the rest is buffered,
-    ``pause_writing`` above 64 KiB, ``close`` after the buffer drains.
-    ``connection_lost`` is called directly rather than scheduled: the
-    connection object tolerates it from inside its own callbacks.
-    """
-
-    __slots__ = (
-        "_closing",
-        "_eof",
-        "_mask",
-        "_out",
-        "_paused",
-        "_reading",
-        "_server",
-        "_sock",
-        "fd",
-        "protocol",
-    )
-
-    def __init__(self, server: Server, fd: int) -> None:
-        # No BaseTransport.__init__: its extra-info dict is never asked for here.
-        self._server = server
-        self._sock: _socket.socket | None = _socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
-        self.fd = fd
-        self._out = b""
-        self._mask = -1  # not in the epoll set yet
-        self._reading = True
-        self._eof = False
-        self._closing = False
-        self._paused = False
-        protocol = _Connection(server)
-        self.protocol: _Connection | None = protocol
-        protocol.connection_made(self)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def ready(self, events: int) -> None:
-        if events & select.EPOLLOUT or (self._out and events & _IN):
-            self._flush()
-        if self._sock is None:
-            return
-        if self._reading and events & _IN:
-            self.read()
-        elif events & (select.EPOLLHUP | select.EPOLLERR) and not self._out:
-            self._lose(None)  # peer gone while we were not reading (a finished log stream)
-
-    def read(self) -> None:
-        """Read what is there, if anything; an epoll event is a hint, this never blocks."""
-        protocol = self.protocol
-        assert self._sock is not None and protocol is not None
-        try:
-            data = self._sock.recv(_READ_SIZE, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._lose(e)
-            return
-        try:
-            if data:
-                protocol.data_received(data)
-                return
-            self._eof = True
-            keep_open = protocol.eof_received()
-        except Exception as e:  # a failing callback costs its connection, never the server
-            log.exception("control connection failed")
-            self._lose(e)
-            return
-        if not keep_open:
-            self.close()
-        elif self._sock is not None:
-            self._update()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sock is None or self._closing:
-            return
-        if self._out:
-            self._out += data
-        else:
-            try:
-                sent = self._sock.send(data, _DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as e:
-                self._lose(e)
-                return
-            if sent == len(data):
-                return
-            self._out = bytes(data[sent:])
-            self._update()
-        if not self._paused and len(self._out) > _HIGH_WATER:
-            self._paused = True
-            assert self.protocol is not None
-            self.protocol.pause_writing()
-
-    def _flush(self) -> None:
-        assert self._sock is not None
-        try:
-            sent = self._sock.send(self._out, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._lose(e)
-            return
-        self._out = self._out[sent:]
-        if self._paused and len(self._out) <= _LOW_WATER:
-            self._paused = False
-            assert self.protocol is not None
-            self.protocol.resume_writing()
-        if not self._out:
-            if self._closing:
-                self._lose(None)
-            else:
-                self._update()
-
-    def watch(self) -> None:
-        """Join the epoll set (if still open), to hear of the next request or the end."""
-        if self._sock is not None:
-            self._update()
-
-    def _update(self) -> None:
-        """Tell epoll what we wait for: input while reading, room while output is pending."""
-        mask = (select.EPOLLIN if self._reading and not self._eof else 0) | (
-            select.EPOLLOUT if self._out else 0
-        )
-        epoll = self._server._epoll
-        if mask != self._mask and epoll is not None:
-            if self._mask < 0:
-                epoll.register(self.fd, mask)
-            else:
-                epoll.modify(self.fd, mask)
-            self._mask = mask
-
-    def pause_reading(self) -> None:
-        self._reading = False
-        self._update()
-
-    def resume_reading(self) -> None:
-        self._reading = True
-        self._update()
-
-    def is_reading(self) -> bool:
-        return self._reading
-
-    def is_closing(self) -> bool:
-        return self._closing or self._sock is None
-
-    def close(self) -> None:
-        if self._closing or self._sock is None:
-            return
-        self._closing = True
-        self._reading = False
-        if self._out:
-            self._update()
-        else:
-            self._lose(None)
-
-    def abort(self) -> None:
-        self._out = b""
-        self._lose(None)
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._out)
-
-    def _lose(self, exc: Exception | None) -> None:
-        """Close the socket (which also leaves the epoll set) and tell the protocol, once.
-
-        The protocol is let go of, as asyncio's transports do: the two point at each other,
-        and a cycle per connection left for the garbage collector costs more than the request.
-        """
-        if self._sock is None:
-            return
-        self._sock.close()
-        self._sock = None
-        self._closing = True
-        self._server._closed(self.fd)
-        protocol, self.protocol = self.protocol, None
-        assert protocol is not None
-        protocol.connection_lost(exc)
 
 
 async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:

@@ -211,8 +211,7 @@ def _raise_fd_limit(connections: int) -> None:
 
 
 def _config_path(name: str) -> Path:
-    directory = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
-    return vmconfig.path_for(name, Path(directory) if directory else vmconfig.CONFIG_DIR)
+    return vmconfig.path_for(name, vmconfig.config_dir())
 
 
 def _state_dir(options: Options, name: str) -> Path:
