@@ -13,7 +13,7 @@ import container
 import pytest
 from container import Container
 from guest.build import GuestImage
-from test_systemd_e2e import UNITS, VM, _free_port, make_vm, venv, wait_for
+from test_systemd_e2e import SYSUSERS, UNITS, VM, _free_port, make_vm, venv, wait_for
 
 from vmhost.systemd import Event
 
@@ -25,8 +25,10 @@ NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
 
 @pytest.fixture(scope="module")
 def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
-    binds = {container.REPO, venv, guest.kernel.parent}
+    binds = {venv, guest.kernel.parent}
     with container.boot("vmhost-sec", ro_binds=sorted(map(str, binds))) as booted:
+        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
+        booted.run("systemd-sysusers")  # the vmhost group (SocketGroup=), as the package makes it
         booted.install_units(UNITS, venv)
         booted.write("/run/sec/status_latency.py", _STATUS_LATENCY)
         yield booted
