@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import pytest
 from guest.build import GuestImage, build, fresh_disk
+from qemu.qmp import QMPClient
 
+from vmhost import qemu
+from vmhost.config import Config
 from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
 
@@ -100,6 +104,7 @@ CACHE = Path(os.environ.get("VMHOST_TEST_CACHE", "/var/tmp/vmhost-test-cache"))
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (systemd containers share the host's network)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -107,13 +112,62 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def guest() -> GuestImage:
+    """The tiny guest, built once per package versions into the one cache every test uses."""
     return build(CACHE / "guest")
 
 
 @pytest.fixture(scope="session")
-def deaf_guest() -> GuestImage:
-    """A guest that ignores the ACPI power button."""
-    return build(CACHE / "guest-noacpi", ignore_acpi=True)
+def deaf_guest(guest: GuestImage) -> GuestImage:
+    """A guest that ignores the ACPI power button (built alongside ``guest``)."""
+    return build(guest.kernel.parent, ignore_acpi=True)
+
+
+@dataclasses.dataclass
+class BareQemu:
+    """QEMU from ``qemu.argv()`` alone, no controller: for tests of the command line and the
+    agent client.  ``stderr`` and ``console`` are filled in once the context has ended."""
+
+    proc: asyncio.subprocess.Process
+    qmp: QMPClient
+    stderr: bytes = b""
+    console: bytes = b""
+
+
+@contextlib.asynccontextmanager
+async def bare_qemu(
+    config: Config, name: str, *, agent_socket: Path | None = None
+) -> AsyncIterator[BareQemu]:
+    """Run QEMU with QMP connected and the serial console drained (so the guest never blocks);
+    the guest agent, if any, behind ``agent_socket``."""
+    qmp_parent, qmp_child = socket.socketpair()
+    serial_parent, serial_child = socket.socketpair()
+    args = qemu.argv(
+        config, name=name, qmp_fd=qmp_child.fileno(), serial_fd=serial_child.fileno(), kvm=False
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        pass_fds=[qmp_child.fileno(), serial_child.fileno()],
+        env=qemu.environment(os.environ, agent_socket=agent_socket),
+        stderr=subprocess.PIPE,
+    )
+    qmp_child.close()
+    serial_child.close()
+    serial_reader, serial_writer = await asyncio.open_connection(sock=serial_parent)
+    console = asyncio.create_task(serial_reader.read())
+    bare = BareQemu(proc, QMPClient(name))
+    try:
+        async with asyncio.timeout(30):
+            await bare.qmp.connect(qmp_parent)
+        yield bare
+    finally:
+        with contextlib.suppress(EOFError):  # raised when QEMU has gone first
+            await bare.qmp.disconnect()
+        if proc.returncode is None:
+            proc.kill()
+        _, bare.stderr = await proc.communicate()
+        serial_writer.close()
+        bare.console = await console
+        qmp_parent.close()
 
 
 @dataclasses.dataclass

@@ -53,6 +53,7 @@ secrets = {{ token = "s3cret", other = "x" }}
 shares = [{{ path = "share", guest_path = "/mnt/share", read_only = true }}]
 [stop]
 timeout_seconds = 10
+max_timeout_seconds = 60
 [qemu]
 binary = "qemu-system-x86_64"
 sandbox = false
@@ -103,7 +104,7 @@ def test_full_config_loads_with_paths_resolved(vmdir: Path) -> None:
             secrets={"token": "s3cret", "other": "x"},
             shares=[ShareConfig(path=f"{vmdir}/share", guest_path="/mnt/share", read_only=True)],
         ),
-        stop=StopConfig(timeout_seconds=10),
+        stop=StopConfig(timeout_seconds=10, max_timeout_seconds=60),
         qemu=QemuConfig(sandbox=False, extra_args=["-S"]),
     )
     assert msgspec.convert(msgspec.to_builtins(loaded), Config) == loaded
@@ -206,6 +207,10 @@ def test_bad_value_names_file_and_field(vmdir: Path, text: str, message: str) ->
         (
             MINIMAL + '[agent]\nshares = [{ path = "share", guest_path = "mnt" }]\n',
             "agent.shares[0].guest_path: not an absolute path: 'mnt'",
+        ),
+        (
+            MINIMAL + "[stop]\ntimeout_seconds = 61\nmax_timeout_seconds = 60\n",
+            "stop.timeout_seconds: above stop.max_timeout_seconds (60)",
         ),
         (
             MINIMAL + '[qemu]\nbinary = "qemu-system-nonesuch"\n',

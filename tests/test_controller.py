@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
-from conftest import VM
+from conftest import VM, free_port
 from guest.build import GuestImage
 
 from vmhost import config as vmconfig
-from vmhost.controller import PROBE_INTERVAL, PROBE_TIMEOUT, Ending, QemuController
+from vmhost.controller import _LAST_STEPS, PROBE_INTERVAL, PROBE_TIMEOUT, Ending, QemuController
 from vmhost.errors import ControllerError, VMCrashedError
 from vmhost.protocol import VMState
 
@@ -31,6 +33,16 @@ class Recorder:
     def __call__(self, state: VMState, message: str, qmp_event: str) -> None:
         if not self.states or self.states[-1] is not state:
             self.states.append(state)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Wait for a condition the controller reaches by itself (a QMP event, a task)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout:g} s: {what}") from None
 
 
 async def started(vm: VM, recorder: Recorder | None = None) -> QemuController:
@@ -51,9 +63,11 @@ async def booted(make_vm: Callable[..., VM]) -> AsyncIterator[tuple[VM, QemuCont
 
 
 async def test_boot_states_info_and_ssh(make_vm: Callable[..., VM]) -> None:
-    """starting → running once QMP says so; ssh_port forwards to the guest's port 22."""
+    """starting → running once QMP says so; ssh_port forwards to the guest's port 22;
+    close() leaves no descriptor behind (QMP, console transport, stderr pipe)."""
     vm = make_vm()
     recorder = Recorder()
+    before = set(os.listdir("/proc/self/fd"))
     controller = QemuController(
         vmconfig.load(vm.config), name="t", state_dir=vm.dir, on_state=recorder
     )
@@ -70,6 +84,7 @@ async def test_boot_states_info_and_ssh(make_vm: Callable[..., VM]) -> None:
     finally:
         await controller.close()
     assert recorder.states[0] is VMState.RUNNING
+    assert set(os.listdir("/proc/self/fd")) <= before
 
 
 async def test_acpi_stop_keeps_data(booted: tuple[VM, QemuController]) -> None:
@@ -94,23 +109,36 @@ async def test_deaf_guest_escalates_within_deadline(
         start = time.monotonic()
         await controller.stop(2)
         elapsed = time.monotonic() - start
-        assert 2 <= elapsed < 4.5
+        assert 2 <= elapsed < 2 + 2 * _LAST_STEPS + 2  # the deadline, quit, SIGTERM, slack
         assert controller.state is VMState.STOPPED
     finally:
         await controller.close()
 
 
-async def test_second_stop_joins_the_first(booted: tuple[VM, QemuController]) -> None:
-    """A second stop does not restart the clock; force_stop during a stop ends it at once."""
-    _, controller = booted
-    first = asyncio.ensure_future(controller.stop(30))
-    await asyncio.sleep(0)
-    second = asyncio.ensure_future(controller.stop(30))
-    start = time.monotonic()
-    await controller.force_stop()
-    assert time.monotonic() - start < 1
-    await asyncio.gather(first, second)
-    assert controller.ending is Ending.REQUESTED
+async def test_second_stop_joins_the_first(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second stop keeps the first one's deadline and step; force_stop then ends it at once."""
+    caplog.set_level(logging.INFO, "vmhost")
+    vm = make_vm(image=deaf_guest)
+    controller = await started(vm)
+    try:
+        await vm.wait_for_console("TINYGUEST READY")
+        first = controller.stop(30)
+        await until(lambda: controller._step == "ACPI power-down", "the first stop pressed ACPI")
+        left = controller.stop_left()
+        second = controller.stop(2)
+        assert controller.stop_timeout == 30
+        assert 25 < controller.stop_left() <= left, "the second stop moved the deadline"
+        assert controller._step == "ACPI power-down" and controller.state is VMState.STOPPING
+        start = time.monotonic()
+        await controller.force_stop()
+        assert time.monotonic() - start < 5
+        await asyncio.gather(first, second)
+        assert controller.ending is Ending.REQUESTED
+        assert caplog.text.count("stop: ACPI power-down (") == 1
+    finally:
+        await controller.close()
 
 
 async def test_force_stop_is_quick(booted: tuple[VM, QemuController]) -> None:
@@ -119,7 +147,7 @@ async def test_force_stop_is_quick(booted: tuple[VM, QemuController]) -> None:
     pid = controller.pid
     start = time.monotonic()
     await controller.force_stop()
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 5  # ~20 ms alone: a wide guard on 2 loaded cores
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert controller.state is VMState.STOPPED
@@ -132,7 +160,7 @@ async def test_outside_sigkill_is_a_crash(booted: tuple[VM, QemuController]) -> 
     start = time.monotonic()
     with pytest.raises(VMCrashedError, match="killed from outside by SIGKILL"):
         await controller.wait()
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 10  # at once, by the pidfd: a wide guard
     assert controller.state is VMState.CRASHED
 
 
@@ -153,11 +181,48 @@ async def test_pause_and_resume_are_seen(booted: tuple[VM, QemuController]) -> N
     """QMP STOP/RESUME events move the state to paused and back."""
     _, controller = booted
     await controller._qmp.execute("stop")
-    await asyncio.sleep(0.2)
-    assert controller.state is VMState.PAUSED
+    await until(lambda: controller.state is VMState.PAUSED, "paused after QMP stop")
     await controller._qmp.execute("cont")
-    await asyncio.sleep(0.2)
-    assert controller.state is VMState.RUNNING
+    await until(lambda: controller.state is VMState.RUNNING, "running after QMP cont")
+
+
+async def test_stop_of_a_paused_vm_resumes_it_first(booted: tuple[VM, QemuController]) -> None:
+    """Paused vCPUs never see the power button: stop resumes them, then ACPI ends the guest
+    cleanly well before the deadline (it used to press ACPI until the deadline, then quit)."""
+    vm, controller = booted
+    await controller._qmp.execute("stop")
+    await until(lambda: controller.state is VMState.PAUSED, "paused after QMP stop")
+    async with asyncio.timeout(15):  # the deadline is 30 s
+        await controller.stop(30)
+    assert controller.ending is Ending.REQUESTED
+    assert vm.marker() == vm.token and vm.clean()
+
+
+async def test_stop_of_a_vm_paused_on_a_disk_error_quits_at_once(
+    make_vm: Callable[..., VM], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that fails with ENOSPC (a full host disk) pauses the VM (werror=enospc): stop
+    says so and goes straight to quit, without waiting out its deadline."""
+    caplog.set_level(logging.INFO, "vmhost")
+    vm = make_vm()
+    blkdebug = vm.dir / "blkdebug.conf"
+    blkdebug.write_text('[inject-error]\nevent = "write_aio"\nerrno = "28"\n')
+    drive = f"if=virtio,format=raw,file=blkdebug:{blkdebug}:{vm.disk}"
+    toml = vm.config.read_text().replace(f'[[disks]]\npath = "{vm.disk}"\n', "")
+    vm.config.write_text(f'{toml}\n[qemu]\nextra_args = ["-drive", "{drive}"]\n')
+    controller = await started(vm)
+    try:
+        await until(lambda: controller.state is VMState.PAUSED, "paused by the disk error")
+        status = await controller._qmp.execute("query-status")
+        assert isinstance(status, dict) and status["status"] == "io-error"
+        async with asyncio.timeout(10):  # the deadline is 30 s
+            await controller.stop(30)
+    finally:
+        await controller.close()
+    assert controller.ending is Ending.REQUESTED
+    assert "paused on a disk I/O error" in caplog.text
+    assert "stop: QMP quit (paused on a disk I/O error" in caplog.text
+    assert "ACPI power-down" not in caplog.text
 
 
 async def test_start_failure_names_the_cause(make_vm: Callable[..., VM]) -> None:
@@ -170,14 +235,55 @@ async def test_start_failure_names_the_cause(make_vm: Callable[..., VM]) -> None
     await controller.close()
 
 
+async def test_killed_while_starting_is_a_kill_not_a_start_failure(
+    make_vm: Callable[..., VM],
+) -> None:
+    """QEMU killed from outside before QMP answers: killed from outside (exit 3), not
+    "QEMU failed to start" (exit 4), which would blame the VM's config."""
+    vm = make_vm()
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    start = asyncio.ensure_future(controller.start())
+    await asyncio.sleep(0)  # start() runs up to its QMP connect: QEMU is spawned, not answering
+    assert controller.pid > 0 and controller.state is VMState.STARTING
+    os.kill(controller.pid, signal.SIGKILL)
+    try:
+        with pytest.raises(VMCrashedError, match="killed from outside by SIGKILL"):
+            await start
+    finally:
+        await controller.close()
+    assert controller.ending is Ending.KILLED and controller.state is VMState.CRASHED
+
+
+async def test_qmp_closing_during_a_stop_is_not_a_hang(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage
+) -> None:
+    """QMP closing while a stop runs is expected (QEMU on its way out): the VM stays
+    stopping, never "unresponsive" (which the wire reports as running), until it is gone."""
+    vm = make_vm(image=deaf_guest)
+    recorder = Recorder()
+    controller = await started(vm, recorder)
+    try:
+        await vm.wait_for_console("TINYGUEST READY")
+        gone = controller.stop(3)
+        await until(lambda: controller._step == "ACPI power-down", "ACPI pressed")
+        await controller._qmp.disconnect()
+        async with asyncio.timeout(30):
+            await gone
+    finally:
+        await controller.close()
+    assert recorder.states == [VMState.RUNNING, VMState.STOPPING, VMState.STOPPED]
+
+
 async def test_status_never_waits_on_a_hung_qemu(booted: tuple[VM, QemuController]) -> None:
     """A SIGSTOPped QEMU is reported unresponsive, and stop still ends it in time."""
     _, controller = booted
     os.kill(controller.pid, signal.SIGSTOP)
     try:
-        async with asyncio.timeout(PROBE_INTERVAL + PROBE_TIMEOUT + 2):
-            while controller.state is not VMState.UNRESPONSIVE:
-                await asyncio.sleep(0.1)
+        await until(
+            lambda: controller.state is VMState.UNRESPONSIVE,
+            "unresponsive",
+            PROBE_INTERVAL + PROBE_TIMEOUT + 2,
+        )
         start = time.monotonic()
         await controller.stop(2)
         assert time.monotonic() - start < 4.5
@@ -188,14 +294,10 @@ async def test_status_never_waits_on_a_hung_qemu(booted: tuple[VM, QemuControlle
 
 async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
     """With an agent configured, the guest is provisioned at boot and stopped by the agent."""
-    from conftest import free_port
-
     vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
     controller = await started(vm)
     try:
-        async with asyncio.timeout(60):
-            while controller._agent is None:
-                await asyncio.sleep(0.1)
+        await until(lambda: controller._agent is not None, "the guest agent provisioned")
         start = time.monotonic()
         await controller.stop(10)
         assert time.monotonic() - start < 5
@@ -206,6 +308,43 @@ async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
     assert vm.marker("/agent/secrets/token") == "s3cret"
 
 
+async def test_guest_reboot_is_provisioned_again(make_vm: Callable[..., VM]) -> None:
+    """After a RESET the guest has forgotten its secrets: a new agent connection provisions
+    it again, and the stop goes through that one (the guest then saves /run/agent to disk)."""
+    vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
+    controller = await started(vm)
+    try:
+        await until(lambda: controller._agent is not None, "the guest agent provisioned")
+        first = controller._agent
+        await controller._qmp.execute("system_reset")
+        await until(
+            lambda: controller._agent not in (None, first), "provisioned again after the reset"
+        )
+        await controller.stop(30)
+        assert controller.ending is Ending.REQUESTED
+    finally:
+        await controller.close()
+    assert vm.marker("/agent/secrets/token") == "s3cret"
+
+
+async def test_qemu_that_cannot_run_leaks_no_descriptor(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """An executable QEMU that exec refuses (no #! line): a start error, no socket left open."""
+    binary = tmp_path / "not-an-elf"
+    binary.write_text("not a program\n")
+    binary.chmod(0o755)
+    vm = make_vm(toml=f'[qemu]\nbinary = "{binary}"')
+    before = set(os.listdir("/proc/self/fd"))
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    with pytest.raises(ControllerError, match="cannot run") as raised:
+        await controller.start()
+    await controller.close()
+    # `raised` keeps start()'s frame alive: what it did not close is still open (not collected).
+    assert set(os.listdir("/proc/self/fd")) <= before, raised.traceback
+    assert controller.ending is Ending.START_FAILED
+
+
 async def test_stop_is_visible_at_once(booted: tuple[VM, QemuController]) -> None:
     """stop() marks the VM stopping on the call, so the next status already says so."""
     _, controller = booted
@@ -213,3 +352,18 @@ async def test_stop_is_visible_at_once(booted: tuple[VM, QemuController]) -> Non
     assert controller.state is VMState.STOPPING
     await gone
     assert controller.state is VMState.STOPPED
+
+
+async def test_stop_timeout_is_clamped(booted: tuple[VM, QemuController]) -> None:
+    """A client's timeout beyond [stop] max_timeout_seconds (600 s by default) is clamped,
+    and what the running chain may still take is what systemd is asked for."""
+    _, controller = booted
+    assert controller.stop_left() == 0
+    told: list[float] = []
+    controller.on_state = lambda state, message, event: told.append(controller.stop_left())
+    gone = controller.stop(100_000)
+    assert controller.stop_timeout == 600
+    assert 598 < told[0] <= 602, "the state listener (systemd) was told less"
+    assert 598 < controller.stop_left() <= 602
+    await gone
+    assert controller.stop_left() == 0

@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import container
 import pytest
-from conftest import CACHE
+from conftest import CACHE, free_port
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
@@ -186,12 +185,6 @@ def overlay_host(deb: Path, guest: GuestImage) -> Iterator[Container]:
         yield ct
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # the container shares the host's network
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_ready(ct: Container, console: str, boots: int, timeout: float = 60) -> None:
     """Until the guest said READY ``boots`` times in its console log (vmhost appends to it)."""
     deadline = time.monotonic() + timeout
@@ -262,7 +255,7 @@ cmdline = "console=ttyS0 quiet panic=-1 guest.token={token}"
 [[disks]]
 path = "{disk}"
 [network]
-ssh_port = {_free_port()}
+ssh_port = {free_port()}
 [stop]
 timeout_seconds = 20
 """,

@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,16 +24,19 @@ from typing import Final
 
 import pytest
 from conftest import VM
-from fixtures import Vmhost, qemu_alive, vmhost_factory, wait_for
+from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
 from guest.build import GuestImage
 
 from vmhost import controller
 from vmhost.client import Client
 from vmhost.service import (
+    EXIT_ACTIVATION,
     EXIT_ALREADY_RUNNING,
     EXIT_CONFIG,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_START_FAILED,
+    EXIT_USAGE,
     EXIT_VM_CRASHED,
 )
 
@@ -80,7 +84,7 @@ def test_sigkill_of_qemu_is_a_crash(make_vm: MakeVM, vmhost_for: VmhostFor) -> N
     vm = vmhost_for(make_vm())
     qemu_pid = vm.boot().pid
     os.kill(qemu_pid, signal.SIGKILL)
-    code, elapsed = exit_within(vm, 1.0)
+    code, elapsed = exit_within(vm, 10)  # at once by the pidfd (the bench times it)
     print(f"\nSIGKILL of QEMU -> exit {code} after {elapsed:.3f} s")
     assert code == EXIT_VM_CRASHED
     assert "crashed: QEMU killed from outside by SIGKILL" in vm.output()
@@ -107,7 +111,8 @@ def test_sigstop_of_qemu_status_answers_and_stop_ends_it(
             assert state == "running"
             assert time.monotonic() - hung_at < limit, "never reported unresponsive"
             time.sleep(0.05)
-        assert slowest < 0.1, f"a status took {slowest * 1000:.0f} ms while QEMU hung"
+        # From the cache, never from the hung QEMU (which would take the probe's 2 s).
+        assert slowest < 1, f"a status took {slowest * 1000:.0f} ms while QEMU hung"
 
         os.kill(qemu_pid, signal.SIGCONT)  # it recovers: so does the state
         wait_for(lambda: vm.status().vm_state == "running", limit, "running again")
@@ -150,7 +155,7 @@ def test_qmp_closed_by_qemu(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
     vm = vmhost_for(make_vm())
     qemu_pid = vm.boot().pid
     cut_qmp(qemu_pid)
-    wait_for(lambda: vm.status().vm_state == "unresponsive", 1.0 + MARGIN, "unresponsive")
+    wait_for(lambda: vm.status().vm_state == "unresponsive", 10, "unresponsive")
     assert qemu_alive(qemu_pid)
     request_stop(vm, 10)
     code, _ = exit_within(vm, CHAIN_TAIL + MARGIN)
@@ -257,6 +262,81 @@ def test_unusable_disk_is_a_start_failure(make_vm: MakeVM, vmhost_for: VmhostFor
     assert "qcow2" in reason, vm.output()
 
 
+def test_qemu_killed_while_starting_is_a_crash(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
+    """QEMU killed from outside before QMP answers exits 3 (restarted), not 4 (its config)."""
+    vm = vmhost_for(make_vm())
+    binary = vm.vm.dir / "qemu-killed-at-once"
+    binary.write_text("#!/bin/sh\nkill -KILL $$\n")
+    binary.chmod(0o755)
+    with vm.vm.config.open("a") as config:
+        config.write(f'[qemu]\nbinary = "{binary}"\n')
+    vm.start()
+    code, _ = exit_within(vm, 15)
+    assert code == EXIT_VM_CRASHED, vm.output()
+    assert "QEMU killed from outside by SIGKILL" in vm.output()
+
+
+def test_socket_path_too_long_is_not_restarted(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
+    """A socket path beyond AF_UNIX's 107 bytes exits 64 (EX_USAGE, no restart), before QEMU."""
+    vm = vmhost_for(make_vm())
+    vm.socket = vm.vm.dir / ("s" * 120) / "vmhost.sock"
+    vm.start()
+    code, _ = exit_within(vm, 10)
+    assert code == EXIT_USAGE, vm.output()
+    assert "socket path longer than 107 bytes" in vm.output()
+    assert_no_qemu(vm)
+
+
+def test_activation_error_is_not_restarted(make_vm: MakeVM) -> None:
+    """systemd passing a datagram socket (a broken socket unit) exits 6, no restart, no QEMU."""
+    vm = make_vm()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        fd = dgram.fileno()
+        as_activated = (  # what systemd does: the socket as fd 3, LISTEN_PID its own pid
+            f"import os, sys; os.dup2({fd}, 3); "
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", as_activated, "-m", "vmhost", "serve", "t", *vm.args()],
+            env=ENV,
+            pass_fds=(fd,),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == EXIT_ACTIVATION, proc.stderr
+    assert "socket activation:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not vm.console.exists()
+
+
+def test_ctrl_c_before_the_handlers_ends_cleanly(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
+    """Ctrl-C while vmhost still reads its config: exit 130, no traceback, no QEMU left."""
+    vm = vmhost_for(make_vm())
+    config = vm.vm.config.read_text()
+    vm.vm.config.unlink()
+    os.mkfifo(vm.vm.config)  # vmhost blocks opening it until we write: before any handler
+    vm.start()
+
+    def vmhost_reads() -> int | None:
+        try:
+            return os.open(vm.vm.config, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody has it open for reading yet
+            return None
+
+    fd = wait_for(vmhost_reads, 30, "vmhost opening its config")
+    vm.signal(signal.SIGINT)
+    try:
+        os.write(fd, config.encode())
+    finally:
+        os.close(fd)
+    code, _ = exit_within(vm, 30)
+    assert code == EXIT_INTERRUPTED, vm.output()
+    assert "Traceback" not in vm.output()
+    for pid in vm.qemu_pids:
+        assert not qemu_alive(pid)
+
+
 # -- signals -------------------------------------------------------------------------
 
 
@@ -270,6 +350,9 @@ def test_sigterm_during_boot(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
     code, _ = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
     assert code == EXIT_OK
     assert not qemu_alive(qemu_pid)
+    output = vm.output()
+    assert "SIGTERM received" in output and "stop: ACPI power-down" in output, output
+    assert "stop: SIGKILL" not in output, "the chain did not end QEMU before its last step"
 
 
 def test_sigterm_during_a_stop_keeps_its_deadline(
@@ -281,7 +364,7 @@ def test_sigterm_during_a_stop_keeps_its_deadline(
     stop_timeout = 4
     started = time.monotonic()
     request_stop(vm, stop_timeout)
-    time.sleep(1)
+    wait_for(lambda: "stop: ACPI power-down" in vm.output(), 10, "the stop pressing ACPI")
     vm.signal(signal.SIGTERM)
     code, _ = exit_within(vm, stop_timeout + CHAIN_TAIL + MARGIN)
     assert code == EXIT_OK
@@ -323,7 +406,7 @@ def test_second_sigint_forces(
     os.killpg(vm.pid, signal.SIGINT)
     wait_for(lambda: vm.status().vm_state == "stopping", 5, "stopping")
     os.killpg(vm.pid, signal.SIGINT)
-    code, _ = exit_within(vm, 2)
+    code, _ = exit_within(vm, 10)  # at once, not the 30 s deadline: a wide guard
     assert code == EXIT_OK
 
 

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import socket
-import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guest import build
+from conftest import VM, bare_qemu, free_port
 from qemu.qmp import QMPClient
 
-from vmhost import guest, qemu
-from vmhost.config import (
-    AgentConfig,
-    BootConfig,
-    Config,
-    DiskConfig,
-    MachineConfig,
-    NetworkConfig,
-    ShareConfig,
-)
+from vmhost import config as vmconfig
+from vmhost import guest
+from vmhost.config import AgentConfig, ShareConfig
 from vmhost.errors import AgentError
 from vmhost.guest import Agent, Health, Lifecycle
 
@@ -53,6 +42,7 @@ class FakeAgent:
         self.accepted: list[float] = []
         self.writers: list[asyncio.StreamWriter] = []
         self.disconnected = asyncio.Event()
+        self.received = asyncio.Event()
 
     @property
     def types(self) -> list[str]:
@@ -68,6 +58,7 @@ class FakeAgent:
         try:
             while request := await reader.readline():
                 self.requests.append(request)
+                self.received.set()
                 kind = json.loads(request)["type"]
                 for extra in self.unsolicited:
                     writer.write(extra)
@@ -114,13 +105,6 @@ async def agent(fake: FakeAgent) -> AsyncIterator[Agent]:
     agent = await Agent.connect((HOST, fake.port), deadline=loop.time() + 5, timeout=1.0)
     yield agent
     agent.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_requests_on_the_wire(agent: Agent, fake: FakeAgent) -> None:
@@ -177,7 +161,7 @@ async def test_no_reply_times_out_and_closes(agent: Agent, fake: FakeAgent) -> N
     start = loop.time()
     with pytest.raises(AgentError, match=r"shutdown: no reply within 0.2 s") as info:
         await agent.shutdown("stop", timeout=0.2)
-    assert 0.2 <= loop.time() - start < 0.5
+    assert 0.2 <= loop.time() - start < 2  # its timeout, then a wide guard
     assert isinstance(info.value.__cause__, TimeoutError)
     await asyncio.wait_for(fake.disconnected.wait(), 1)
     with pytest.raises(AgentError, match="connection unusable"):
@@ -188,7 +172,7 @@ async def test_cancellation_propagates_and_closes(agent: Agent, fake: FakeAgent)
     """Cancelling a waiting call raises CancelledError, never swallowed, and drops the stream."""
     fake.silent.add("get_health")
     task = asyncio.create_task(agent.get_health())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(fake.received.wait(), 10)  # the request is out: the call waits
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -235,8 +219,9 @@ async def test_connect_backs_off_until_agent_listens() -> None:
     server.close()
     gaps = [b - a for a, b in zip(fake.accepted, fake.accepted[1:], strict=False)]
     assert len(gaps) == 4
+    print(f"\nback-off gaps: {', '.join(f'{g:.3f}' for g in gaps)} s")
     for gap, delay in zip(gaps, [0.1, 0.2, 0.4, 0.8], strict=True):
-        assert delay <= gap < delay + 0.25
+        assert delay <= gap < 2 * delay + 0.3  # doubling, not a fixed or a longer step
     assert fake.types == ["ping"]
 
 
@@ -260,7 +245,8 @@ async def test_connect_gives_up_at_deadline() -> None:
     start = loop.time()
     with pytest.raises(AgentError, match=f"no guest agent at {HOST}:") as info:
         await Agent.connect((HOST, free_port()), deadline=start + 1.0)
-    assert 0.6 <= loop.time() - start <= 1.0  # the next try would start past the deadline
+    # The next try would start past the deadline; the upper bound is that deadline plus slack.
+    assert 0.6 <= loop.time() - start <= 1.5
     assert isinstance(info.value.__cause__, OSError)
 
 
@@ -346,67 +332,26 @@ async def test_provision_without_port() -> None:
         await guest.provision(AgentConfig())
 
 
-@pytest.fixture(scope="module")
-def tiny_guest() -> build.GuestImage:
-    """The tiny Debian guest with the real in-guest agent (cached across runs)."""
-    cache = Path(os.environ.get("VMHOST_TEST_CACHE", "/var/cache/vmhost-test"))
-    return build.build(cache / "tinyguest")
-
-
-def debugfs_cat(disk: Path, path: str) -> str:
-    done = subprocess.run(
-        ["debugfs", "-R", f"cat {path}", str(disk)], capture_output=True, text=True, check=True
-    )
-    return done.stdout
-
-
 @pytest.mark.slow
 async def test_real_guest_provision_and_shutdown(
-    tiny_guest: build.GuestImage, tmp_path: Path
+    make_vm: Callable[..., VM], tmp_path: Path
 ) -> None:
     """QEMU from argv() boots the tiny guest; provision() and shutdown() work on its real agent."""
-    disk = build.fresh_disk(tiny_guest, tmp_path / "disk.img")
     jcard = tmp_path / "jcard.toml"
     jcard.write_text('[job]\nname = "demo"\nnote = "quote \\" and \\\\ slash"\n')
     (tmp_path / "share").mkdir()
-    config = Config(
-        machine=MachineConfig(accel="tcg"),
-        boot=BootConfig(
-            kernel=str(tiny_guest.kernel),
-            initrd=str(tiny_guest.initrd),
-            cmdline="console=ttyS0 quiet panic=-1 guest.token=agent-test",
-        ),
-        disks=[DiskConfig(path=str(disk))],
-        network=NetworkConfig(ssh_port=free_port()),
-        agent=AgentConfig(
-            port=free_port(),
-            config_file=str(jcard),
-            ssh_public_key="ssh-ed25519 AAAAC3Nza admin@host",
-            shares=[ShareConfig(path=str(tmp_path / "share"), guest_path="/srv", read_only=True)],
-        ),
+    vm = make_vm(
+        toml=f"""
+[agent]
+port = {free_port()}
+config_file = "{jcard}"
+ssh_public_key = "ssh-ed25519 AAAAC3Nza admin@host"
+shares = [{{ path = "{tmp_path / "share"}", guest_path = "/srv", read_only = true }}]
+"""
     )
-    qmp_parent, qmp_child = socket.socketpair()
-    serial_parent, serial_child = socket.socketpair()
-    args = qemu.argv(
-        config,
-        name="agent-test",
-        qmp_fd=qmp_child.fileno(),
-        serial_fd=serial_child.fileno(),
-        kvm=False,
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        pass_fds=[qmp_child.fileno(), serial_child.fileno()],
-        env=qemu.environment(os.environ, agent_socket=tmp_path / "agent.sock"),
-    )
-    qmp_child.close()
-    serial_child.close()
-    serial_reader, serial_writer = await asyncio.open_connection(sock=serial_parent)
-    console = asyncio.create_task(serial_reader.read())  # drained so the guest never blocks
-    qmp = QMPClient("agent-test")
+    config = vmconfig.load(vm.config)
     loop = asyncio.get_running_loop()
-    try:
-        await qmp.connect(qmp_parent)
+    async with bare_qemu(config, "agent-test", agent_socket=tmp_path / "agent.sock") as qemu_vm:
         start = loop.time()
         agent = await guest.provision(
             config.agent,
@@ -420,25 +365,16 @@ async def test_real_guest_provision_and_shutdown(
         await agent.shutdown("test done")
         agent.close()
         async with asyncio.timeout(15):
-            event = await first_shutdown(qmp)  # qmp.events queues from connect on
-            assert await proc.wait() == 0
+            event = await first_shutdown(qemu_vm.qmp)  # qmp.events queues from connect on
+            assert await qemu_vm.proc.wait() == 0
         stopped = loop.time() - start
-    finally:
-        with contextlib.suppress(EOFError):
-            await qmp.disconnect()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        serial_writer.close()
-        print((await console).decode(errors="replace"))  # shown by pytest on failure
+    print(qemu_vm.console.decode(errors="replace"))  # shown by pytest on failure
     assert event["data"]["guest"] is True, event
     print(f"provision {provisioned:.2f} s, shutdown -> exit {stopped:.2f} s")
-    assert debugfs_cat(disk, "/marker") == "agent-test\n"
-    assert debugfs_cat(disk, "/agent/config.toml") == jcard.read_text()
-    assert debugfs_cat(disk, "/agent/ssh/admin/authorized_keys") == (
-        "ssh-ed25519 AAAAC3Nza admin@host\n"
-    )
-    assert debugfs_cat(disk, "/agent/mounts") == "share0 /srv 9p true\n"
+    assert vm.marker() == vm.token
+    assert vm.marker("/agent/config.toml") == jcard.read_text().strip()
+    assert vm.marker("/agent/ssh/admin/authorized_keys") == "ssh-ed25519 AAAAC3Nza admin@host"
+    assert vm.marker("/agent/mounts") == "share0 /srv 9p true"
 
 
 async def first_shutdown(qmp: QMPClient) -> Any:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
-import os
 import re
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from conftest import bare_qemu, free_port
 from qemu.qmp import QMPClient
 
 from vmhost import qemu
@@ -259,13 +257,6 @@ def test_missing_slirp_guard_refuses_rather_than_runs_open(
         qemu.environment({}, host_loopback=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def vm_files(tmp_path: Path) -> Config:
     """A config with every kind of device that boots nothing: QEMU is started with -S."""
@@ -306,24 +297,10 @@ async def execute(qmp: QMPClient, command: str) -> Any:
 async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
     """QEMU 7.2 takes every flag argv() emits, speaks QMP on the socketpair and quits cleanly."""
     config = vm_files
-    qmp_parent, qmp_child = socket.socketpair()
-    serial_parent, serial_child = socket.socketpair()
-    args = qemu.argv(
-        config, name="demo", qmp_fd=qmp_child.fileno(), serial_fd=serial_child.fileno(), kvm=False
-    )
     agent = Path(config.disks[0].path).parent / "agent.sock"
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        pass_fds=[qmp_child.fileno(), serial_child.fileno()],
-        env=qemu.environment(os.environ, agent_socket=agent),
-        stderr=subprocess.PIPE,
-    )
-    qmp_child.close()
-    serial_child.close()
-    qmp = QMPClient("demo")
-    try:
+    async with bare_qemu(config, "demo", agent_socket=agent) as vm:
+        qmp, proc = vm.qmp, vm.proc
         async with asyncio.timeout(10):
-            await qmp.connect(qmp_parent)
             assert (await execute(qmp, "query-status"))["status"] == "prelaunch"
             assert await execute(qmp, "query-name") == {"name": "demo"}
             blocks = await execute(qmp, "query-block")
@@ -343,12 +320,4 @@ async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
                 await asyncio.open_connection("127.0.0.1", config.agent.port)
             await qmp.execute("quit")
             assert await proc.wait() == 0
-    finally:
-        with contextlib.suppress(EOFError):  # raised when QEMU has gone first
-            await qmp.disconnect()
-        if proc.returncode is None:
-            proc.kill()
-        _, stderr = await proc.communicate()
-        serial_parent.close()
-        qmp_parent.close()
-    assert stderr == b""
+    assert vm.stderr == b""

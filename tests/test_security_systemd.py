@@ -11,9 +11,10 @@ from pathlib import Path
 
 import container
 import pytest
+from conftest import free_port
 from container import Container
 from guest.build import GuestImage
-from test_systemd_e2e import SYSUSERS, UNITS, VM, _free_port, make_vm, venv, wait_for
+from test_systemd_e2e import SYSUSERS, UNITS, VM, make_vm, venv, wait_for
 
 from vmhost.systemd import Event
 
@@ -42,7 +43,7 @@ def append_config(vm: VM, text: str, mode: str = "0600") -> None:
 def test_encrypted_credential_reaches_the_guest(make_vm: Callable[..., VM]) -> None:
     """systemd-creds encrypt, LoadCredentialEncrypted=, agent.credentials: the guest has it."""
     vm = make_vm("cred")
-    port = _free_port()
+    port = free_port()
     vm.ct.run(
         "sh",
         "-c",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import container
 import pytest
+from conftest import free_port
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
@@ -112,19 +112,20 @@ def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Contai
         yield booted
 
 
-def _free_port() -> int:
-    # The container shares the host's network: pick a port free there.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+def watching(ct: Container, pid: str) -> bool:
+    """Whether a journal reader has its inotify fd: every record from then on reaches it
+    (vmhost.logs.entries takes it before reading the tail)."""
+    family = f"{pid} $(cat /proc/{pid}/task/*/children)"  # it may run under timeout(1)
+    find = f'for p in {family}; do find /proc/$p/fd -lname "anon_inode:inotify"; done'
+    return bool(ct.run("sh", "-c", find, check=False).stdout.strip())
 
 
 @dataclass
@@ -201,7 +202,7 @@ cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
 [[disks]]
 path = "{vm.disk}"
 [network]
-ssh_port = {_free_port()}
+ssh_port = {free_port()}
 [stop]
 timeout_seconds = {timeout}
 """,
@@ -433,6 +434,35 @@ def test_long_stop_extends_systemd_timeout(
     assert props == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1"}, props
 
 
+def test_control_stop_longer_than_timeout_stop_sec_is_not_killed(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage
+) -> None:
+    """A control-socket stop of 12 s, then systemctl stop, with TimeoutStopSec=3: systemd is
+    told what the running chain needs (not the config's 1 s), so nothing is SIGKILLed."""
+    vm = make_vm("longctl", image=deaf_guest, timeout=1, service="TimeoutStopSec=3")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    stop = "import sys; from vmhost.client import Client; print(Client(sys.argv[1]).stop(12))"
+    started = time.monotonic()
+    assert "stopping" in vm.ct.run(str(vm.venv / "bin/python"), "-c", stop, vm.socket).stdout
+    wait_for("ACPI pressed", lambda: "stop: ACPI power-down" in messages(vm))
+    vm.ct.systemctl("stop", vm.unit)
+    elapsed = time.monotonic() - started
+
+    assert 11 < elapsed < 30, (
+        elapsed,
+        messages(vm),
+        vm.ct.run("journalctl", "-u", vm.unit, "-o", "cat").stdout,
+    )
+    props = vm.show("Result", "ExecMainStatus", "ExecMainCode")
+    assert props == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1"}, props
+    assert "stop: QMP quit" in messages(vm)  # the chain ran out its 12 s
+
+
+def messages(vm: VM) -> str:
+    return "\n".join(str(r["MESSAGE"]) for r in vm.records("SYSLOG_IDENTIFIER=vmhost"))
+
+
 def test_logs_from_the_journal(make_vm: Callable[..., VM]) -> None:
     """vmhostctl logs: last N lines locally and over the control socket; -f sees new records."""
     vm = make_vm("logs")
@@ -457,7 +487,7 @@ def test_logs_from_the_journal(make_vm: Callable[..., VM]) -> None:
     try:
         assert follow.stdout is not None
         pid = follow.stdout.readline().strip()
-        time.sleep(1)
+        wait_for("the follower watching the journal", lambda: watching(vm.ct, pid))
         vm.ctl("stop", vm.name)
         followed = []
         for text in follow.stdout:
@@ -492,8 +522,13 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
         return out.stdout.splitlines()
 
     def follow(name: str, lines: int, count: int) -> subprocess.Popen[str]:
-        reader = ct.popen(python, "/run/e2e/read_logs.py", name, str(lines), "follow", str(count))
-        time.sleep(1.5)  # reading the tail, then waiting
+        reader = ct.popen(
+            "sh", "-c", 'echo $$; exec "$0" "$@"', python, "/run/e2e/read_logs.py",
+            name, str(lines), "follow", str(count),
+        )  # fmt: skip
+        assert reader.stdout is not None
+        pid = reader.stdout.readline().strip()
+        wait_for(f"the reader of {name} watching the journal", lambda: watching(ct, pid))
         return reader
 
     assert read("edge-none", 5) == []

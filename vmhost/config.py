@@ -108,6 +108,8 @@ class ConsoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StopConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 30
+    max_timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 600
+    """A client's ``timeout_seconds`` beyond this is clamped: systemd waits that long too."""
 
 
 class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -264,6 +266,9 @@ def _check(config: Config) -> tuple[str, str] | None:
             return f"agent.shares[{i}].path", f"not a directory: {share.path}"
         if not share.guest_path.startswith("/"):
             return f"agent.shares[{i}].guest_path", f"not an absolute path: {share.guest_path!r}"
+    limit = config.stop.max_timeout_seconds
+    if config.stop.timeout_seconds > limit:
+        return "stop.timeout_seconds", f"above stop.max_timeout_seconds ({limit})"
     binary = config.qemu.binary
     if shutil.which(binary) is None:
         return "qemu.binary", f"not an executable or not in PATH: {binary}"

@@ -44,6 +44,8 @@ PROBE_INTERVAL: Final = 3.0  # the probe is most of an idle vmhost's CPU
 PROBE_TIMEOUT: Final = 2.0
 ACPI_REPEAT: Final = 3.0
 _LAST_STEPS: Final = 1.0  # each of quit / SIGTERM after the deadline
+_EXIT_GRACE: Final = 1.0
+"""A wide guard: how long QEMU's pipes may take to report its exit after QMP did."""
 _PR_SET_PDEATHSIG: Final = 1
 _CONSOLE_CHUNK: Final = 16384  # < the smallest rotation size: a file never outgrows its cap
 _CONSOLE_GATHER: Final = 0.05  # at most 20 console wakeups a second for a trickle
@@ -84,6 +86,7 @@ class QemuController:
         self._pidfd = -1
         self._qmp = QMPClient(name)
         self._agent: Agent | None = None
+        self._provisioning: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._exited = asyncio.Event()
         self._ending: Ending | None = None
@@ -94,7 +97,11 @@ class QemuController:
         self._step = ""
         self._step_since = 0.0
         self._deadline = 0.0
+        self._stop_timeout = 0.0
         self._stderr_tail: deque[str] = deque(maxlen=5)
+        self._stderr_closed = asyncio.Event()
+        self._signalled = False
+        self._vcpus_stopped = False
         self._agent_socket = qemu.agent_socket(state_dir) if config.agent.port else None
 
     # -- what the server reads ------------------------------------------------
@@ -115,6 +122,17 @@ class QemuController:
     def ending(self) -> Ending | None:
         return self._ending
 
+    @property
+    def stop_timeout(self) -> float:
+        """Seconds the running stop was given, after clamping to ``max_timeout_seconds``."""
+        return self._stop_timeout
+
+    def stop_left(self) -> float:
+        """Seconds the running stop chain may still take, its last steps included."""
+        if not self._deadline or self._exited.is_set():
+            return 0.0
+        return max(self._deadline - time.monotonic(), 0.0) + 2 * _LAST_STEPS
+
     def status_text(self) -> str:
         """One line for ``STATUS=``: what the VM is doing right now."""
         if self._state is VMState.STOPPING and self._step:
@@ -131,23 +149,23 @@ class QemuController:
         """Spawn QEMU and connect QMP; returns once QEMU runs the guest."""
         qmp_parent, qmp_child = socket.socketpair()
         serial_parent, serial_child = socket.socketpair()
-        argv = qemu.argv(
-            self.config,
-            name=self.name,
-            qmp_fd=qmp_child.fileno(),
-            serial_fd=serial_child.fileno(),
-            kvm=qemu.accel_is_kvm(self.config),
-        )
-        log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
-        if self._agent_socket is not None:
-            self._agent_socket.unlink(missing_ok=True)  # a previous run's: QEMU binds it anew
-            log.warning(
-                "agent.port %d is not used: the agent is reached through %s, which only "
-                "vmhost may open (no TCP forward that other users or guests could reach)",
-                self.config.agent.port,
-                self._agent_socket,
-            )
         try:
+            argv = qemu.argv(
+                self.config,
+                name=self.name,
+                qmp_fd=qmp_child.fileno(),
+                serial_fd=serial_child.fileno(),
+                kvm=qemu.accel_is_kvm(self.config),
+            )
+            log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
+            if self._agent_socket is not None:
+                self._agent_socket.unlink(missing_ok=True)  # a previous run's: QEMU binds it anew
+                log.warning(
+                    "agent.port %d is not used: the agent is reached through %s, which only "
+                    "vmhost may open (no TCP forward that other users or guests could reach)",
+                    self.config.agent.port,
+                    self._agent_socket,
+                )
             # Popen, not asyncio's: we watch the child through a pidfd, and fork+exec is quick.
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 argv,
@@ -166,8 +184,10 @@ class QemuController:
                 process_group=0,
             )
         except OSError as e:
+            qmp_parent.close()
+            serial_parent.close()
             self._end(Ending.START_FAILED, f": {e}")
-            raise ControllerError(f"cannot run {argv[0]}: {e}") from e
+            raise ControllerError(f"cannot run {self.config.qemu.binary}: {e}") from e
         finally:
             qmp_child.close()
             serial_child.close()
@@ -186,20 +206,28 @@ class QemuController:
         log.info("QEMU runs (pid %d): %s", self.pid, argv[argv.index("-machine") + 1])
         if self._state is VMState.STARTING:
             running = isinstance(status, dict) and status.get("status") != "paused"
+            self._vcpus_stopped = not running
             self._set_state(VMState.RUNNING if running else VMState.PAUSED, "QEMU runs")
         self._spawn(self._watch_qmp())
         self._spawn(self._probe())
         if self.config.agent.port:
-            self._spawn(self._provision())
+            self._provisioning = self._spawn(self._provision())
 
     async def _fail_start(self, cause: BaseException) -> None:
-        """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure."""
+        """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure,
+        and QEMU killed from outside is reported as such, not as a start failure."""
         if not self._exited.is_set():
+            if not isinstance(cause, TimeoutError):  # QMP closed: QEMU is likely on its way out
+                await self._wait_exit(_EXIT_GRACE)
             self._kill(signal.SIGKILL)
             await self._exited.wait()
         if self._stop_requested:
             return
-        await asyncio.sleep(0.05)  # let the stderr reader catch QEMU's last words
+        if self._ending is not Ending.START_FAILED:
+            await self.wait()
+        with contextlib.suppress(TimeoutError):  # QEMU's last words, up to its stderr EOF
+            async with asyncio.timeout(_EXIT_GRACE):
+                await self._stderr_closed.wait()
         detail = "; ".join(self._stderr_tail) or repr(cause)
         raise ControllerError(f"QEMU failed to start: {detail}") from cause
 
@@ -216,10 +244,17 @@ class QemuController:
 
         The stop starts on the call, not when the result is awaited, so a
         ``status`` right after the ``stop`` answer already says ``stopping``.
-        The result is awaited until QEMU is gone.
+        ``timeout`` beyond ``[stop] max_timeout_seconds`` is clamped to it
+        (:attr:`stop_timeout` says what was granted).  The result is awaited
+        until QEMU is gone.
         """
         if not self._exited.is_set() and self._stop_chain is None:
+            limit = self.config.stop.max_timeout_seconds
+            if timeout > limit:
+                log.warning("stop timeout %g s clamped to max_timeout_seconds %d", timeout, limit)
+                timeout = limit
             self._stop_requested = True
+            self._stop_timeout = timeout
             self._deadline = time.monotonic() + timeout
             self._set_state(VMState.STOPPING, f"stop requested, {timeout:g} s to finish")
             self._stop_chain = self._spawn(self._run_stop_chain())
@@ -252,11 +287,17 @@ class QemuController:
     # -- the stop chain -------------------------------------------------------
 
     async def _run_stop_chain(self) -> None:
-        if self._agent is not None:
-            await self._step_until("guest agent shutdown", self._agent_shutdown, share=0.5)
-        if self._qmp.runstate is Runstate.RUNNING:
-            await self._step_until("ACPI power-down", self._powerdown)
-            await self._step_until("QMP quit", self._qmp_command("quit"), extra=_LAST_STEPS)
+        qmp = self._qmp.runstate is Runstate.RUNNING
+        quit_step = "QMP quit"
+        if qmp and self._vcpus_stopped and await self._paused_on_io_error():
+            quit_step += " (paused on a disk I/O error: the guest cannot shut down)"
+        else:
+            if self._agent is not None:
+                await self._step_until("guest agent shutdown", self._agent_shutdown, share=0.5)
+            if qmp:
+                await self._step_until("ACPI power-down", self._powerdown)
+        if qmp:
+            await self._step_until(quit_step, self._qmp_command("quit"), extra=_LAST_STEPS)
         await self._step_until("SIGTERM", self._signal(signal.SIGTERM), extra=_LAST_STEPS)
         await self._step_until("SIGKILL", self._signal(signal.SIGKILL), extra=60.0)
 
@@ -284,6 +325,24 @@ class QemuController:
             pass
         except (QMPError, OSError, ControllerError) as e:
             log.warning("stop: %s failed, next step: %s", step, e)
+
+    async def _paused_on_io_error(self) -> bool:
+        """Stopped vCPUs see neither agent nor power button: resume a paused VM first,
+        unless a disk error paused it (a full host disk): it would only pause again."""
+        try:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                status = await self._qmp.execute("query-status")
+                assert isinstance(status, dict)
+                if status.get("running", True):
+                    return False
+                if status.get("status") == "io-error":
+                    log.warning("stop: the VM is paused on a disk I/O error; telling QEMU to quit")
+                    return True
+                log.info("stop: resuming the VM (%s) so the guest can shut down", status["status"])
+                await self._qmp.execute("cont")
+        except (QMPError, OSError, TimeoutError) as e:
+            log.warning("stop: cannot resume the paused VM: %s", e)
+        return False
 
     async def _agent_shutdown(self) -> None:
         assert self._agent is not None
@@ -316,6 +375,7 @@ class QemuController:
 
     def _kill(self, sig: signal.Signals) -> None:
         if self._pidfd >= 0 and not self._exited.is_set():
+            self._signalled = True
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
 
@@ -335,12 +395,13 @@ class QemuController:
         code = self._proc.wait()
         ending, detail = self._classify(code)
         self._end(ending, detail)
-        self._spawn(self._disconnect())
+        if self._qmp.runstate is not Runstate.CONNECTING:  # a connect in progress fails alone
+            self._spawn(self._disconnect())
 
     def _classify(self, code: int) -> tuple[Ending, str]:
         shutdown = self._shutdown_event or {}
         how = f" by {signal.Signals(-code).name}" if code < 0 else f", exit status {code}"
-        if self._state is VMState.STARTING:
+        if self._state is VMState.STARTING and (code >= 0 or self._signalled):
             return Ending.START_FAILED, how
         if self._stop_requested:
             return Ending.REQUESTED, how if code else ""
@@ -369,23 +430,38 @@ class QemuController:
             if name == "SHUTDOWN":
                 self._shutdown_event = data
                 log.info("QEMU shutdown: %s", data.get("reason"), extra={"QMP_EVENT": name})
-            elif name == "STOP" and self._state is VMState.RUNNING:
-                self._set_state(VMState.PAUSED, "paused", name)
-            elif name == "RESUME" and self._state is VMState.PAUSED:
-                self._set_state(VMState.RUNNING, "resumed", name)
+            elif name in ("STOP", "RESUME"):
+                self._vcpus_stopped = name == "STOP"
+                if name == "STOP" and self._state is VMState.RUNNING:
+                    self._set_state(VMState.PAUSED, "paused", name)
+                elif name == "RESUME" and self._state is VMState.PAUSED:
+                    self._set_state(VMState.RUNNING, "resumed", name)
             elif name == "RESET":
                 log.info("guest reset (reboot); the VM keeps running", extra={"QMP_EVENT": name})
+                if self.config.agent.port and not self._stop_requested:
+                    self._reprovision()
             elif name == "GUEST_PANICKED":
                 log.error("guest kernel panic: %s", data, extra={"QMP_EVENT": name})
             else:
                 log.debug("QMP event %s %s", name, data, extra={"QMP_EVENT": name})
 
     async def _watch_qmp(self) -> None:
-        """QMP lost while QEMU lives leaves only signals to stop it; say so."""
+        """QMP lost while QEMU lives leaves only signals to stop it; say so.
+
+        During a stop a QMP close is expected: QEMU closes it on its way out,
+        maybe long before it exits (flushing a big disk).  Otherwise QEMU is
+        exiting if its stderr closes too (the kernel closes both at once).
+        """
         while await self._qmp.runstate_changed() is not Runstate.DISCONNECTING:
             pass
-        await asyncio.sleep(0.2)  # a QMP EOF usually means QEMU is exiting: let the pidfd say
-        if not self._exited.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT_GRACE):
+                await self._stderr_closed.wait()
+        if (
+            not self._exited.is_set()
+            and not self._stderr_closed.is_set()
+            and not self._stop_requested
+        ):
             log.error("QMP connection to QEMU lost; only signals can stop it now")
             self._set_state(VMState.UNRESPONSIVE, "QMP connection lost")
 
@@ -414,6 +490,7 @@ class QemuController:
             text = line.decode(errors="replace").rstrip()
             self._stderr_tail.append(text)
             log.warning("qemu: %s", text)
+        self._stderr_closed.set()
 
     async def _read_console(self, sock: socket.socket) -> None:
         """Serial output goes to console.log as is (rotated by size: the guest decides how
@@ -429,7 +506,8 @@ class QemuController:
             encoding="latin-1",
         )
         out.terminator = ""
-        try:
+        # closing(): also when cancelled, the transport holds the socket.
+        with contextlib.closing(writer), contextlib.closing(out):
             while chunk := await reader.read(_CONSOLE_CHUNK):
                 out.emit(_console_record(chunk.decode("latin-1")))
                 if self.on_console is not None:
@@ -438,9 +516,15 @@ class QemuController:
                     # QEMU writes a few bytes at a time: let them gather in the socket (and
                     # QEMU wait) so a chatty guest costs the loop a bounded number of wakeups.
                     await asyncio.sleep(_CONSOLE_GATHER)
-        finally:
-            out.close()
-        writer.close()
+
+    def _reprovision(self) -> None:
+        """A rebooted guest forgot its keys, secrets and mounts, and its agent connection."""
+        if self._provisioning is not None:
+            self._provisioning.cancel()
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        self._provisioning = self._spawn(self._provision())
 
     async def _provision(self) -> None:
         """Connect the guest agent and provision the guest; failure only means no agent."""

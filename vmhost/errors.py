@@ -27,6 +27,10 @@ class AlreadyRunningError(VmhostError):
     """Another vmhost already serves this socket; starting a second one would steal it."""
 
 
+class UsageError(VmhostError):
+    """The command line asks for something that cannot work (a too long socket path)."""
+
+
 class ActivationError(VmhostError):
     """systemd passed descriptors that cannot be the control socket: serving would hang clients."""
 

@@ -21,7 +21,14 @@ from . import config as vmconfig
 from . import systemd
 from .client import socket_path
 from .controller import QemuController
-from .errors import AlreadyRunningError, ConfigError, ControllerError, VMCrashedError
+from .errors import (
+    ActivationError,
+    AlreadyRunningError,
+    ConfigError,
+    ControllerError,
+    UsageError,
+    VMCrashedError,
+)
 from .protocol import VMState
 from .server import Server
 
@@ -37,11 +44,19 @@ EXIT_START_FAILED: Final = 4
 """QEMU could not start (bad image, bad flags)."""
 EXIT_ALREADY_RUNNING: Final = 5
 """Another vmhost serves this VM's socket; it is left alone."""
+EXIT_ACTIVATION: Final = 6
+"""systemd passed descriptors that cannot be the control socket: the socket unit is wrong."""
+EXIT_USAGE: Final = 64
+"""EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
+EXIT_INTERRUPTED: Final = 130
+"""Ctrl-C before the stop chain could take it over (nothing ran yet that needs stopping)."""
 EXIT_CONFIG: Final = 78
 """EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
 
 STATE_ROOT: Final = Path("/var/lib/vmhost")
 _STOP_MARGIN: Final = 5.0
+_SUN_PATH_MAX: Final = 107
+"""Bytes of an AF_UNIX path, without the terminating NUL."""
 _FD_HEADROOM: Final = 256
 """Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 
@@ -76,6 +91,13 @@ def run(options: Options) -> int:
         return _fail(notifier, EXIT_CONFIG, f"bad config: {e}")
     except AlreadyRunningError as e:
         return _fail(notifier, EXIT_ALREADY_RUNNING, str(e))
+    except ActivationError as e:
+        return _fail(notifier, EXIT_ACTIVATION, f"socket activation: {e}")
+    except UsageError as e:
+        return _fail(notifier, EXIT_USAGE, str(e))
+    except KeyboardInterrupt:
+        log.info("interrupted while starting")
+        return EXIT_INTERRUPTED
     except VMCrashedError as e:
         return _fail(notifier, EXIT_VM_CRASHED, str(e), logged=True)
     except ControllerError as e:
@@ -90,6 +112,8 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     config = vmconfig.load(options.config or _config_path(name))
     state_dir = _state_dir(options, name)
     listen = systemd.listen_socket() or options.socket or socket_path(name)
+    if isinstance(listen, Path) and len(os.fsencode(listen)) > _SUN_PATH_MAX:
+        raise UsageError(f"socket path longer than {_SUN_PATH_MAX} bytes: {listen}")
     pid_file = options.pid_file
     if pid_file is None and isinstance(listen, Path):
         pid_file = listen.with_name("vmhost.pid")
@@ -137,8 +161,8 @@ class _Stopper:
     def __call__(self, signum: signal.Signals) -> None:
         log.info("%s received", signum.name)
         if self.task is None:
-            self.notifier.extend_timeout(self.timeout + _STOP_MARGIN)
             self.task = asyncio.ensure_future(self.controller.stop(self.timeout))
+            _extend_stop_timeout(self.controller, self.notifier)  # the running chain's, if joined
         elif signum is signal.SIGINT:
             asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
 
@@ -159,7 +183,8 @@ def _on_state(
     """Every state change: STATUS= for systemctl status, one journal record."""
     text = controller.status_text()
     if state is VMState.STOPPING:
-        notifier.stopping(text)
+        notifier.stopping(text)  # systemd starts counting TimeoutStopSec= here
+        _extend_stop_timeout(controller, notifier)
     else:
         notifier.status(text)
     fields = {"VMHOST_STATE": state.value}
@@ -170,6 +195,11 @@ def _on_state(
         systemd.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
     else:
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
+
+
+def _extend_stop_timeout(controller: QemuController, notifier: systemd.Notifier) -> None:
+    """Ask systemd for what the running stop chain may still take, whoever started it."""
+    notifier.extend_timeout(controller.stop_left() + _STOP_MARGIN)
 
 
 async def _heartbeat(controller: QemuController, notifier: systemd.Notifier) -> None:
