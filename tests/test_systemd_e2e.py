@@ -122,6 +122,24 @@ async def main():
 asyncio.run(main())
 """
 
+# Run as vmhost@NAME.service: sends NAME's messages, then waits until journald has them with the
+# unit attributed (journald reads the sender's cgroup, so a sender gone too soon would lose it).
+_SEND_LOGS = """
+import sys, time
+from systemd import journal
+name = sys.argv[1]
+messages = open(f"/run/e2e/{name}.messages").read().splitlines()
+for m in messages:
+    journal.send(m, VMHOST_VM=name)
+reader = journal.Reader()
+reader.add_match(_SYSTEMD_UNIT=f"vmhost@{name}.service", VMHOST_VM=name)
+deadline = time.monotonic() + 20
+seen = set()
+while not set(messages) <= seen and time.monotonic() < deadline:
+    reader.wait(0.2)
+    seen |= {entry["MESSAGE"] for entry in reader}
+"""
+
 
 @pytest.fixture(scope="module")
 def venv() -> Path:
@@ -144,6 +162,7 @@ def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Contai
         booted.write("/run/e2e/read_logs.py", _READ_LOGS)
         booted.write("/run/e2e/ask.py", _ASK)
         booted.write("/run/e2e/hammer_stop.py", _HAMMER_STOP)
+        booted.write("/run/e2e/send_logs.py", _SEND_LOGS)
         yield booted
 
 
@@ -717,9 +736,16 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
     python = str(venv / "bin/python")
 
     def send(name: str, *messages: str) -> None:
-        code = "import sys; from systemd import journal\n"
-        code += "for m in sys.argv[2:]: journal.send(m, VMHOST_VM=sys.argv[1])"
-        ct.run(python, "-c", code, name, *messages)
+        # From inside vmhost@NAME.service: logs trust only records of the VM's own unit.
+        ct.write(f"/run/e2e/{name}.messages", "\n".join(messages))
+        ct.write(
+            f"/etc/systemd/system/vmhost@{name}.service.d/send.conf",
+            "[Service]\nType=oneshot\nRestart=no\nExecStart=\n"
+            f"ExecStart={python} /run/e2e/send_logs.py %i\n",
+        )
+        ct.systemctl("daemon-reload")
+        ct.systemctl("start", f"vmhost@{name}.service")
+        ct.systemctl("stop", f"vmhost@{name}.socket")
         ct.run("journalctl", "--sync")
 
     def read(name: str, lines: int, count: int = 99) -> list[str]:
