@@ -28,6 +28,7 @@ class StandIn:
     backend = "qemu"
     ssh_port = 2222
     pid = 4242
+    step = ""
     state = VMState.RUNNING
 
     def __init__(self) -> None:

@@ -44,6 +44,7 @@ class FakeController:
     backend = "qemu"
     ssh_port = 2222
     pid = 4242
+    step = ""
 
     def __init__(self) -> None:
         self.state = VMState.RUNNING
@@ -137,8 +138,11 @@ class BareQemu:
 
 
 @contextlib.asynccontextmanager
-async def bare_qemu(config: Config, name: str) -> AsyncIterator[BareQemu]:
-    """Run QEMU with QMP connected and the serial console drained (so the guest never blocks)."""
+async def bare_qemu(
+    config: Config, name: str, *, agent_socket: Path | None = None
+) -> AsyncIterator[BareQemu]:
+    """Run QEMU with QMP connected and the serial console drained (so the guest never blocks);
+    the guest agent, if any, behind ``agent_socket``."""
     qmp_parent, qmp_child = socket.socketpair()
     serial_parent, serial_child = socket.socketpair()
     args = qemu.argv(
@@ -147,7 +151,7 @@ async def bare_qemu(config: Config, name: str) -> AsyncIterator[BareQemu]:
     proc = await asyncio.create_subprocess_exec(
         *args,
         pass_fds=[qmp_child.fileno(), serial_child.fileno()],
-        env=qemu.environment(os.environ),
+        env=qemu.environment(os.environ, agent_socket=agent_socket),
         stderr=subprocess.PIPE,
     )
     qmp_child.close()

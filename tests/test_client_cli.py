@@ -13,7 +13,7 @@ import pytest
 from conftest import FakeController
 
 import vmhost
-from vmhost import AsyncClient, Client, ClientError, ServerError
+from vmhost import AsyncClient, Client, ClientError, ServerError, VMState
 from vmhost.cli import vmhostctl_main
 from vmhost.client import socket_path
 from vmhost.errors import ConfigError
@@ -55,10 +55,65 @@ async def test_stop_timeout_and_force_stop(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
     """`stop --timeout 10` and `force-stop` reach the controller."""
-    assert await ctl("stop", "--socket", str(sock_path), "--timeout", "10") == 0
+    assert await ctl("stop", "--socket", str(sock_path), "--timeout", "10", "--no-block") == 0
     assert await ctl("force-stop", "--socket", str(sock_path)) == 0
     await asyncio.sleep(0.05)
     assert controller.stops == [10] and controller.force_stops == 1
+
+
+async def test_stop_waits_until_gone_showing_the_steps(
+    server: Server, sock_path: Path, controller: FakeController, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`stop NAME` returns once nothing listens, having shown each step of the stop chain once."""
+    stop = asyncio.create_task(ctl("stop", "web", "--socket", str(sock_path)))
+    for step in ("ACPI power-down", "QMP quit"):
+        await asyncio.sleep(0.3)
+        controller.step = step
+    await asyncio.sleep(0.3)
+    assert not stop.done()
+    controller.step, controller.state = "", VMState.STOPPED
+    await asyncio.sleep(0.3)
+    await server.close()  # vmhost exits: the socket goes
+    assert await asyncio.wait_for(stop, 5) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "web: stopping",
+        "web: stopping (ACPI power-down)",
+        "web: stopping (QMP quit)",
+        "web: stopped",
+    ]
+
+
+async def test_a_vm_that_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Configured but not listening: `status` says stopped, exit 3, `stop` has nothing to do;
+    unknown: exit 4 and a word on stderr; `is-alive` exits 1 for both."""
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))
+    (tmp_path / "web.toml").write_text("")
+    none = str(tmp_path / "none.sock")
+    assert await ctl("status", "web", "--socket", none) == 3
+    assert await ctl("stop", "web", "--socket", none) == 0
+    assert capsys.readouterr().out == "web: stopped\nweb: stopped\n"
+    assert await ctl("status", "other", "--socket", none) == 4
+    assert await ctl("stop", "other", "--socket", none) == 4
+    assert "no VM other here: no " in capsys.readouterr().err
+    assert await ctl("is-alive", "web", "--socket", none) == 1
+    assert await ctl("is-alive", "other", "--socket", none) == 1
+
+
+async def test_status_of_an_ended_vm_exits_3(
+    server: Server, sock_path: Path, controller: FakeController, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vmhost still answering, QEMU gone: not running, as `systemctl status` says of it."""
+    controller.state = VMState.STOPPED
+    assert await ctl("status", "--socket", str(sock_path)) == 3
+    assert capsys.readouterr().out.startswith(f"{sock_path}: stopped\n")
+
+
+@pytest.mark.skipif(Path("/run/systemd/system").exists(), reason="PID 1 is systemd here")
+async def test_start_without_systemd_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert await ctl("start", "web") == 1
+    assert "PID 1 is not systemd" in capsys.readouterr().err
 
 
 async def test_unreachable_socket_fails_clearly(

@@ -71,9 +71,10 @@ def vmdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def write(vmdir: Path, text: str) -> Path:
+def write(vmdir: Path, text: str, mode: int = 0o600) -> Path:
     path = vmdir / "vm.toml"
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -286,3 +287,68 @@ def test_check_name_refuses_escapes(name: str, tmp_path: Path) -> None:
         config.check_name(name)
     with pytest.raises(ConfigError, match="invalid VM name"):
         config.path_for(name, tmp_path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_inline_secrets_in_a_readable_file_are_refused(vmdir: Path, mode: int) -> None:
+    """Like ssh with a private key: group- or other-readable inline secrets stop the VM."""
+    path = write(vmdir, MINIMAL + '[agent]\nsecrets = { token = "s3cret" }\n', mode)
+    assert load_error(path) == (
+        f"{path}: agent.secrets: inline secrets in a file readable by group or others "
+        f"(mode {mode:04o}): chmod go-rwx {path}, or name systemd credentials in agent.credentials"
+    )
+    path.chmod(0o600)
+    assert config.load(path).agent.secrets == {"token": "s3cret"}
+
+
+def test_a_readable_file_without_secrets_loads(vmdir: Path) -> None:
+    """Mode matters only when the file holds secrets: credentials are named, not written."""
+    path = write(vmdir, MINIMAL + "[agent]\nsecrets = {}\ncredentials = []\n", 0o644)
+    assert config.load(path).agent.secrets == {}
+
+
+@pytest.fixture
+def credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A $CREDENTIALS_DIRECTORY as systemd makes one for LoadCredential=."""
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    (directory / "api_token").write_text("from-systemd\n")
+    (directory / "db.pass").write_text("p")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(directory))
+    return directory
+
+
+def test_credentials_become_secrets(vmdir: Path, credentials: Path) -> None:
+    """Each named credential is injected as the secret of that name, its bytes unchanged."""
+    text = MINIMAL + '[agent]\nsecrets = { inline = "x" }\ncredentials = ["api_token", "db.pass"]\n'
+    loaded = config.load(write(vmdir, text))
+    assert loaded.agent.secrets == {"inline": "x", "api_token": "from-systemd\n", "db.pass": "p"}
+    assert loaded.agent.credentials == ["api_token", "db.pass"]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        ('["nope"]', "agent.credentials[0]: credential 'nope': no such file or directory in {dir}"),
+        ('["api_token", "../x"]', "agent.credentials[1]: not a credential name: '../x'"),
+        ('[".hidden"]', "agent.credentials[0]: not a credential name: '.hidden'"),
+        ('["inline"]', "agent.credentials[0]: 'inline' is also an inline secret"),
+    ],
+)
+def test_bad_credentials_name_the_field(
+    vmdir: Path, credentials: Path, names: str, message: str
+) -> None:
+    (credentials / "inline").write_text("y")
+    text = MINIMAL + f'[agent]\nsecrets = {{ inline = "x" }}\ncredentials = {names}\n'
+    path = write(vmdir, text)
+    assert load_error(path) == f"{path}: {message.format(dir=credentials)}"
+
+
+def test_credentials_outside_systemd(vmdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $CREDENTIALS_DIRECTORY the message says which unit setting is missing."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    path = write(vmdir, MINIMAL + '[agent]\ncredentials = ["a", "b"]\n')
+    assert load_error(path) == (
+        f"{path}: agent.credentials: no $CREDENTIALS_DIRECTORY: give the unit "
+        "LoadCredential= or SetCredentialEncrypted= for a, b"
+    )

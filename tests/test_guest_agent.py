@@ -102,7 +102,7 @@ async def fake() -> AsyncIterator[FakeAgent]:
 @pytest.fixture
 async def agent(fake: FakeAgent) -> AsyncIterator[Agent]:
     loop = asyncio.get_running_loop()
-    agent = await Agent.connect(HOST, fake.port, deadline=loop.time() + 5, timeout=1.0)
+    agent = await Agent.connect((HOST, fake.port), deadline=loop.time() + 5, timeout=1.0)
     yield agent
     agent.close()
 
@@ -214,7 +214,7 @@ async def test_connect_backs_off_until_agent_listens() -> None:
     fake.hang_up_first = 4
     server = await serve(fake)
     loop = asyncio.get_running_loop()
-    agent = await Agent.connect(HOST, fake.port, deadline=loop.time() + 10)
+    agent = await Agent.connect((HOST, fake.port), deadline=loop.time() + 10)
     agent.close()
     server.close()
     gaps = [b - a for a, b in zip(fake.accepted, fake.accepted[1:], strict=False)]
@@ -230,7 +230,7 @@ async def test_connect_waits_for_a_late_listener() -> None:
     port = free_port()
     fake = FakeAgent()
     loop = asyncio.get_running_loop()
-    connecting = asyncio.create_task(Agent.connect(HOST, port, deadline=loop.time() + 5))
+    connecting = asyncio.create_task(Agent.connect((HOST, port), deadline=loop.time() + 5))
     await asyncio.sleep(0.5)
     server = await serve(fake, port)
     agent = await asyncio.wait_for(connecting, 3)
@@ -244,7 +244,7 @@ async def test_connect_gives_up_at_deadline() -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     with pytest.raises(AgentError, match=f"no guest agent at {HOST}:") as info:
-        await Agent.connect(HOST, free_port(), deadline=start + 1.0)
+        await Agent.connect((HOST, free_port()), deadline=start + 1.0)
     # The next try would start past the deadline; the upper bound is that deadline plus slack.
     assert 0.6 <= loop.time() - start <= 1.5
     assert isinstance(info.value.__cause__, OSError)
@@ -261,8 +261,8 @@ async def test_provision_runs_the_boot_sequence(fake: FakeAgent, tmp_path: Path)
         ssh_public_key="ssh-ed25519 AAAA k",
         secrets={"a": "1", "b": "2"},
         shares=[
-            ShareConfig(path="/srv/x", guest_path="/mnt/x"),
-            ShareConfig(path="/srv/y", guest_path="/mnt/y", read_only=True),
+            ShareConfig(path="/srv/x", guest_path="/mnt/x", read_only=False),
+            ShareConfig(path="/srv/y", guest_path="/mnt/y"),
         ],
     )
     loop = asyncio.get_running_loop()
@@ -351,9 +351,14 @@ shares = [{{ path = "{tmp_path / "share"}", guest_path = "/srv", read_only = tru
     )
     config = vmconfig.load(vm.config)
     loop = asyncio.get_running_loop()
-    async with bare_qemu(config, "agent-test") as qemu_vm:
+    async with bare_qemu(config, "agent-test", agent_socket=tmp_path / "agent.sock") as qemu_vm:
         start = loop.time()
-        agent = await guest.provision(config.agent, connect_timeout=60, ready_timeout=30)
+        agent = await guest.provision(
+            config.agent,
+            address=str(tmp_path / "agent.sock"),
+            connect_timeout=60,
+            ready_timeout=30,
+        )
         provisioned = loop.time() - start
         assert (await agent.get_health()).state == "ready"
         start = loop.time()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from vmhost.config import (
     QemuConfig,
     ShareConfig,
 )
+from vmhost.errors import ControllerError
 
 DISK_ONLY = Config(disks=[DiskConfig(path="/vm/disk.img")])
 
@@ -95,7 +98,8 @@ def test_argv_full_config() -> None:
             port=2223,
             shares=[
                 ShareConfig(path="/srv/data", guest_path="/mnt/data"),
-                ShareConfig(path="/srv/ro", guest_path="/mnt/ro", read_only=True),
+                ShareConfig(path="/srv/rw", guest_path="/mnt/rw", read_only=False),
+                ShareConfig(path="/srv/raw", guest_path="/mnt/raw", security_model="none"),
             ],
         ),
         qemu=QemuConfig(binary="/opt/qemu", sandbox=False, extra_args=["-S", "-d", "guest_errors"]),
@@ -110,17 +114,19 @@ def test_argv_full_config() -> None:
         "file=/vm/a.img,format=raw,if=virtio",
         "file=/vm/b,,c.qcow2,format=qcow2,if=virtio,readonly=on",
     ]
-    assert option(args, "-netdev") == [
-        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:2223-:1024"
-    ]
+    # No TCP forward for the agent (port 2223): the slirp guard gives it a unix socket.
+    assert option(args, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22"]
     assert option(args, "-fsdev") == [
-        "local,id=fs0,path=/srv/data,security_model=none",
-        "local,id=fs1,path=/srv/ro,security_model=none,readonly=on",
+        # Read-only and mapped unless the config says otherwise; "none" only by name.
+        "local,id=fs0,path=/srv/data,security_model=mapped-xattr,readonly=on",
+        "local,id=fs1,path=/srv/rw,security_model=mapped-xattr",
+        "local,id=fs2,path=/srv/raw,security_model=none,readonly=on",
     ]
     assert option(args, "-device") == [
         "virtio-net-pci,netdev=net0",
         "virtio-9p-pci,fsdev=fs0,mount_tag=share0",
         "virtio-9p-pci,fsdev=fs1,mount_tag=share1",
+        "virtio-9p-pci,fsdev=fs2,mount_tag=share2",
     ]
     assert "-sandbox" not in args and "-no-reboot" not in args
     assert args[-3:] == ["-S", "-d", "guest_errors"]
@@ -134,11 +140,11 @@ def test_argv_kernel_without_initrd() -> None:
     assert option(args, "-append") == ["console=ttyS0"] and "-drive" not in args
 
 
-def test_argv_only_agent_forward() -> None:
-    """ssh_port = 0 forwards nothing to port 22; the agent port is still forwarded."""
+def test_argv_agent_port_opens_no_tcp_forward() -> None:
+    """ssh_port = 0 forwards nothing to port 22; the agent port forwards nothing either."""
     config = Config(disks=DISK_ONLY.disks, agent=AgentConfig(port=5000))
     args = qemu.argv(config, name="demo", qmp_fd=3, serial_fd=4, kvm=False)
-    assert option(args, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:5000-:1024"]
+    assert option(args, "-netdev") == ["user,id=net0"]
 
 
 @pytest.fixture
@@ -211,7 +217,7 @@ def test_environment_is_an_allowlist() -> None:
         "JOURNAL_STREAM": "8:1",
         "LD_PRELOAD": "/tmp/evil.so",
     }
-    assert qemu.environment(parent) == {
+    kept = {
         "PATH": "/usr/bin:/bin",
         "HOME": "/root",
         "TMPDIR": "/var/tmp",
@@ -219,11 +225,36 @@ def test_environment_is_an_allowlist() -> None:
         "LC_ALL": "C",
         "TZ": "UTC",
     }
+    guard = {"LD_PRELOAD": qemu.slirp_guard()}
+    assert qemu.environment(parent) == {**kept, **guard}
+    assert qemu.environment(parent, host_loopback=True, agent_socket=Path("/s/agent.sock")) == {
+        **kept,
+        **guard,
+        "VMHOST_SLIRP_HOST_LOOPBACK": "1",
+        "VMHOST_SLIRP_AGENT_SOCKET": "/s/agent.sock",
+    }
 
 
 def test_environment_always_has_path() -> None:
     """systemd may start us without PATH; QEMU still gets a sane one."""
-    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH}
+    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH, "LD_PRELOAD": qemu.slirp_guard()}
+
+
+def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
+    """The guard QEMU preloads exists and defines slirp_new (nm: a text symbol)."""
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", qemu.slirp_guard()], capture_output=True, text=True
+    ).stdout
+    assert re.search(r" T slirp_new$", symbols, re.M), symbols
+
+
+def test_missing_slirp_guard_refuses_rather_than_runs_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the guard QEMU would run with the loopback open: refused."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ControllerError, match=r"slirp guard .* is missing"):
+        qemu.environment({}, host_loopback=True)
 
 
 @pytest.fixture
@@ -243,7 +274,15 @@ def vm_files(tmp_path: Path) -> Config:
         network=NetworkConfig(ssh_port=free_port()),
         agent=AgentConfig(
             port=free_port(),
-            shares=[ShareConfig(path=str(tmp_path / "share"), guest_path="/mnt", read_only=True)],
+            shares=[
+                ShareConfig(path=str(tmp_path / "share"), guest_path="/mnt"),
+                ShareConfig(
+                    path=str(tmp_path / "share"),
+                    guest_path="/rw",
+                    read_only=False,
+                    security_model="mapped-file",
+                ),
+            ],
         ),
         qemu=QemuConfig(extra_args=["-S"]),
     )
@@ -258,7 +297,8 @@ async def execute(qmp: QMPClient, command: str) -> Any:
 async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
     """QEMU 7.2 takes every flag argv() emits, speaks QMP on the socketpair and quits cleanly."""
     config = vm_files
-    async with bare_qemu(config, "demo") as vm:
+    agent = Path(config.disks[0].path).parent / "agent.sock"
+    async with bare_qemu(config, "demo", agent_socket=agent) as vm:
         qmp, proc = vm.qmp, vm.proc
         async with asyncio.timeout(10):
             assert (await execute(qmp, "query-status"))["status"] == "prelaunch"
@@ -272,9 +312,12 @@ async def test_real_qemu_accepts_argv_and_answers_qmp(vm_files: Config) -> None:
             assert {"serial0", "qmp0"} <= chardevs
             comm = await asyncio.to_thread(Path(f"/proc/{proc.pid}/comm").read_text)
             assert comm == "vmhost-demo\n"
-            for port in (config.network.ssh_port, config.agent.port):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()  # user networking listens on each forwarded host port
+            _, writer = await asyncio.open_connection("127.0.0.1", config.network.ssh_port)
+            writer.close()  # user networking listens on the forwarded ssh port
+            _, writer = await asyncio.open_unix_connection(agent)
+            writer.close()  # and, through the slirp guard, on the agent's socket
+            with pytest.raises(ConnectionRefusedError):  # but not on any agent TCP port
+                await asyncio.open_connection("127.0.0.1", config.agent.port)
             await qmp.execute("quit")
             assert await proc.wait() == 0
     assert vm.stderr == b""

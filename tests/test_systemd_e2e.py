@@ -31,6 +31,10 @@ pytestmark = pytest.mark.slow
 UNITS = (container.REPO / "units/vmhost@.socket", container.REPO / "units/vmhost@.service")
 SYSUSERS = container.REPO / "units/sysusers.d/vmhost.conf"
 READY_LINE = "TINYGUEST READY"
+STATUS = '{"method":"status"}'
+# systemd's catalog: "Deactivated successfully" and "Failed with result ...".
+UNIT_SUCCESS = "7ad2d189f7e94e70a38c781354912448"
+UNIT_FAILURE = "d9b373ed55a64feb8242e02dbe79a49c"
 
 # A Go-style peer: a connection per request, a 30 s deadline; counts replies until told to stop.
 _HAMMER = """
@@ -55,6 +59,53 @@ while after_stop < 3:
 print(json.dumps({"ok": ok, "errors": errors, "states": states}))
 """
 
+# A Go client's one request: connect, write a line, read a line.
+_ASK = """
+import socket, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(30)
+    s.connect(sys.argv[1])
+    s.sendall(sys.argv[2].encode() + b"\\n")
+    print(s.makefile().readline(), end="")
+"""
+
+# CLIENTS Go-style peers, each alternating status and stop until connects fail (the VM
+# is down): every connect the kernel took must get an answer line.
+_HAMMER_STOP = """
+import collections, json, socket, sys, threading, time
+path, clients = sys.argv[1], int(sys.argv[2])
+counts, lock = collections.Counter(), threading.Lock()
+def client(i):
+    refused, n = 0, i
+    while refused < 3:
+        n += 1
+        request = b'{"method":"stop"}\\n' if n % 2 else b'{"method":"status"}\\n'
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            try:
+                s.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                refused += 1
+                with lock:
+                    counts["refused"] += 1
+                time.sleep(0.05)
+                continue
+            try:
+                s.sendall(request)
+                line = s.makefile("rb").readline()
+            except OSError:
+                line = b""
+        with lock:
+            counts["accepted"] += 1
+            counts["answered" if line.endswith(b"\\n") else "unanswered"] += 1
+threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(counts))
+"""
+
 # vmhost.logs.entries as the CLI uses it: prints each line, stops after COUNT lines.
 _READ_LOGS = """
 import asyncio, sys
@@ -69,6 +120,24 @@ async def main():
         if seen == count:
             return
 asyncio.run(main())
+"""
+
+# Run as vmhost@NAME.service: sends NAME's messages, then waits until journald has them with the
+# unit attributed (journald reads the sender's cgroup, so a sender gone too soon would lose it).
+_SEND_LOGS = """
+import sys, time
+from systemd import journal
+name = sys.argv[1]
+messages = open(f"/run/e2e/{name}.messages").read().splitlines()
+for m in messages:
+    journal.send(m, VMHOST_VM=name)
+reader = journal.Reader()
+reader.add_match(_SYSTEMD_UNIT=f"vmhost@{name}.service", VMHOST_VM=name)
+deadline = time.monotonic() + 20
+seen = set()
+while not set(messages) <= seen and time.monotonic() < deadline:
+    reader.wait(0.2)
+    seen |= {entry["MESSAGE"] for entry in reader}
 """
 
 
@@ -91,6 +160,9 @@ def ct(venv: Path, guest: GuestImage, deaf_guest: GuestImage) -> Iterator[Contai
         booted.install_units(UNITS, venv)
         booted.write("/run/e2e/hammer.py", _HAMMER)
         booted.write("/run/e2e/read_logs.py", _READ_LOGS)
+        booted.write("/run/e2e/ask.py", _ASK)
+        booted.write("/run/e2e/hammer_stop.py", _HAMMER_STOP)
+        booted.write("/run/e2e/send_logs.py", _SEND_LOGS)
         yield booted
 
 
@@ -134,6 +206,30 @@ class VM:
     def show(self, *props: str, unit: str = "") -> dict[str, str]:
         return self.ct.show(unit or self.unit, *props)
 
+    @property
+    def socket_unit(self) -> str:
+        return f"vmhost@{self.name}.socket"
+
+    def active(self, unit: str = "") -> str:
+        return self.show("ActiveState", unit=unit)["ActiveState"]
+
+    def ended_cleanly(self) -> bool:
+        """systemd's last word on the unit is "Deactivated successfully" (vmhost exited 0).
+
+        From the journal: once the service and its socket are both down, systemd
+        unloads the unit, and ``systemctl show`` has nothing but defaults left.
+        """
+        said = [
+            r["MESSAGE_ID"]
+            for r in self.ct.journal(f"UNIT={self.unit}", "_PID=1")
+            if r.get("MESSAGE_ID") in (UNIT_SUCCESS, UNIT_FAILURE)
+        ]
+        return said[-1:] == [UNIT_SUCCESS]
+
+    def ask(self, request: str) -> str:
+        """One request over the control socket, as a Go client sends it; the answer line."""
+        return self.ct.run("/usr/bin/python3", "/run/e2e/ask.py", self.socket, request).stdout
+
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.ct.run(str(self.venv / "bin/vmhostctl"), *args, check=check)
 
@@ -173,7 +269,14 @@ def make_vm(ct: Container, venv: Path, guest: GuestImage) -> Iterator[Callable[.
     """Config, kernel, initrd and a fresh disk for vmhost@NAME; both units stopped afterwards."""
     made: list[VM] = []
 
-    def make(name: str, *, image: GuestImage = guest, timeout: int = 10, service: str = "") -> VM:
+    def make(
+        name: str,
+        *,
+        image: GuestImage = guest,
+        timeout: int = 10,
+        service: str = "",
+        cmdline: str = "",
+    ) -> VM:
         vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
         vm_dir = f"/var/lib/vmhost/{name}"
         ct.run("mkdir", "-p", vm_dir)
@@ -188,7 +291,7 @@ accel = "auto"
 [boot]
 kernel = "{vm_dir}/vmlinuz"
 initrd = "{vm_dir}/initrd.img"
-cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} {cmdline}"
 [[disks]]
 path = "{vm.disk}"
 [network]
@@ -252,8 +355,8 @@ def test_stop_powers_the_guest_off_through_acpi(make_vm: Callable[..., VM]) -> N
     elapsed = time.monotonic() - started
 
     assert elapsed < 10, f"stop took {elapsed:.1f} s: ACPI did not end the guest"
-    props = vm.show("ActiveState", "Result", "ExecMainStatus")
-    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    assert vm.active() == "inactive"
+    assert vm.ended_cleanly()
     shutdowns = [r["MESSAGE"] for r in vm.records("QMP_EVENT=SHUTDOWN")]
     assert any("guest-shutdown" in m for m in shutdowns), shutdowns
     ids = {r.get("MESSAGE_ID") for r in vm.records()}
@@ -294,6 +397,84 @@ def hammered(vm: VM) -> Iterator[dict[str, Any]]:
     finally:
         hammer.kill()
     seen.update(json.loads(out))
+
+
+def _stays_down(vm: VM) -> None:
+    """Three status polls over three seconds, as a daemon's: none of them boots the VM again."""
+    for _ in range(3):
+        status = vm.ctl("status", vm.name, check=False)
+        assert (status.returncode, status.stdout) == (3, f"{vm.name}: stopped\n"), status
+        go = vm.ct.run("/usr/bin/python3", "/run/e2e/ask.py", vm.socket, STATUS, check=False)
+        assert go.returncode != 0 and "FileNotFoundError" in go.stderr, go  # IsAlive() is false
+        assert (vm.active(), vm.active(vm.socket_unit)) == ("inactive", "inactive")
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("ending", ["control-stop", "systemctl-stop", "guest-poweroff"])
+def test_a_stopped_vm_stays_down(make_vm: Callable[..., VM], ending: str) -> None:
+    """The service ends, its socket with it: a client's status does not boot the VM again."""
+    poweroff = ending == "guest-poweroff"
+    vm = make_vm(f"down-{ending}", cmdline="guest.autopoweroff=1" if poweroff else "")
+    vm.ct.systemctl("start", vm.unit)
+    if not poweroff:
+        vm.wait_console()  # so the stop is a quick ACPI one
+    if ending == "control-stop":
+        assert vm.ask('{"method":"stop"}') == '{"ok":true,"state":"stopping"}\n'
+    elif ending == "systemctl-stop":
+        vm.ct.systemctl("stop", vm.unit)
+    wait_for("the service to end", lambda: vm.active() == "inactive")
+
+    assert vm.ended_cleanly()
+    if poweroff:
+        shutdowns = [r["MESSAGE"] for r in vm.records("QMP_EVENT=SHUTDOWN")]
+        assert any("guest-shutdown" in m for m in shutdowns), shutdowns
+    _stays_down(vm)
+
+
+def test_every_accepted_connection_is_answered_through_a_stop(make_vm: Callable[..., VM]) -> None:
+    """Eight clients hammer status and stop through the stop they ask for: every connect the
+    kernel took gets an answer line, and once the VM is down connects fail at once."""
+    vm = make_vm("hammered")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+    out = vm.ct.run(
+        "/usr/bin/python3", "/run/e2e/hammer_stop.py", vm.socket, "8", timeout=120
+    ).stdout
+    counts = json.loads(out)
+    print(f"\n8 clients hammering status and stop through a stop: {counts}")
+
+    assert vm.active() == "inactive"
+    assert counts["accepted"] > 8 and counts["refused"] == 8 * 3, counts
+    assert counts.get("unanswered", 0) == 0, counts
+
+
+def test_vmhostctl_stop_waits_until_gone_and_start_brings_it_back(
+    make_vm: Callable[..., VM],
+) -> None:
+    """`vmhostctl stop NAME` shows the stop chain's steps and returns once the VM is gone;
+    `vmhostctl start NAME` starts the service (and its socket) and returns once it runs."""
+    vm = make_vm("ctl")
+    vm.ct.systemctl("start", vm.unit)
+    vm.wait_console()
+
+    lines = vm.ctl("stop", vm.name).stdout.splitlines()
+    assert (vm.active(), vm.active(vm.socket_unit)) == ("inactive", "inactive")
+    assert f"{vm.name}: stopping (ACPI power-down)" in lines, lines
+    assert lines[-1] == f"{vm.name}: stopped", lines
+    assert vm.ctl("stop", vm.name).stdout == f"{vm.name}: stopped\n"  # already down: nothing to do
+
+    started = vm.ctl("start", vm.name).stdout
+    assert started.startswith(f"{vm.name}: running\n"), started
+    assert (vm.active(), vm.active(vm.socket_unit)) == ("active", "active")
+    assert vm.ctl("is-alive", vm.name).returncode == 0
+
+    vm.ct.write("/etc/vmhost/.keep", "")  # /etc/vmhost exists, no config of that name
+    unknown = vm.ctl("status", "nosuchvm", check=False)
+    assert (
+        unknown.returncode == 4
+        and "no VM nosuchvm here: no /etc/vmhost/nosuchvm.toml" in unknown.stderr
+    ), unknown
+    assert vm.ctl("is-alive", "nosuchvm", check=False).returncode == 1
 
 
 def test_socket_group_members_may_control_the_vm(make_vm: Callable[..., VM]) -> None:
@@ -353,7 +534,8 @@ def test_logs_of_a_vm_without_records(make_vm: Callable[..., VM]) -> None:
 
 
 def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
-    """systemctl restart: the socket (same inode) stays; clients never see a refused connect."""
+    """systemctl restart: the socket (same inode) stays; clients never see a refused connect,
+    and the restart's stop half is not taken for a stop for good."""
     vm = make_vm("restart")
     vm.ct.systemctl("start", vm.unit)
     vm.wait_console()
@@ -363,12 +545,14 @@ def test_restart_keeps_the_socket(make_vm: Callable[..., VM]) -> None:
     with hammered(vm) as seen:
         vm.ct.systemctl("restart", vm.unit)
 
+    print(f"\nsystemctl restart under a client polling every 20 ms: {seen}")
     assert seen["errors"] == []
     assert seen["ok"] > 3
     assert seen["states"][-1] == "running", seen
     assert vm.show("InvocationID")["InvocationID"] != before
     assert vm.ct.run("stat", "-c", "%i", vm.socket).stdout == inode
     assert vm.show("NRestarts")["NRestarts"] == "0"
+    assert vm.active(vm.socket_unit) == "active"
 
 
 def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
@@ -415,15 +599,22 @@ def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
 
 
 def test_qemu_killed_from_outside_is_restarted(make_vm: Callable[..., VM]) -> None:
-    """SIGKILL to QEMU: vmhost exits 3 (crashed), Restart=on-failure starts the VM again."""
+    """SIGKILL to QEMU: vmhost exits 3 (crashed), Restart=on-failure starts the VM again;
+    the socket is kept meanwhile."""
     vm = make_vm("crash")
     vm.ct.systemctl("start", vm.unit)
     first = vm.show("MainPID")["MainPID"]
+    inode = vm.ct.run("stat", "-c", "%i", vm.socket).stdout
+    socket_since = vm.show("ActiveEnterTimestampMonotonic", unit=vm.socket_unit)
     vm.ct.run("kill", "-KILL", str(vm.qemu_pid()))
 
     wait_for("a restart", lambda: vm.show("NRestarts")["NRestarts"] == "1")
     wait_for("active again", lambda: vm.show("ActiveState")["ActiveState"] == "active")
     assert vm.show("MainPID")["MainPID"] != first
+    # The socket was kept: same inode, never left the active state.
+    assert vm.ct.run("stat", "-c", "%i", vm.socket).stdout == inode
+    assert vm.active(vm.socket_unit) == "active"
+    assert vm.show("ActiveEnterTimestampMonotonic", unit=vm.socket_unit) == socket_since
     exits = vm.ct.journal(f"UNIT={vm.unit}", "EXIT_STATUS=3")
     assert exits, "systemd logged no exit status 3"
     crashed = vm.records(f"MESSAGE_ID={Event.CRASHED.message_id}")
@@ -439,6 +630,7 @@ def test_qemu_killed_without_restart_leaves_the_unit_failed(make_vm: Callable[..
     wait_for("failed", lambda: vm.show("ActiveState")["ActiveState"] == "failed")
     props = vm.show("Result", "ExecMainStatus", "StatusText")
     assert (props["Result"], props["ExecMainStatus"]) == ("exit-code", "3"), props
+    assert not vm.ended_cleanly()
 
 
 def test_bad_config_fails_without_restart(ct: Container) -> None:
@@ -471,8 +663,7 @@ def test_long_stop_extends_systemd_timeout(
     elapsed = time.monotonic() - started
 
     assert 5 < elapsed < 15, elapsed
-    props = vm.show("Result", "ExecMainStatus", "ExecMainCode")
-    assert props == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1"}, props
+    assert vm.ended_cleanly()  # exit 0: not killed at TimeoutStopSec
 
 
 def test_control_stop_longer_than_timeout_stop_sec_is_not_killed(
@@ -495,8 +686,7 @@ def test_control_stop_longer_than_timeout_stop_sec_is_not_killed(
         messages(vm),
         vm.ct.run("journalctl", "-u", vm.unit, "-o", "cat").stdout,
     )
-    props = vm.show("Result", "ExecMainStatus", "ExecMainCode")
-    assert props == {"Result": "success", "ExecMainStatus": "0", "ExecMainCode": "1"}, props
+    assert vm.ended_cleanly()  # exit 0: not SIGKILLed at TimeoutStopSec
     assert "stop: QMP quit" in messages(vm)  # the chain ran out its 12 s
 
 
@@ -546,9 +736,16 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
     python = str(venv / "bin/python")
 
     def send(name: str, *messages: str) -> None:
-        code = "import sys; from systemd import journal\n"
-        code += "for m in sys.argv[2:]: journal.send(m, VMHOST_VM=sys.argv[1])"
-        ct.run(python, "-c", code, name, *messages)
+        # From inside vmhost@NAME.service: logs trust only records of the VM's own unit.
+        ct.write(f"/run/e2e/{name}.messages", "\n".join(messages))
+        ct.write(
+            f"/etc/systemd/system/vmhost@{name}.service.d/send.conf",
+            "[Service]\nType=oneshot\nRestart=no\nExecStart=\n"
+            f"ExecStart={python} /run/e2e/send_logs.py %i\n",
+        )
+        ct.systemctl("daemon-reload")
+        ct.systemctl("start", f"vmhost@{name}.service")
+        ct.systemctl("stop", f"vmhost@{name}.socket")
         ct.run("journalctl", "--sync")
 
     def read(name: str, lines: int, count: int = 99) -> list[str]:
@@ -597,7 +794,8 @@ def test_kvm_opens_in_the_sandbox(ct: Container) -> None:
     )
     ct.write(
         "/etc/systemd/system/vmhost@kvm.service.d/probe.conf",
-        "[Service]\nType=oneshot\nRestart=no\n"
+        # No ExecStopPost=: the probe's exit 0 is not a VM stopped for good.
+        "[Service]\nType=oneshot\nRestart=no\nExecStopPost=\n"
         f'ExecStart=\nExecStart=/usr/bin/python3 -c "{probe}"\n',
     )
     ct.systemctl("daemon-reload")

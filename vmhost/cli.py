@@ -14,17 +14,24 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import msgspec
 
 from . import __version__
-from .errors import VmhostError
+from .errors import ClientError, NotListeningError, VmhostError
 
 if TYPE_CHECKING:
+    from .client import Client
     from .protocol import Response
 
-_COMMANDS = ("list", "status", "info", "stop", "force-stop", "logs", "events", "is-alive")
+_COMMANDS = ("list", "status", "info", "stop", "force-stop", "start", "logs", "events", "is-alive")
+EXIT_NOT_RUNNING: Final = 3
+"""As ``systemctl status`` (LSB): the VM is configured but not running."""
+EXIT_UNKNOWN: Final = 4
+"""As ``systemctl status`` (LSB): no VM of that name here."""
+_ENDED: Final = ("stopped", "error")
+_STOP_POLL: Final = 0.1
 
 
 def vmhostctl_main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +58,8 @@ def _ctl_parser() -> argparse.ArgumentParser:
         "list": "show every VM of this host: state, QEMU pid, SSH port, uptime",
         "status": "show the VM's state",
         "info": "show state, SSH port and backend",
-        "stop": "stop gracefully (agent, ACPI, then force)",
+        "stop": "stop gracefully (agent, ACPI, then force) and wait until the VM is gone",
+        "start": "start vmhost@NAME.service and wait until the VM runs",
         "force-stop": "kill the VM now",
         "logs": "show the VM's journal (vmhost and guest console)",
         "events": "show the VM's state, then each change as it happens, until the VM ends",
@@ -64,6 +72,9 @@ def _ctl_parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
         if command == "stop":
             p.add_argument("--timeout", type=int, default=0, help="seconds (default 30)")
+            p.add_argument(
+                "--no-block", action="store_true", help="only ask; do not wait until it is gone"
+            )
         if command == "logs":
             p.add_argument("-f", "--follow", action="store_true")
             p.add_argument("-n", "--lines", type=int, default=10)
@@ -81,9 +92,12 @@ def _ctl(args: argparse.Namespace) -> int:
         return _list(json_out)
     if args.command == "logs" and sock is None:
         return _local_logs(_name(args), args.lines, args.follow)
+    if args.command == "start":
+        return _start(_name(args))
     if sock is None:
         sock = socket_path(_name(args))
     client = Client(sock, detail=True)
+    label = args.name or str(sock)
     if args.command == "is-alive":
         return 0 if client.is_alive() else 1
     if args.command == "logs":
@@ -98,27 +112,110 @@ def _ctl(args: argparse.Namespace) -> int:
         for change in client.watch():
             _show_change(change, json_out)
         return 0
-    if args.command == "stop":
-        response = client.stop(args.timeout)
-    elif args.command in ("force-stop", "force_stop"):
-        response = client.force_stop()
-    elif args.command == "info":
-        response = client.info()
-    else:
-        response = client.status()
+    try:
+        if args.command == "stop":
+            response = client.stop(args.timeout)
+        elif args.command in ("force-stop", "force_stop"):
+            response = client.force_stop()
+        elif args.command == "info":
+            response = client.info()
+        else:
+            response = client.status()
+    except NotListeningError:
+        if args.command not in ("status", "stop") or not args.name:
+            raise
+        return _down(args.name, args.command, json_out)
+    _show(label, response, json_out)
+    if args.command == "stop" and not args.no_block:
+        return _wait_gone(client, label, _state_line(label, response), quiet=json_out)
+    return EXIT_NOT_RUNNING if args.command == "status" and response.state in _ENDED else 0
+
+
+def _show(label: str, response: Response, json_out: bool) -> None:
     if json_out:
         sys.stdout.buffer.write(msgspec.json.encode(response) + b"\n")
-    else:
-        label = args.name or str(sock)
-        print(f"{label}: {response.vm_state or response.state}")
-        if response.pid:
-            print(f"  pid: {response.pid}")
-        if response.ssh_port:
-            print(f"  ssh: 127.0.0.1:{response.ssh_port}")
-        if response.backend:
-            print(f"  backend: {response.backend}")
-        if response.version:
-            print(f"  vmhost: {response.version}")
+        return
+    print(_state_line(label, response))
+    if response.pid:
+        print(f"  pid: {response.pid}")
+    if response.ssh_port:
+        print(f"  ssh: 127.0.0.1:{response.ssh_port}")
+    if response.backend:
+        print(f"  backend: {response.backend}")
+    if response.version:
+        print(f"  vmhost: {response.version}")
+
+
+def _state_line(label: str, response: Response) -> str:
+    line = f"{label}: {response.vm_state or response.state}"
+    return f"{line} ({response.message})" if response.message else line  # the stop chain's step
+
+
+def _down(name: str, command: str, json_out: bool) -> int:
+    """Nothing listens for NAME: stopped if it is configured here, else unknown."""
+    from .protocol import Response
+
+    if not _known(name):
+        return EXIT_UNKNOWN
+    _show(name, Response(ok=True, state="stopped"), json_out)
+    return EXIT_NOT_RUNNING if command == "status" else 0
+
+
+def _known(name: str) -> bool:
+    """Whether VM NAME is configured here; says on stderr when it is not."""
+    from . import config
+
+    path = config.path_for(name, config.config_dir())
+    if not path.exists():
+        print(f"vmhostctl: no VM {name} here: no {path}", file=sys.stderr)
+    return path.exists()
+
+
+def _wait_gone(client: Client, label: str, shown: str, *, quiet: bool) -> int:
+    """Poll until nothing listens any more: vmhost has exited and, under systemd, the
+    socket went down with it.  Each step of the stop chain is shown once."""
+    import time
+
+    ended = False
+    while True:
+        time.sleep(_STOP_POLL)
+        try:
+            response = client.status()
+        except NotListeningError:
+            break
+        except ClientError:  # closed or reset unanswered while vmhost exits: not gone yet
+            response = None
+        if response is not None:
+            if ended and response.state not in _ENDED:
+                raise ClientError(f"{label} was started again while stopping")
+            ended = response.state in _ENDED
+            line = _state_line(label, response)
+            if line != shown and not quiet:
+                print(line, flush=True)
+            shown = line
+    if not quiet and shown != f"{label}: stopped":
+        print(f"{label}: stopped")
+    return 0
+
+
+def _start(name: str) -> int:
+    """``systemctl start vmhost@NAME.service``, as machinectl starts systemd-nspawn@: the job
+    ends at READY=1, once QEMU runs the guest."""
+    import subprocess
+
+    from .client import Client, socket_path
+
+    if not Path("/run/systemd/system").exists():
+        print(
+            f"vmhostctl start: PID 1 is not systemd here; run `vmhost serve {name}` instead",
+            file=sys.stderr,
+        )
+        return 1
+    if not _known(name):
+        return EXIT_UNKNOWN
+    if subprocess.run(["systemctl", "start", f"vmhost@{name}.service"], check=False).returncode:
+        return 1  # systemctl said why
+    print(_state_line(name, Client(socket_path(name), detail=True).status()))
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from . import protocol
-from .errors import ClientError, ServerError
+from .errors import ClientError, NotListeningError, ServerError
 from .protocol import Request, Response, VMState
 
 DIAL_TIMEOUT = 5.0
@@ -114,7 +114,10 @@ class Client(_Calls[Response]):
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.dial_timeout)
-                sock.connect(str(self.path))
+                try:
+                    sock.connect(str(self.path))
+                except (FileNotFoundError, ConnectionRefusedError) as e:
+                    raise NotListeningError(f"{self.path}: {e.strerror}") from e
                 sock.settimeout(max(end - time.monotonic(), 0.001))
                 sock.sendall(protocol.encode_request(request))
                 with sock.makefile("rb") as reader:

@@ -27,6 +27,8 @@ MIN_MEMORY_MIB: Final = 64
 """Below this no Linux guest with an initrd gets to userspace."""
 
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+_CREDENTIAL: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@:-]{0,254}")
+"""A credential is a file name in $CREDENTIALS_DIRECTORY: no path separators, no dot-first."""
 
 
 class MachineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -52,24 +54,56 @@ class DiskConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class NetworkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ssh_port: _Port = 0
     """Host 127.0.0.1:ssh_port forwards to guest port 22; 0 means no forward."""
+    host_loopback: bool = False
+    """Let the guest reach the host's 127.0.0.1 through the gateway (QEMU's old default)."""
 
 
 class ShareConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A host directory the agent mounts in the guest (virtio-9p tag ``shareN``)."""
+    """A host directory the agent mounts in the guest (virtio-9p tag ``shareN``).
+
+    QEMU runs as root: with ``security_model = "none"`` a guest's chown/chmod
+    land on the host as they are (a set-uid-root file included).  The mapped
+    models keep the guest's owners and modes in xattrs (or hidden files) and
+    create plain files owned by QEMU's user, so ``none`` is used only when a
+    config asks for it by name.
+    """
 
     path: str
     guest_path: str
-    read_only: bool = False
+    read_only: bool = True
+    security_model: Literal["mapped-xattr", "mapped-file", "none"] = "mapped-xattr"
 
 
 class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The in-guest agent (stereosd); ``port = 0`` means the guest has none."""
+    """The in-guest agent (stereosd); ``port = 0`` means the guest has none.
+
+    ``credentials`` names systemd credentials (``LoadCredential=``,
+    ``SetCredentialEncrypted=``), each injected as the secret of that name;
+    a loaded Config has their values merged into ``secrets``.  Inline
+    ``secrets`` are refused in a file that group or others can read.
+    """
 
     port: _Port = 0
     config_file: str = ""
     ssh_public_key: str = ""
     secrets: dict[str, str] = {}
+    credentials: list[str] = []
     shares: list[ShareConfig] = []
+
+
+class ConsoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The guest owns its serial console: what it may cost the host is capped here.
+
+    ``console.log`` rotates at ``file_kib`` into ``files`` files at most
+    (console.log, console.log.1, ...); at most ``journal_lines_per_second``
+    lines (bursts of ten seconds' worth) go to the journal, the rest are
+    counted and reported, so the unit's journald rate limit is never spent
+    on the console and vmhost's own records are never the ones dropped.
+    """
+
+    file_kib: Annotated[int, msgspec.Meta(ge=64)] = 8192
+    files: Annotated[int, msgspec.Meta(ge=2, le=100)] = 2
+    journal_lines_per_second: Annotated[int, msgspec.Meta(ge=0)] = 50
 
 
 class StopConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -92,6 +126,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     disks: list[DiskConfig] = []
     network: NetworkConfig = NetworkConfig()
     agent: AgentConfig = AgentConfig()
+    console: ConsoleConfig = ConsoleConfig()
     stop: StopConfig = StopConfig()
     qemu: QemuConfig = QemuConfig()
 
@@ -126,7 +161,9 @@ def path_for(name: str, config_dir: Path = CONFIG_DIR) -> Path:
 
 def load(path: Path) -> Config:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            text = file.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from exc
     try:
@@ -137,11 +174,46 @@ def load(path: Path) -> Config:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {_explain(str(exc), raw)}") from exc
+    if config.agent.secrets and mode & 0o044:
+        # As ssh does with a private key: refuse rather than run with a leaked secret.
+        raise ConfigError(
+            f"{path}: agent.secrets: inline secrets in a file readable by group or others "
+            f"(mode {stat.S_IMODE(mode):04o}): chmod go-rwx {path}, or name systemd "
+            "credentials in agent.credentials"
+        )
     config = _resolve(config, path.parent.absolute())
     problem = _check(config)
     if problem:
         raise ConfigError(f"{path}: {problem[0]}: {problem[1]}")
-    return config
+    return _with_credentials(config, path)
+
+
+def _with_credentials(config: Config, path: Path) -> Config:
+    """``agent.credentials`` read from ``$CREDENTIALS_DIRECTORY`` into ``agent.secrets``."""
+    names = config.agent.credentials
+    if not names:
+        return config
+    directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        raise ConfigError(
+            f"{path}: agent.credentials: no $CREDENTIALS_DIRECTORY: give the unit "
+            f"LoadCredential= or SetCredentialEncrypted= for {', '.join(names)}"
+        )
+    secrets = dict(config.agent.secrets)
+    for i, name in enumerate(names):
+        field = f"agent.credentials[{i}]"
+        if not _CREDENTIAL.fullmatch(name):
+            raise ConfigError(f"{path}: {field}: not a credential name: {name!r}")
+        if name in secrets:
+            raise ConfigError(f"{path}: {field}: {name!r} is also an inline secret")
+        try:
+            secrets[name] = (Path(directory) / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: {field}: credential {name!r}: {_reason(exc)} in {directory}"
+            ) from exc
+    agent = msgspec.structs.replace(config.agent, secrets=secrets)
+    return msgspec.structs.replace(config, agent=agent)
 
 
 def _resolve(config: Config, base: Path) -> Config:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import enum
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -49,6 +50,8 @@ _EXIT_GRACE: Final = 1.0
 QUIESCE_TIMEOUT: Final = 1.0
 """For QEMU's streams to reach a line boundary before a handover."""
 _PR_SET_PDEATHSIG: Final = 1
+_CONSOLE_CHUNK: Final = 16384  # < the smallest rotation size: a file never outgrows its cap
+_CONSOLE_GATHER: Final = 0.05  # at most 20 console wakeups a second for a trickle
 MAX_WATCHERS: Final = 128
 WATCH_BACKLOG: Final = 32
 
@@ -156,7 +159,7 @@ class QemuController:
         name: str,
         state_dir: Path,
         on_state: StateListener | None = None,
-        on_console: Callable[[str], None] | None = None,
+        on_console: Callable[[bytes], None] | None = None,
     ) -> None:
         self.config = config
         self.name = name
@@ -190,6 +193,7 @@ class QemuController:
         """QEMU's streams we read (QMP, console, stderr): paused at a handover."""
         self._qmp_sock: socket.socket | None = None
         self._console_sock: socket.socket | None = None
+        self._agent_socket = qemu.agent_socket(state_dir) if config.agent.port else None
 
     # -- what the server reads ------------------------------------------------
 
@@ -220,6 +224,11 @@ class QemuController:
             return 0.0
         return max(self._deadline - time.monotonic(), 0.0) + 2 * _LAST_STEPS
 
+    @property
+    def step(self) -> str:
+        """The stop chain's step running now ("" outside a stop), for ``status`` with detail."""
+        return self._step
+
     def status_text(self) -> str:
         """One line for ``STATUS=``: what the VM is doing right now."""
         if self._state is VMState.STOPPING and self._step:
@@ -245,6 +254,14 @@ class QemuController:
                 kvm=qemu.accel_is_kvm(self.config),
             )
             log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
+            if self._agent_socket is not None:
+                self._agent_socket.unlink(missing_ok=True)  # a previous run's: QEMU binds it anew
+                log.warning(
+                    "agent.port %d is not used: the agent is reached through %s, which only "
+                    "vmhost may open (no TCP forward that other users or guests could reach)",
+                    self.config.agent.port,
+                    self._agent_socket,
+                )
             # Popen, not asyncio's: we watch the child through a pidfd, and fork+exec is quick.
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 argv,
@@ -252,7 +269,11 @@ class QemuController:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 pass_fds=(qmp_child.fileno(), serial_child.fileno()),
-                env=qemu.environment(os.environ),
+                env=qemu.environment(
+                    os.environ,
+                    host_loopback=self.config.network.host_loopback,
+                    agent_socket=self._agent_socket,
+                ),
                 preexec_fn=_die_with_parent,
                 # Its own process group: Ctrl-C on a foreground `vmhost serve` must reach
                 # vmhost only (QEMU quits on SIGINT without asking the guest: a dirty disk).
@@ -459,9 +480,8 @@ class QemuController:
         from .guest import Agent
 
         deadline = asyncio.get_running_loop().time() + QMP_TIMEOUT
-        port = self.config.agent.port
         try:
-            self._agent = await Agent.connect("127.0.0.1", port, deadline=deadline)
+            self._agent = await Agent.connect(str(self._agent_socket), deadline=deadline)
         except ControllerError as e:
             log.warning("guest agent unavailable after the reload, stop will use ACPI: %s", e)
 
@@ -677,23 +697,30 @@ class QemuController:
         self._stderr_closed.set()
 
     async def _read_console(self, sock: socket.socket) -> None:
-        """Serial output goes to console.log as is, and line by line to ``on_console``."""
+        """Serial output goes to console.log as is (rotated by size: the guest decides how
+        much it prints, so the host caps what it keeps), and to ``on_console``."""
         reader, writer = await asyncio.open_connection(sock=sock)
         self._streams.append((_read_side(writer), reader))
-        partial = b""
+        console = self.config.console
+        # The stdlib's size rotation; latin-1 is one char per byte both ways, so the guest's
+        # bytes land unchanged and the handler's lengths are byte counts.
+        out = logging.handlers.RotatingFileHandler(
+            self.state_dir / "console.log",
+            maxBytes=console.file_kib * 1024,
+            backupCount=console.files - 1,
+            encoding="latin-1",
+        )
+        out.terminator = ""
         # closing(): also when cancelled, the transport holds the socket.
-        with (
-            contextlib.closing(writer),
-            (self.state_dir / "console.log").open("ab", buffering=0) as out,
-        ):
-            while chunk := await reader.read(65536):
-                out.write(chunk)
-                if self.on_console is None:
-                    continue
-                *lines, partial = (partial + chunk).split(b"\n")
-                for line in lines:
-                    self.on_console(line.decode(errors="replace").rstrip("\r"))
-                partial = partial[-65536:]
+        with contextlib.closing(writer), contextlib.closing(out):
+            while chunk := await reader.read(_CONSOLE_CHUNK):
+                out.emit(_console_record(chunk.decode("latin-1")))
+                if self.on_console is not None:
+                    self.on_console(chunk)
+                if len(chunk) < _CONSOLE_CHUNK:
+                    # QEMU writes a few bytes at a time: let them gather in the socket (and
+                    # QEMU wait) so a chatty guest costs the loop a bounded number of wakeups.
+                    await asyncio.sleep(_CONSOLE_GATHER)
 
     def _reprovision(self) -> None:
         """A rebooted guest forgot its keys, secrets and mounts, and its agent connection."""
@@ -709,7 +736,7 @@ class QemuController:
         from .guest import provision  # most VMs have no agent: keep it off the start path
 
         try:
-            self._agent = await provision(self.config.agent, host="127.0.0.1")
+            self._agent = await provision(self.config.agent, address=str(self._agent_socket))
         except ControllerError as e:
             log.warning("guest agent unavailable, stop will use ACPI: %s", e)
             return
@@ -742,6 +769,10 @@ class QemuController:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("internal task failed: %r", exc, exc_info=exc)
+
+
+def _console_record(text: str) -> logging.LogRecord:
+    return logging.LogRecord("console", logging.INFO, "", 0, text, None, None)
 
 
 async def _reader_for(fd: int) -> tuple[asyncio.ReadTransport, asyncio.StreamReader]:

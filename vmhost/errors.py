@@ -19,6 +19,10 @@ class ClientError(VmhostError):
     """A control-socket call failed before an answer came back (connect, timeout, EOF)."""
 
 
+class NotListeningError(ClientError):
+    """Nothing listens on the control socket (no socket file, or refused): vmhost is not running."""
+
+
 class ServerError(ClientError):
     """The server answered ``ok:false``; the message is the server's own text."""
 

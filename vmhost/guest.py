@@ -1,4 +1,7 @@
-"""Client of the in-guest agent (stereosd): newline-delimited JSON over TCP.
+"""Client of the in-guest agent (stereosd): newline-delimited JSON over a stream.
+
+vmhost reaches it through a unix socket that QEMU forwards to the guest's
+port 1024 (see vmhost/slirp_guard.c); a ``(host, port)`` address is TCP.
 
 The wire is protocol.md section 2: ``{"type": T, "payload": {...}}`` per line,
 one reply per request on a persistent connection, with unsolicited
@@ -90,6 +93,9 @@ class _Incoming(msgspec.Struct):
     payload: msgspec.Raw = msgspec.Raw(b"{}")
 
 
+Address = str | tuple[str, int]
+"""A unix socket path, or a TCP (host, port)."""
+
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(_Incoming)
 _Reply = TypeVar("_Reply", Pong, Health, Ack)
@@ -116,15 +122,22 @@ class Agent:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, deadline: float, timeout: float = CALL_TIMEOUT
+        cls, address: Address, *, deadline: float, timeout: float = CALL_TIMEOUT
     ) -> Agent:
-        """Connect and ping, retrying (100 ms doubling to 1 s) until ``deadline`` (loop time)."""
+        """Connect and ping, retrying (100 ms doubling to 1 s) until ``deadline`` (loop time).
+
+        ``address`` is a unix socket path or a TCP ``(host, port)``.
+        """
         loop = asyncio.get_running_loop()
         delay = 0.1
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
         while True:
             try:
                 async with asyncio.timeout_at(min(deadline, loop.time() + ATTEMPT_TIMEOUT)):
-                    reader, writer = await asyncio.open_connection(host, port, limit=MAX_LINE)
+                    if isinstance(address, str):
+                        reader, writer = await asyncio.open_unix_connection(address, limit=MAX_LINE)
+                    else:
+                        reader, writer = await asyncio.open_connection(*address, limit=MAX_LINE)
                     agent = cls(reader, writer, timeout=timeout)
                     try:
                         await agent.ping()
@@ -134,9 +147,7 @@ class Agent:
                 return agent
             except (OSError, TimeoutError, AgentError) as exc:
                 if loop.time() + delay >= deadline:
-                    raise AgentError(
-                        f"no guest agent at {host}:{port}: {exc or 'timed out'}"
-                    ) from exc
+                    raise AgentError(f"no guest agent at {where}: {exc or 'timed out'}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -233,7 +244,7 @@ class Agent:
 async def provision(
     config: AgentConfig,
     *,
-    host: str = HOST,
+    address: Address | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     ready_timeout: float = READY_TIMEOUT,
     timeout: float = CALL_TIMEOUT,
@@ -241,7 +252,8 @@ async def provision(
     """The boot sequence of protocol.md: connect, wait ready, config, key, secrets, mounts.
 
     Returns the connected agent (kept for ``shutdown`` later); on any failure
-    the connection is closed and AgentError raised.
+    the connection is closed and AgentError raised.  ``address`` defaults to
+    TCP on ``config.port`` of this host.
     """
     if not config.port:
         raise AgentError("provision: no agent port configured")
@@ -253,7 +265,7 @@ async def provision(
             raise AgentError(f"agent.config_file: cannot read {config.config_file}: {exc}") from exc
     loop = asyncio.get_running_loop()
     agent = await Agent.connect(
-        host, config.port, deadline=loop.time() + connect_timeout, timeout=timeout
+        address or (HOST, config.port), deadline=loop.time() + connect_timeout, timeout=timeout
     )
     try:
         await _wait_ready(agent, loop.time() + ready_timeout)

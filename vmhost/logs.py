@@ -1,6 +1,10 @@
 """This VM's journal records (vmhost's and its guest console's) for ``vmhostctl logs``.
 
 Reading is cysystemd's job (its asyncio reader); systemd-python only writes.
+Records are selected by ``_SYSTEMD_UNIT``, a field journald sets from the
+sender's cgroup, so no local user can forge one with ``logger`` or
+``systemd-cat``; ``VMHOST_VM`` (a field anyone can write) then keeps vmhost's
+own structured records of that unit and leaves out anything else it printed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def _format(entry: JournalEntry) -> str:
 
 
 async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncIterator[str]:
-    """The last ``lines`` records with ``VMHOST_VM=vm``, oldest first; then new ones if ``follow``.
+    """The last ``lines`` records of ``vmhost@vm.service`` with ``VMHOST_VM=vm``, oldest first;
+    then new ones if ``follow``.
 
     Formatted here so the CLI and the control socket show the same lines.
     """
@@ -44,7 +49,8 @@ async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncIte
         if follow:
             # Watch from now on (as journalctl does): appends made while we read the tail wake us.
             _ = reader.fd
-        await reader.add_filter(Rule(FIELD_VM, vm))
+        unit = Rule("_SYSTEMD_UNIT", f"vmhost@{vm}.service")
+        await reader.add_filter(unit & Rule(FIELD_VM, vm))
     except (OSError, SystemError) as exc:
         raise JournalError(f"cannot read the journal: {exc}") from exc
 

@@ -2,18 +2,22 @@
 
 Everything QEMU needs is on its command line (``-nodefaults -no-user-config``:
 no device or config file appears that the config did not ask for), and QEMU
-talks to vmhost only through two inherited sockets: QMP and the serial
-console.  The one probe with I/O is :func:`kvm_usable`, for ``accel = "auto"``.
+talks to vmhost only through two inherited sockets, QMP and the serial
+console, and the guest agent's unix socket in the VM's state directory.
+The probes with I/O are :func:`kvm_usable`, for ``accel = "auto"``, and
+:func:`slirp_guard`, which finds the library QEMU preloads.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
 from .config import Config
+from .errors import ControllerError
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
@@ -53,18 +57,14 @@ def argv(config: Config, *, name: str, qmp_fd: int, serial_fd: int, kvm: bool) -
     for disk in config.disks:
         drive = f"file={_opt(disk.path)},format={disk.format},if=virtio"
         args += ["-drive", drive + (",readonly=on" if disk.read_only else "")]
-    netdev = "user,id=net0" + "".join(
-        f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
-        for host, guest in (
-            (config.network.ssh_port, SSH_GUEST_PORT),
-            (config.agent.port, AGENT_GUEST_PORT),
-        )
-        if host
-    )
+    # The agent has no TCP forward: the slirp guard forwards a unix socket to it (environment()).
+    netdev = "user,id=net0"
+    if config.network.ssh_port:
+        netdev += f",hostfwd=tcp:127.0.0.1:{config.network.ssh_port}-:{SSH_GUEST_PORT}"
     args += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
     for i, share in enumerate(config.agent.shares):
-        # security_model=none: guest sees host ownership and modes as they are.
-        fsdev = f"local,id=fs{i},path={_opt(share.path)},security_model=none"
+        # The model is the config's (mapped-xattr unless "none" is named there): see ShareConfig.
+        fsdev = f"local,id=fs{i},path={_opt(share.path)},security_model={share.security_model}"
         args += [
             "-fsdev",
             fsdev + (",readonly=on" if share.read_only else ""),
@@ -109,12 +109,38 @@ def accel_is_kvm(config: Config) -> bool:
     return accel == "kvm" or (accel == "auto" and kvm_usable())
 
 
-def environment(parent: Mapping[str, str]) -> dict[str, str]:
-    """QEMU's environment, built from an allowlist.
+def environment(
+    parent: Mapping[str, str], *, host_loopback: bool = False, agent_socket: Path | None = None
+) -> dict[str, str]:
+    """QEMU's environment, built from an allowlist, with the slirp guard preloaded.
 
     vmhost itself runs with systemd's LISTEN_*, NOTIFY_SOCKET, WATCHDOG_* and
     INVOCATION_ID; QEMU inheriting them could answer systemd in vmhost's name.
+    The guard (vmhost/slirp_guard.c) stops guests reaching the host's loopback
+    unless ``host_loopback``, and forwards ``agent_socket`` to the guest agent.
     """
     env = {k: v for k, v in parent.items() if k in _KEPT_ENV or k.startswith("LC_")}
     env.setdefault("PATH", DEFAULT_PATH)
+    env["LD_PRELOAD"] = slirp_guard()
+    if host_loopback:
+        env["VMHOST_SLIRP_HOST_LOOPBACK"] = "1"
+    if agent_socket is not None:
+        env["VMHOST_SLIRP_AGENT_SOCKET"] = str(agent_socket)
     return env
+
+
+def agent_socket(state_dir: Path) -> Path:
+    """Where QEMU listens for vmhost's agent connection: the VM's private state directory."""
+    return state_dir / "agent.sock"
+
+
+def slirp_guard() -> str:
+    """The guard library's path; missing, QEMU would run without it, so that is an error."""
+    spec = importlib.util.find_spec(f"{__package__}._slirp_guard")
+    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
+        raise ControllerError(
+            "the slirp guard (vmhost/_slirp_guard*.so, built with vmhost from slirp_guard.c) "
+            "is missing: without it guests reach the host's loopback and the agent has no "
+            "private channel; reinstall vmhost"
+        )
+    return spec.origin

@@ -62,6 +62,11 @@ class Controller(Protocol):
     def pid(self) -> int: ...
 
     @property
+    def step(self) -> str:
+        """The stop chain's step running now, "" outside a stop."""
+        ...
+
+    @property
     def changes(self) -> Changes:
         """What ``watch`` subscribes to."""
         ...
@@ -137,7 +142,7 @@ class Server:
         self._watches: set[_Connection] = set()
         self._change_line: tuple[Change | None, bytes] = (None, b"")
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cache: dict[tuple[str, bool, VMState], bytes] = {}
+        self._cache: dict[tuple[str, bool, VMState, str], bytes] = {}
         self._turns: deque[_Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
         self.closing = False
@@ -213,6 +218,7 @@ class Server:
         self._sock = self._sock.dup()  # the loop closes its socket: the backlog lives on here
         self._server.close()
         self._server = None
+        await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
         farewell = protocol.encode_response(Response(ok=True, message=last_line))
         for conn in [*self._streams, *self._watches]:
             conn.finish(farewell)
@@ -261,13 +267,13 @@ class Server:
     def state_answer(self, method: str, detail: bool) -> bytes:
         """``status``/``info``, encoded once per VM state and reused until the state changes."""
         state = self.controller.state
-        key = (method, detail, state)
+        key = (method, detail, state, self.controller.step)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = self._encode_state(method, detail, state)
+            cached = self._cache[key] = self._encode_state(*key)
         return cached
 
-    def _encode_state(self, method: str, detail: bool, state: VMState) -> bytes:
+    def _encode_state(self, method: str, detail: bool, state: VMState, step: str) -> bytes:
         c = self.controller
         response = Response(ok=True, state=state.wire)
         if method == protocol.INFO:
@@ -277,6 +283,7 @@ class Server:
             response.vm_state = state.value
             response.pid = c.pid
             response.version = __version__
+            response.message = step  # the stop chain's step, while stopping
         return protocol.encode_response(response)
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:

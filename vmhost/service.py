@@ -136,7 +136,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         config,
         name=name,
         state_dir=state_dir,
-        on_console=systemd.console_logger(name),
+        on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)

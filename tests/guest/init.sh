@@ -28,6 +28,15 @@ listening() {
 	grep -q ":$port [0-9A-F]*:0000 0A" /proc/net/tcp6 /proc/net/tcp 2>/dev/null
 }
 
+# An IPv6 probe waits for the address QEMU's router advertisement gives (fec0::/64), past its
+# duplicate address detection.  Shell builtins only: a fork per try is slow under TCG.
+ip6_global() {
+	while read -r _ _ _ scope flags dev; do
+		[ "$dev" = eth0 ] && [ "$scope" != 20 ] && [ $((0x$flags & 0x40)) = 0 ] && return 0
+	done </proc/net/if_inet6
+	return 1
+}
+
 # acpid opens the event devices after it starts: a powerdown before that is lost.
 acpid_ready() { ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; }
 
@@ -46,12 +55,18 @@ token=
 autopoweroff=0
 autopoweroff_delay=1
 reboot_once=0
+probe=
+flood=0
+busy=0
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	guest.token=*) token=${arg#*=} ;;
 	guest.autopoweroff=*) autopoweroff=${arg#*=} ;;
 	guest.autopoweroff_delay=*) autopoweroff_delay=${arg#*=} ;;
 	guest.reboot_once=*) reboot_once=${arg#*=} ;;
+	guest.probe=*) probe=${arg#*=} ;;
+	guest.flood=*) flood=${arg#*=} ;;
+	guest.busy=*) busy=${arg#*=} ;;
 	esac
 done
 
@@ -89,6 +104,25 @@ wait_for listening 1024 || fail "port 1024 not listening"
 # The agent reports "ready" from here on, like the console line below.
 : >/run/tinyguest-ready
 say READY
+
+# guest.probe=HOST:PORT,...: connect to each once and report what it answered, so host tests
+# see what this guest can reach ("TINYGUEST PROBE 10.0.2.2:2222 SSH-2.0-..." or "... FAILED").
+case $probe in *::*) wait_for ip6_global || say "no IPv6 address" ;; esac
+for target in $(echo "$probe" | tr , ' '); do
+	answer=$(nc -w 3 "${target%:*}" "${target##*:}" </dev/null 2>/dev/null | head -n 1)
+	say "PROBE $target ${answer:-FAILED}"
+done
+
+# guest.busy=SECONDS: as busy as the flood below but silent (a baseline for it), then
+# guest.flood=SECONDS: a guest printing as fast as it can; each says when it stopped.
+if [ "$busy" -gt 0 ]; then
+	timeout "$busy" yes "TINYGUEST BUSY" >/dev/null
+	say "BUSY DONE"
+fi
+if [ "$flood" -gt 0 ]; then
+	timeout "$flood" yes "TINYGUEST FLOOD the guest owns its console but not the host's disk or journal"
+	say "FLOOD DONE"
+fi
 
 if [ "$autopoweroff" = 1 ]; then
 	sleep "$autopoweroff_delay"
