@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn
 
@@ -112,8 +112,12 @@ def _ctl(args: argparse.Namespace) -> int:
         for change in client.watch():
             _show_change(change, json_out)
         return 0
+    changes = None
     try:
         if args.command == "stop":
+            if not args.no_block:
+                changes = client.watch()
+                next(changes)  # subscribed before the stop asks: no step is missed
             response = client.stop(args.timeout)
         elif args.command in ("force-stop", "force_stop"):
             response = client.force_stop()
@@ -126,8 +130,8 @@ def _ctl(args: argparse.Namespace) -> int:
             raise
         return _down(args.name, args.command, json_out)
     _show(label, response, json_out)
-    if args.command == "stop" and not args.no_block:
-        return _wait_gone(client, label, _state_line(label, response), quiet=json_out)
+    if changes is not None:
+        return _wait_gone(client, label, changes, quiet=json_out)
     return EXIT_NOT_RUNNING if args.command == "status" and response.state in _ENDED else 0
 
 
@@ -171,14 +175,18 @@ def _known(name: str) -> bool:
     return path.exists()
 
 
-def _wait_gone(client: Client, label: str, shown: str, *, quiet: bool) -> int:
-    """Poll until nothing listens any more: vmhost has exited and, under systemd, the
-    socket went down with it.  Each step of the stop chain is shown once."""
+def _wait_gone(client: Client, label: str, changes: Iterator[Response], *, quiet: bool) -> int:
+    """Each step of the stop chain as the watch tells it, then until nothing listens any
+    more: vmhost has exited and, under systemd, the socket went down with it."""
     import time
 
     ended = False
+    with contextlib.suppress(ClientError):  # cut short (vmhost killed from outside): poll on
+        for change in changes:
+            ended = change.state in _ENDED
+            if not quiet:
+                print(_state_line(label, change), flush=True)
     while True:
-        time.sleep(_STOP_POLL)
         try:
             response = client.status()
         except NotListeningError:
@@ -189,11 +197,8 @@ def _wait_gone(client: Client, label: str, shown: str, *, quiet: bool) -> int:
             if ended and response.state not in _ENDED:
                 raise ClientError(f"{label} was started again while stopping")
             ended = response.state in _ENDED
-            line = _state_line(label, response)
-            if line != shown and not quiet:
-                print(line, flush=True)
-            shown = line
-    if not quiet and shown != f"{label}: stopped":
+        time.sleep(_STOP_POLL)
+    if not quiet and not ended:
         print(f"{label}: stopped")
     return 0
 
