@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import compare, lifecycle, load, proc
+from . import compare, lifecycle, load, proc, watchers
 from .report import LoadResults, Machine, Profile, Results, targets, write
 from .targets import Reference, Service, StandIn, Target
 
@@ -155,6 +155,8 @@ def main() -> int:
                 stand_ins.append(
                     _measure(loadgen, stand_in, args.seconds, args.repeat, ("status",))
                 )
+        print("bench: watchers beside the load", flush=True)
+        watching = watchers.measure(work, loadgen, args.seconds, max(args.repeat, 3))
         print("bench: profile", flush=True)
         profile = _profile(work, loadgen, args.seconds)
         print("bench: start and force_stop", flush=True)
@@ -177,6 +179,7 @@ def main() -> int:
         footprint=footprint,
         profile=profile,
         targets=[],
+        watchers=watching,
     )
     results.targets = targets(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import msgspec
 from . import proc
 from .lifecycle import Footprint, GracefulStop, StartPath
 from .load import Run
+from .watchers import Watchers, report
 
 
 class Machine(msgspec.Struct):
@@ -58,6 +59,7 @@ class Results(msgspec.Struct):
     footprint: Footprint | None
     profile: Profile | None
     targets: list[Target]
+    watchers: list[Watchers] = msgspec.field(default_factory=list)
 
 
 def _find(results: LoadResults | None, method: str, mode: str, clients: int) -> Run | None:
@@ -107,6 +109,17 @@ def targets(r: Results) -> list[Target]:
         out.append(Target("exec -> READY=1", "<= 150 ms", f"{ready * 1000:.0f} ms", ready <= 0.150))
         out.append(
             Target("force_stop -> gone", "<= 100 ms", f"{gone * 1000:.0f} ms", gone <= 0.100)
+        )
+    if r.watchers:
+        idle = r.watchers[0]
+        ratio = idle.p99_with_us / idle.p99_without_us
+        out.append(
+            Target(
+                f"status p99, 100 watchers + 1 deaf, {idle.changes_per_second:g} change/s",
+                "<= 1.10x without",
+                f"{ratio:.2f}x",
+                ratio <= 1.10,
+            )
         )
     return out
 
@@ -213,6 +226,8 @@ def markdown(r: Results) -> str:
             f"about {f.pss_for_100_kib / 1024:.0f} MiB of vmhost processes. An idle vmhost uses "
             f"{f.idle_cpu_ms_per_s:.2f} ms of CPU per second.",
         ]
+    if r.watchers:
+        lines += ["", *report(r.watchers)]
     if r.profile is not None:
         lines += ["", "## Profile", "", r.profile.load, "", "```", *r.profile.top, "```"]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """The control server with a controller stand-in: measures the server layer alone.
 
-``python3 -m bench.standin SOCKET [--loop asyncio|uvloop] [--profile OUT]``
-serves until SIGTERM (under cProfile with ``--profile``, stats dumped to OUT).
+``python3 -m bench.standin SOCKET [--loop asyncio|uvloop] [--profile OUT] [--changes HZ]``
+serves until SIGTERM (under cProfile with ``--profile``, stats dumped to OUT;
+with ``--changes``, a change for watchers HZ times a second, the state kept).
 The stand-in answers like a running VM and never touches QEMU, so a figure
 measured against it is the server's own cost; ``vmhost serve`` itself is
 measured by :class:`bench.targets.Service`.
@@ -12,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import itertools
 import signal
 from pathlib import Path
 
+from vmhost.controller import Change, Changes
 from vmhost.protocol import VMState
 from vmhost.server import Server
 
@@ -31,6 +34,8 @@ class StandIn:
     def __init__(self) -> None:
         self.stops = 0
         self._ended = asyncio.Event()
+        self.changes = Changes()
+        self.changes.publish(Change(self.state))
 
     async def stop(self, timeout: float) -> None:
         self.stops += 1
@@ -42,14 +47,29 @@ class StandIn:
         await self._ended.wait()
 
 
-async def serve(path: Path) -> None:
+async def serve(path: Path, changes_per_second: float = 0.0) -> None:
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
-    async with Server(StandIn(), path):
+    stand_in = StandIn()
+    async with Server(stand_in, path):
+        ticker = (
+            asyncio.create_task(_tick(stand_in, 1 / changes_per_second))
+            if changes_per_second
+            else None
+        )
         print("serving", flush=True)
         await done.wait()
+        if ticker is not None:
+            ticker.cancel()
+
+
+async def _tick(stand_in: StandIn, interval: float) -> None:
+    """Changes that keep the state: watchers are told, status answers stay the same."""
+    for n in itertools.count():
+        await asyncio.sleep(interval)
+        stand_in.changes.publish(Change(VMState.RUNNING, f"tick {n}", "TICK"))
 
 
 def main() -> None:
@@ -57,6 +77,7 @@ def main() -> None:
     parser.add_argument("socket", type=Path)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--changes", type=float, default=0.0, help="changes per second")
     args = parser.parse_args()
     factory = None
     if args.loop == "uvloop":
@@ -67,7 +88,7 @@ def main() -> None:
     with asyncio.Runner(loop_factory=factory) as runner:
         if profile is not None:
             profile.enable()
-        runner.run(serve(args.socket))
+        runner.run(serve(args.socket, args.changes))
     if profile is not None:
         profile.disable()
         profile.dump_stats(args.profile)

@@ -129,12 +129,15 @@ class StandIn(Target):
         name: str = "",
         env: dict[str, str] | None = None,
         python: list[str] | None = None,
+        changes: float = 0.0,
     ) -> None:
         self.label = f"Server alone (stand-in controller), {loop} loop"
         sock = workdir / f"standin-{loop}{name}.sock"
         argv = [*(python or [sys.executable]), "-m", "bench.standin", str(sock), "--loop", loop]
         if profile is not None:
             argv += ["--profile", str(profile)]
+        if changes:
+            argv += ["--changes", str(changes)]
         process = proc.spawn(
             argv,
             cpu=proc.SERVER_CPU,

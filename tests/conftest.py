@@ -18,6 +18,7 @@ from qemu.qmp import QMPClient
 
 from vmhost import qemu
 from vmhost.config import Config
+from vmhost.controller import Change, Changes
 from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
 
@@ -50,6 +51,8 @@ class FakeController:
         self.stops: list[float] = []
         self.force_stops = 0
         self._ended = asyncio.Event()
+        self.changes = Changes()
+        self.changes.publish(Change(self.state))
 
     def stop(self, timeout: float) -> Awaitable[None]:
         self.stops.append(timeout)

@@ -16,6 +16,7 @@ import vmhost
 from vmhost import AsyncClient, Client, ClientError, ServerError, VMState
 from vmhost.cli import vmhostctl_main
 from vmhost.client import socket_path
+from vmhost.controller import Change
 from vmhost.errors import ConfigError
 from vmhost.server import Server
 
@@ -64,22 +65,31 @@ async def test_stop_timeout_and_force_stop(
 async def test_stop_waits_until_gone_showing_the_steps(
     server: Server, sock_path: Path, controller: FakeController, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`stop NAME` returns once nothing listens, having shown each step of the stop chain once."""
+    """`stop NAME` shows each step of the stop chain as the watch tells it, and returns once
+    nothing listens."""
     stop = asyncio.create_task(ctl("stop", "web", "--socket", str(sock_path)))
-    for step in ("ACPI power-down", "QMP quit"):
-        await asyncio.sleep(0.3)
-        controller.step = step
+    async with asyncio.timeout(5):
+        while not controller.stops:
+            await asyncio.sleep(0.01)
+    changes = [
+        Change(VMState.STOPPING, "stop requested, 30 s to finish"),
+        Change(VMState.STOPPING, "stop: ACPI power-down (30.0 s for it)", "acpi-power-down"),
+        Change(VMState.STOPPING, "stop: QMP quit (1.0 s for it)", "qmp-quit"),
+        Change(VMState.STOPPED, "stop requested"),
+    ]
+    for change in changes:
+        controller.changes.publish(change)
+    controller.state = VMState.STOPPED
     await asyncio.sleep(0.3)
-    assert not stop.done()
-    controller.step, controller.state = "", VMState.STOPPED
-    await asyncio.sleep(0.3)
+    assert not stop.done()  # vmhost still serves
     await server.close()  # vmhost exits: the socket goes
     assert await asyncio.wait_for(stop, 5) == 0
     assert capsys.readouterr().out.splitlines() == [
         "web: stopping",
-        "web: stopping (ACPI power-down)",
-        "web: stopping (QMP quit)",
-        "web: stopped",
+        "web: stopping (stop requested, 30 s to finish)",
+        "web: stopping (stop: ACPI power-down (30.0 s for it))",
+        "web: stopping (stop: QMP quit (1.0 s for it))",
+        "web: stopped (stop requested)",
     ]
 
 

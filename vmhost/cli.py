@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .protocol import Response
 
-_COMMANDS = ("list", "status", "info", "stop", "force-stop", "start", "logs", "is-alive")
+_COMMANDS = ("list", "status", "info", "stop", "force-stop", "start", "logs", "events", "is-alive")
 EXIT_NOT_RUNNING: Final = 3
 """As ``systemctl status`` (LSB): the VM is configured but not running."""
 EXIT_UNKNOWN: Final = 4
@@ -62,6 +62,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
         "start": "start vmhost@NAME.service and wait until the VM runs",
         "force-stop": "kill the VM now",
         "logs": "show the VM's journal (vmhost and guest console)",
+        "events": "show the VM's state, then each change as it happens, until the VM ends",
         "is-alive": "exit 0 if the vmhost process answers",
     }
     for command in _COMMANDS:
@@ -107,8 +108,16 @@ def _ctl(args: argparse.Namespace) -> int:
         if not shown and args.lines > 0:
             print(f"vmhostctl: no journal records (asked {sock})", file=sys.stderr)
         return 0
+    if args.command == "events":
+        for change in client.watch():
+            _show_change(change, json_out)
+        return 0
+    changes = None
     try:
         if args.command == "stop":
+            if not args.no_block:
+                changes = client.watch()
+                next(changes)  # subscribed before the stop asks: no step is missed
             response = client.stop(args.timeout)
         elif args.command in ("force-stop", "force_stop"):
             response = client.force_stop()
@@ -121,8 +130,8 @@ def _ctl(args: argparse.Namespace) -> int:
             raise
         return _down(args.name, args.command, json_out)
     _show(label, response, json_out)
-    if args.command == "stop" and not args.no_block:
-        return _wait_gone(client, label, _state_line(label, response), quiet=json_out)
+    if changes is not None:
+        return _wait_gone(client, label, changes, quiet=json_out)
     return EXIT_NOT_RUNNING if args.command == "status" and response.state in _ENDED else 0
 
 
@@ -166,14 +175,18 @@ def _known(name: str) -> bool:
     return path.exists()
 
 
-def _wait_gone(client: Client, label: str, shown: str, *, quiet: bool) -> int:
-    """Poll until nothing listens any more: vmhost has exited and, under systemd, the
-    socket went down with it.  Each step of the stop chain is shown once."""
+def _wait_gone(client: Client, label: str, changes: Iterator[Response], *, quiet: bool) -> int:
+    """Each step of the stop chain as the watch tells it, then until nothing listens any
+    more: vmhost has exited and, under systemd, the socket went down with it."""
     import time
 
     ended = False
+    with contextlib.suppress(ClientError):  # cut short (vmhost killed from outside): poll on
+        for change in changes:
+            ended = change.state in _ENDED
+            if not quiet:
+                print(_state_line(label, change), flush=True)
     while True:
-        time.sleep(_STOP_POLL)
         try:
             response = client.status()
         except NotListeningError:
@@ -184,11 +197,8 @@ def _wait_gone(client: Client, label: str, shown: str, *, quiet: bool) -> int:
             if ended and response.state not in _ENDED:
                 raise ClientError(f"{label} was started again while stopping")
             ended = response.state in _ENDED
-            line = _state_line(label, response)
-            if line != shown and not quiet:
-                print(line, flush=True)
-            shown = line
-    if not quiet and shown != f"{label}: stopped":
+        time.sleep(_STOP_POLL)
+    if not quiet and not ended:
         print(f"{label}: stopped")
     return 0
 
@@ -212,6 +222,23 @@ def _start(name: str) -> int:
         return 1  # systemctl said why
     print(_state_line(name, Client(socket_path(name), detail=True).status()))
     return 0
+
+
+def _show_change(change: Response, json_out: bool) -> None:
+    """One line per change: the wire object, or the time it came, state, event and text."""
+    if json_out:
+        sys.stdout.buffer.write(msgspec.json.encode(change) + b"\n")
+        sys.stdout.buffer.flush()
+        return
+    import datetime
+
+    now = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+    words = [now, change.vm_state or change.state or "-"]
+    if change.event:
+        words.append(f"[{change.event}]")
+    if change.message:
+        words.append(change.message)
+    print(" ".join(words), flush=True)
 
 
 def _list(json_out: bool) -> int:

@@ -18,12 +18,13 @@ import msgspec
 
 from . import protocol
 from .errors import ClientError, NotListeningError, ServerError
-from .protocol import Request, Response
+from .protocol import Request, Response, VMState
 
 DIAL_TIMEOUT = 5.0
 DEADLINE = 30.0
 RUN_DIR = Path("/run/vmhost")
 _MAX_LINE = 1024 * 1024
+_ENDED = frozenset(state.wire for state in VMState if state.ended)
 R = TypeVar("R")
 
 
@@ -102,8 +103,14 @@ class Client(_Calls[Response]):
         for response in self._exchange(Request(method=protocol.LOGS, lines=lines, follow=follow)):
             yield response.message
 
+    def watch(self) -> Iterator[Response]:
+        """The VM's state now, then each change as it happens, until the VM ends (a vmhost
+        extension); raises :class:`ClientError` if the stream ends before that."""
+        return _until_ended(self._exchange(Request(method=protocol.WATCH, detail=True)), self.path)
+
     def _exchange(self, request: Request) -> Iterator[Response]:
         end = time.monotonic() + self.deadline
+        stream = request.method in protocol.STREAMS
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.dial_timeout)
@@ -116,12 +123,13 @@ class Client(_Calls[Response]):
                 with sock.makefile("rb") as reader:
                     while line := reader.readline(_MAX_LINE):
                         yield _result(line, self.path)
-                        if request.method != protocol.LOGS:
+                        if not stream:
                             return
-                        sock.settimeout(None if request.follow else self.deadline)
+                        endless = request.follow or request.method == protocol.WATCH
+                        sock.settimeout(None if endless else self.deadline)
         except OSError as e:
             raise ClientError(f"{self.path}: {e.strerror or e}") from e
-        if request.method != protocol.LOGS:
+        if not stream:
             raise ClientError(f"{self.path}: connection closed without an answer")
 
 
@@ -155,17 +163,48 @@ class AsyncClient(_Calls[Awaitable[Response]]):
         return _result(line, self.path)
 
     async def logs(self, lines: int = 10, *, follow: bool = False) -> AsyncIterator[str]:
-        request = Request(method=protocol.LOGS, lines=lines, follow=follow)
+        async for response in self._stream(
+            Request(method=protocol.LOGS, lines=lines, follow=follow)
+        ):
+            yield response.message
+
+    async def watch(self) -> AsyncIterator[Response]:
+        """As :meth:`Client.watch`."""
+        ended = False
+        async for response in self._stream(Request(method=protocol.WATCH, detail=True)):
+            yield response
+            ended = _ended(response)
+        if not ended:
+            raise _cut_short(self.path)
+
+    async def _stream(self, request: Request) -> AsyncIterator[Response]:
         try:
             async with asyncio.timeout(self.dial_timeout):
                 reader, writer = await asyncio.open_unix_connection(self.path, limit=_MAX_LINE)
             try:
                 writer.write(protocol.encode_request(request))
                 while line := await reader.readline():
-                    yield _result(line, self.path).message
+                    yield _result(line, self.path)
             finally:
                 writer.close()
         except TimeoutError as e:
             raise ClientError(f"{self.path}: timed out") from e
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ClientError(f"{self.path}: {e}") from e
+
+
+def _ended(response: Response) -> bool:
+    return response.state in _ENDED
+
+
+def _cut_short(path: Path) -> ClientError:
+    return ClientError(f"{path}: watch ended before the VM did (vmhost gone, or watcher too slow)")
+
+
+def _until_ended(responses: Iterator[Response], path: Path) -> Iterator[Response]:
+    ended = False
+    for response in responses:
+        yield response
+        ended = _ended(response)
+    if not ended:
+        raise _cut_short(path)

@@ -22,14 +22,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, cast
+from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import msgspec
 from qemu.qmp import QMPClient, QMPError, Runstate
 
 from . import qemu
 from .config import Config
-from .errors import ControllerError, ReloadRefusedError, VMCrashedError
+from .errors import ControllerError, ReloadRefusedError, TooManyWatchersError, VMCrashedError
 from .protocol import VMState
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ QUIESCE_TIMEOUT: Final = 1.0
 _PR_SET_PDEATHSIG: Final = 1
 _CONSOLE_CHUNK: Final = 16384  # < the smallest rotation size: a file never outgrows its cap
 _CONSOLE_GATHER: Final = 0.05  # at most 20 console wakeups a second for a trickle
+MAX_WATCHERS: Final = 128
+WATCH_BACKLOG: Final = 32
 
 
 class Ending(enum.Enum):
@@ -62,6 +64,87 @@ class Ending(enum.Enum):
     CRASHED = "QEMU crashed"
     KILLED = "QEMU killed from outside"
     START_FAILED = "QEMU failed to start"
+
+
+class Change(NamedTuple):
+    """One thing a watcher is told: the state after it, why, and the journal's text for it."""
+
+    state: VMState
+    message: str = ""
+    event: str = ""
+    """The QMP event behind it, or the stop chain's step (``acpi-power-down``, ``sigterm``)."""
+
+
+class Changes:
+    """A VM's changes, fanned out in order to at most ``max_watchers`` :class:`Watcher`.
+
+    ``publish`` never waits for anyone: a watcher that falls ``backlog`` changes
+    behind is dropped, so a slow one costs bounded memory and delays no other.
+    """
+
+    def __init__(self, *, max_watchers: int = MAX_WATCHERS, backlog: int = WATCH_BACKLOG) -> None:
+        self.last = Change(VMState.STARTING)
+        self.max_watchers = max_watchers
+        self.backlog = backlog
+        self._watchers: dict[Watcher, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._watchers)
+
+    def watch(self, wake: Callable[[], None]) -> Watcher:
+        """Subscribe: the state now, then every change after it (``wake`` says one is there).
+
+        Synchronous, so no change can fall between the snapshot and the subscription.
+        """
+        if len(self._watchers) >= self.max_watchers:
+            raise TooManyWatchersError("too many watchers")
+        watcher = Watcher(self, wake)
+        self._watchers[watcher] = None
+        return watcher
+
+    def publish(self, change: Change) -> None:
+        self.last = change
+        for watcher in list(self._watchers):
+            watcher.push(change)
+
+    def forget(self, watcher: Watcher) -> None:
+        self._watchers.pop(watcher, None)
+
+
+class Watcher:
+    """One subscriber: ``snapshot``, then the changes ``take`` hands out in order.
+
+    Past the backlog bound it is unsubscribed and ``dropped`` (``wake`` is called
+    once more to say so); a ``wake`` that fails drops only its own watcher.
+    """
+
+    __slots__ = ("_changes", "_pending", "_wake", "dropped", "snapshot")
+
+    def __init__(self, changes: Changes, wake: Callable[[], None]) -> None:
+        self._changes = changes
+        self._wake = wake
+        self._pending: deque[Change] = deque()
+        self.snapshot = changes.last
+        self.dropped = False
+
+    def take(self) -> Change | None:
+        return self._pending.popleft() if self._pending else None
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._changes.forget(self)
+
+    def push(self, change: Change) -> None:
+        self._pending.append(change)
+        if len(self._pending) > self._changes.backlog:
+            self.dropped = True
+            self.close()
+        try:
+            self._wake()
+        except Exception:
+            log.exception("watcher failed; dropped")
+            self.dropped = True
+            self.close()
 
 
 class QemuController:
@@ -83,6 +166,7 @@ class QemuController:
         self.state_dir = state_dir
         self.on_state = on_state
         self.on_console = on_console
+        self.changes = Changes()
         self._state = VMState.STARTING
         self._before_hang = VMState.RUNNING
         self._proc: subprocess.Popen[bytes] | _Adopted | None = None
@@ -368,6 +452,7 @@ class QemuController:
         ``query-status`` to prove QEMU answers.
         """
         self._state, self._before_hang = handed.state, handed.before_hang
+        self.changes.publish(Change(handed.state, "taken over by the reloaded vmhost"))
         self._shutdown_event = handed.shutdown_event
         self._stderr_tail.extend(handed.stderr_tail)
         self._proc = _Adopted(handed.pid, os.fdopen(handed.stderr_fd, "rb", buffering=0))
@@ -432,7 +517,9 @@ class QemuController:
         left = max(self._deadline - now, 0.0)
         budget = left * share + extra
         self._step, self._step_since = step, now
-        log.info("stop: %s (%.1f s for it)", step, budget, extra={"VMHOST_STATE": "stopping"})
+        message = f"stop: {step} ({budget:.1f} s for it)"
+        log.info("%s", message, extra={"VMHOST_STATE": "stopping"})
+        self.changes.publish(Change(VMState.STOPPING, message, _event_name(step)))
         try:
             async with asyncio.timeout(budget):
                 await action()
@@ -670,6 +757,7 @@ class QemuController:
             self._step = ""
         if self.on_state is not None:
             self.on_state(state, message, qmp_event)
+        self.changes.publish(Change(state, message, qmp_event))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -745,6 +833,12 @@ async def _quiesce(transport: asyncio.ReadTransport, reader: asyncio.StreamReade
             transport.resume_reading()
             await asyncio.sleep(0.001)
             transport.pause_reading()
+
+
+def _event_name(step: str) -> str:
+    """A stop step as a watcher's ``event``: its name without the note, one word
+    (``QMP quit (paused on a disk I/O error: ...)`` is ``qmp-quit``)."""
+    return step.partition(" (")[0].lower().replace(" ", "-")
 
 
 def _die_with_parent() -> None:

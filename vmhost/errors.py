@@ -57,3 +57,7 @@ class AgentError(ControllerError):
 
 class ReloadRefusedError(VmhostError):
     """vmhost cannot re-execute itself right now (a stop runs, QEMU is not ready); it goes on."""
+
+
+class TooManyWatchersError(VmhostError):
+    """Every watcher slot of the VM is taken; the control socket answers ``too many watchers``."""

@@ -29,7 +29,10 @@ INFO: Final = "info"
 STOP: Final = "stop"
 FORCE_STOP: Final = "force_stop"
 LOGS: Final = "logs"
-METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS})
+WATCH: Final = "watch"
+METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH})
+STREAMS: Final = frozenset({LOGS, WATCH})
+"""Methods answered with many lines, until the server closes."""
 
 Buffer = bytes | bytearray | memoryview
 _GoInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -83,7 +86,10 @@ class Request(msgspec.Struct, omit_defaults=True):
 
 
 class Response(msgspec.Struct, omit_defaults=True):
-    """The Go ``Response``; fields after ``backend`` are only sent to a peer that asks."""
+    """The Go ``Response``; fields after ``backend`` are only sent to a peer that asks.
+
+    ``event`` (the QMP event or stop step behind a change) is only ever sent to a watcher.
+    """
 
     ok: bool
     error: str = ""
@@ -95,6 +101,7 @@ class Response(msgspec.Struct, omit_defaults=True):
     message: str = ""
     version: str = ""
     """Of the vmhost answering (detail): after an upgrade, which VMs run the new code."""
+    event: str = ""
 
 
 _encoder: Final = msgspec.json.Encoder()

@@ -29,13 +29,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import msgspec
 
 from . import __version__, protocol
-from .errors import AlreadyRunningError, VmhostError
+from .errors import AlreadyRunningError, TooManyWatchersError, VmhostError
 from .protocol import Request, Response, Scanner, VMState
+
+if TYPE_CHECKING:
+    from .controller import Change, Changes, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,11 @@ class Controller(Protocol):
         """The stop chain's step running now, "" outside a stop."""
         ...
 
+    @property
+    def changes(self) -> Changes:
+        """What ``watch`` subscribes to."""
+        ...
+
     def stop(self, timeout: float) -> Awaitable[None]:
         """Start a graceful stop now; the result resolves once the VM is gone."""
         ...
@@ -85,6 +93,8 @@ _TOO_LARGE: Final = protocol.invalid_request("request too large")
 _TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
 _STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
 _ENDED: Final = protocol.error_response("vmhost is exiting")
+_WATCH_SNDBUF: Final = 8 * 1024
+"""A watcher's kernel send buffer (Linux doubles it): a few dozen lines, not 200 KiB."""
 _LINES_PER_TURN: Final = 64
 """Pipelined requests answered in a row before the other connections get their turn."""
 _TURNS_PER_SLICE: Final = 4
@@ -129,6 +139,8 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: dict[_Connection, None] = {}
         self._streams: set[_Connection] = set()
+        self._watches: set[_Connection] = set()
+        self._change_line: tuple[Change | None, bytes] = (None, b"")
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool, VMState, str], bytes] = {}
         self._turns: deque[_Connection] = deque()
@@ -169,7 +181,7 @@ class Server:
             await self._answer_queued(queue)
         if self._turn_runner is not None:
             self._turn_runner.cancel()
-        for conn in [*self._connections, *self._streams]:
+        for conn in [*self._connections, *self._streams, *self._watches]:
             conn.transport.abort()
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
@@ -195,8 +207,9 @@ class Server:
         await self._wait_closed([conn for _, conn in connected], deadline - loop.time())
 
     async def drain(self, timeout: float, last_line: str) -> socket.socket:
-        """Stop accepting (new clients wait in the listen backlog), end log streams with
-        ``last_line``, give open connections ``timeout`` to finish, then drop the rest.
+        """Stop accepting (new clients wait in the listen backlog), end log streams and
+        watches with ``last_line``, give open connections ``timeout`` to finish, then drop
+        the rest.
 
         For a re-exec: the returned socket holds the backlog for the next vmhost to
         answer; :meth:`resume` serves it again if the exec does not happen.
@@ -207,7 +220,7 @@ class Server:
         self._server = None
         await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
         farewell = protocol.encode_response(Response(ok=True, message=last_line))
-        for conn in list(self._streams):
+        for conn in [*self._streams, *self._watches]:
             conn.finish(farewell)
         await self._wait_closed([*self._connections, *self._streams], timeout)
         for conn in [*self._connections, *self._streams]:
@@ -235,7 +248,7 @@ class Server:
                 await asyncio.gather(*waits)
 
     def answer(self, request: Request) -> bytes | None:
-        """The encoded answer to one request; ``None`` for the streaming ``logs`` method."""
+        """The encoded answer to one request; ``None`` for a streaming method."""
         method = request.method
         if method in (protocol.STATUS, protocol.INFO):
             return self.state_answer(method, request.detail)
@@ -247,7 +260,7 @@ class Server:
                 c = self.controller
                 self._spawn(c.stop(timeout) if method == protocol.STOP else c.force_stop())
             return _STOPPING
-        if method == protocol.LOGS and self._logs is not None:
+        if method == protocol.WATCH or (method == protocol.LOGS and self._logs is not None):
             return _ENDED if self.closing else None
         return protocol.error_response(f"unknown method: {method}")
 
@@ -327,9 +340,47 @@ class Server:
             conn.expire()
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
-    def stream_logs(self, conn: _Connection, request: Request) -> None:
-        assert self._logs is not None
+    def stream(self, conn: _Connection, request: Request) -> None:
+        """Hand ``conn`` to its stream; it leaves the idle-connection bookkeeping."""
         self._connections.pop(conn, None)
+        if request.method == protocol.WATCH:
+            self._watch(conn)
+        else:
+            self._stream_logs(conn, request)
+
+    def _watch(self, conn: _Connection) -> None:
+        try:
+            _Watch(self, conn)
+        except TooManyWatchersError as e:
+            conn.finish(protocol.error_response(str(e)))
+            return
+        self._watches.add(conn)
+        assert conn.stream is not None
+        conn.stream.add_done_callback(lambda _: self._watches.discard(conn))
+
+    def change_line(self, change: Change) -> bytes:
+        """A change's line, encoded once for all its watchers."""
+        last, line = self._change_line
+        if change is not last:
+            line = self._encode_change(change)
+            self._change_line = (change, line)
+        return line
+
+    def _encode_change(self, change: Change) -> bytes:
+        state = change.state
+        return protocol.encode_response(
+            Response(
+                ok=True,
+                state=state.wire,
+                vm_state=state.value,
+                pid=self.controller.pid,
+                message=change.message,
+                event=change.event,
+            )
+        )
+
+    def _stream_logs(self, conn: _Connection, request: Request) -> None:
+        assert self._logs is not None
         if len(self._streams) >= self.limits.max_log_streams:
             conn.finish(protocol.error_response("too many log streams"))
             return
@@ -360,6 +411,7 @@ class _Connection(asyncio.Protocol):
         "stream",
         "transport",
         "waiting",
+        "watch",
     )
 
     transport: asyncio.Transport
@@ -377,6 +429,7 @@ class _Connection(asyncio.Protocol):
         self.drained: asyncio.Event | None = None
         self.closed: asyncio.Future[None] | None = None
         """Set by :meth:`Server.close` for a connection it waits for."""
+        self.watch: _Watch | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -397,6 +450,8 @@ class _Connection(asyncio.Protocol):
             self.drained.set()
         if not self.waiting:  # else its turn comes and carries on
             self.next_turn()
+        if self.watch is not None:
+            self.watch.send()
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:
@@ -410,6 +465,9 @@ class _Connection(asyncio.Protocol):
         self._serve(False)
 
     def eof_received(self) -> bool:
+        if self.watch is not None:  # the watcher went away (or will send nothing more)
+            self.transport.close()
+            return True
         if self.stream is None and not self.transport.is_closing():
             self._serve(True)
         if self.stream is None:
@@ -439,7 +497,7 @@ class _Connection(asyncio.Protocol):
                 answer = request if isinstance(request, bytes) else self.server.answer(request)
                 if answer is None:
                     assert isinstance(request, Request)
-                    self.server.stream_logs(self, request)
+                    self.server.stream(self, request)
                     break
                 answers.append(answer)
                 last = self.server.closing
@@ -519,6 +577,50 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.close()
         self.server.forget(self)
+
+
+class _Watch:
+    """A ``watch`` stream: the snapshot at once, then each change, written as it comes.
+
+    Written from inside the controller's change (no task in between), so the line
+    that says the VM ended is out before the server closes.  Only what the kernel
+    takes is sent: the transport pauses as soon as it holds a byte, changes then
+    wait in the watcher's bounded backlog, and one that overflows is dropped.
+    """
+
+    __slots__ = ("conn", "server", "watcher")
+
+    def __init__(self, server: Server, conn: _Connection) -> None:
+        self.server = server
+        self.conn = conn
+        self.watcher: Watcher = server.controller.changes.watch(self.send)
+        conn.watch = self
+        conn.stream = done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda _: self.watcher.close())
+        transport = conn.transport
+        transport.set_write_buffer_limits(high=0)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _WATCH_SNDBUF)
+        self._write(self.watcher.snapshot)
+
+    def send(self) -> None:
+        conn, watcher = self.conn, self.watcher
+        while not conn.paused and (change := watcher.take()) is not None:
+            self._write(change)
+        if watcher.dropped:
+            log.warning(
+                "watcher dropped: %d changes behind", self.server.controller.changes.backlog
+            )
+            conn.transport.abort()
+
+    def _write(self, change: Change) -> None:
+        transport = self.conn.transport
+        if transport.is_closing():
+            return
+        transport.write(self.server.change_line(change))
+        if change.state.ended:
+            transport.close()
 
 
 async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
