@@ -29,6 +29,7 @@ class StandIn:
     ssh_port = 2222
     pid = 4242
     step = ""
+    stop_timeout = 0.0
     state = VMState.RUNNING
 
     def __init__(self) -> None:

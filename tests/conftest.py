@@ -45,6 +45,7 @@ class FakeController:
     ssh_port = 2222
     pid = 4242
     step = ""
+    max_timeout = 600
 
     def __init__(self) -> None:
         self.state = VMState.RUNNING
@@ -53,6 +54,10 @@ class FakeController:
         self._ended = asyncio.Event()
         self.changes = Changes()
         self.changes.publish(Change(self.state))
+
+    @property
+    def stop_timeout(self) -> float:
+        return min(self.stops[0], self.max_timeout) if self.stops else 0.0
 
     def stop(self, timeout: float) -> Awaitable[None]:
         self.stops.append(timeout)

@@ -432,3 +432,16 @@ async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
         assert not waiting.done()
         await server.resume()
         assert await waiting == STATUS
+
+
+async def test_stop_detail_says_what_was_granted(server: Server, sock_path: Path) -> None:
+    """A stop asking for detail learns its timeout and that it was clamped; a Go one does not."""
+    plain = await ask(sock_path, b'{"method":"stop","timeout_seconds":900}\n')
+    assert plain == STOPPING
+    detailed = protocol.decode_response(
+        await ask(sock_path, b'{"method":"stop","timeout_seconds":900,"detail":true}\n')
+    )
+    assert (detailed.state, detailed.vm_state) == ("stopping", "stopping")
+    assert detailed.message == (
+        "stop timeout 600 s (asked 900 s: clamped to [stop] max_timeout_seconds)"
+    )

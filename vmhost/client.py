@@ -79,7 +79,8 @@ class _Calls(Generic[R]):
         return self.call(Request(method=protocol.INFO, detail=self.detail))
 
     def stop(self, timeout_seconds: int = 0) -> R:
-        return self.call(Request(method=protocol.STOP, timeout_seconds=timeout_seconds))
+        request = Request(method=protocol.STOP, timeout_seconds=timeout_seconds, detail=self.detail)
+        return self.call(request)
 
     def force_stop(self) -> R:
         return self.call(Request(method=protocol.FORCE_STOP))

@@ -71,6 +71,11 @@ class Controller(Protocol):
         """What ``watch`` subscribes to."""
         ...
 
+    @property
+    def stop_timeout(self) -> float:
+        """Seconds the running stop was granted (a request may ask for more than allowed)."""
+        ...
+
     def stop(self, timeout: float) -> Awaitable[None]:
         """Start a graceful stop now; the result resolves once the VM is gone."""
         ...
@@ -253,16 +258,30 @@ class Server:
         if method in (protocol.STATUS, protocol.INFO):
             return self.state_answer(method, request.detail)
         if method in (protocol.STOP, protocol.FORCE_STOP):
-            if not self.closing:  # else the VM is gone already
-                timeout = request.timeout_seconds
-                if timeout <= 0:
-                    timeout = protocol.DEFAULT_STOP_TIMEOUT
-                c = self.controller
-                self._spawn(c.stop(timeout) if method == protocol.STOP else c.force_stop())
-            return _STOPPING
+            if self.closing:  # the VM is gone already
+                return _STOPPING
+            c = self.controller
+            if method == protocol.FORCE_STOP:
+                self._spawn(c.force_stop())
+                return _STOPPING
+            asked = request.timeout_seconds
+            if asked <= 0:
+                asked = protocol.DEFAULT_STOP_TIMEOUT
+            self._spawn(c.stop(asked))
+            return self._stop_detail(asked) if request.detail else _STOPPING
         if method == protocol.WATCH or (method == protocol.LOGS and self._logs is not None):
             return _ENDED if self.closing else None
         return protocol.error_response(f"unknown method: {method}")
+
+    def _stop_detail(self, asked: int) -> bytes:
+        """A stop's answer with the detail fields: the time the running chain was granted."""
+        c = self.controller
+        granted = c.stop_timeout
+        message = f"stop timeout {granted:g} s"
+        if asked > granted:
+            message += f" (asked {asked} s: clamped to [stop] max_timeout_seconds)"
+        response = Response(ok=True, state="stopping", vm_state=c.state.value, message=message)
+        return protocol.encode_response(response)
 
     def state_answer(self, method: str, detail: bool) -> bytes:
         """``status``/``info``, encoded once per VM state and reused until the state changes."""
