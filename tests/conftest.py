@@ -268,6 +268,7 @@ timeout_seconds = {timeout}
 {toml}
 """
         )
+        config.chmod(0o600)  # private, as inline [agent] secrets require
         return VM(vm_dir, config, disk, token, port)
 
     return make
