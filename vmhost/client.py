@@ -7,10 +7,11 @@ Like the Go client: dial with a 5 s timeout, one request per connection, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -148,20 +149,17 @@ class AsyncClient(_Calls[Awaitable[Response]]):
         return True
 
     async def _call(self, request: Request) -> Response:
+        """The first answer of a stream, within the whole exchange's deadline."""
         try:
-            async with asyncio.timeout(self.deadline):
-                async with asyncio.timeout(self.dial_timeout):
-                    reader, writer = await asyncio.open_unix_connection(self.path, limit=_MAX_LINE)
-                try:
-                    writer.write(protocol.encode_request(request))
-                    line = await reader.readline()
-                finally:
-                    writer.close()
+            async with (
+                asyncio.timeout(self.deadline),
+                contextlib.aclosing(self._stream(request)) as answers,
+            ):
+                async for response in answers:
+                    return response
         except TimeoutError as e:
             raise ClientError(f"{self.path}: timed out") from e
-        except (OSError, ValueError) as e:
-            raise ClientError(f"{self.path}: {e}") from e
-        return _result(line, self.path)
+        raise ClientError(f"{self.path}: connection closed without an answer")
 
     async def logs(self, lines: int = 10, *, follow: bool = False) -> AsyncIterator[str]:
         async for response in self._stream(
@@ -178,7 +176,7 @@ class AsyncClient(_Calls[Awaitable[Response]]):
         if not ended:
             raise _cut_short(self.path)
 
-    async def _stream(self, request: Request) -> AsyncIterator[Response]:
+    async def _stream(self, request: Request) -> AsyncGenerator[Response, None]:
         try:
             async with asyncio.timeout(self.dial_timeout):
                 reader, writer = await asyncio.open_unix_connection(self.path, limit=_MAX_LINE)
