@@ -6,6 +6,7 @@ Every test runs on uvloop (what ``vmhost serve`` uses) and on the stdlib loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import socket
@@ -256,38 +257,84 @@ async def test_a_failing_turn_does_not_wedge_the_others(
     assert second == STOPPING * 200
 
 
+def _listening(path: Path) -> socket.socket:
+    """A socket as systemd passes it: listening, and held open by someone else."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(512)
+    return listener
+
+
+def _send(path: Path, line: bytes) -> socket.socket:
+    """Connect and send, without an await: the connection waits in the kernel's queue."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(path))
+    client.sendall(line)
+    return client
+
+
+async def _answer(client: socket.socket) -> bytes:
+    """What the server wrote back; b"" for a connection reset unanswered."""
+    client.setblocking(False)
+    with client, contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(10):
+            return await asyncio.get_running_loop().sock_recv(client, 100)
+    return b""
+
+
 async def test_queued_connections_answered_at_close(
     tmp_path: Path, controller: FakeController
 ) -> None:
     """Connections the kernel queued before close get their answer: the final state for
     status, stopping for stop and force_stop; then close returns."""
     path = tmp_path / "s.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(512)
     requests = [b'{"method":"status"}\n', b'{"method":"stop"}\n', b'{"method":"force_stop"}']
     expected = [b'{"ok":true,"state":"stopped"}\n', STOPPING, STOPPING]
-    srv = Server(controller, listener)
-    await srv.start()
-    assert await ask(path) == STATUS
-    controller.end()
-    clients = []
-    for i in range(300):  # no await in between: the loop accepts none of them
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(path))
-        client.sendall(requests[i % 3])
-        clients.append(client)
-    started = time.monotonic()
-    await srv.close()
-    assert time.monotonic() - started < 10
-    loop = asyncio.get_running_loop()
+    with _listening(path) as listener:
+        srv = Server(controller, listener)
+        await srv.start()
+        assert await ask(path) == STATUS
+        controller.end()
+        clients = [_send(path, requests[i % 3]) for i in range(300)]
+        started = time.monotonic()
+        await srv.close()
+        assert time.monotonic() - started < 10
     for i, client in enumerate(clients):
-        client.setblocking(False)
-        async with asyncio.timeout(10):
-            answer = await loop.sock_recv(client, 100)
-        assert answer == expected[i % 3]
-        client.close()
+        assert await _answer(client) == expected[i % 3]
     assert controller.stops == [] and controller.force_stops == 0
+
+
+@pytest.mark.parametrize("chain", [40, None])
+async def test_connections_made_while_closing_are_answered(
+    tmp_path: Path, controller: FakeController, monkeypatch: pytest.MonkeyPatch, chain: int | None
+) -> None:
+    """A client that connects again while close answers the queued ones (a daemon polling
+    through a stop) is answered too: close accepts until a round finds none.  Clients that
+    never let up are answered up to the bound, and close returns."""
+    path = tmp_path / "s.sock"
+    clients: list[socket.socket] = []
+    with _listening(path) as listener:
+        srv = Server(controller, listener)
+        await srv.start()
+        controller.end()
+        real = srv.answer
+
+        def answer(request: Request) -> bytes | None:
+            if chain is None or len(clients) < chain:  # each answer brings the next client
+                clients.append(_send(path, b'{"method":"stop"}\n'))
+            return real(request)
+
+        monkeypatch.setattr(srv, "answer", answer)
+        clients.extend(_send(path, b'{"method":"stop"}\n') for _ in range(4))
+        started = time.monotonic()
+        await srv.close()
+        assert time.monotonic() - started < 10
+    answers = [await _answer(client) for client in clients]
+    if chain is not None:
+        assert answers == [STOPPING] * chain
+    else:  # the last client of each round connected after the bound: reset, unanswered
+        answered = answers.count(STOPPING)
+        assert 4 < answered <= 512 and answers[answered:] == [b""] * (len(answers) - answered)
 
 
 async def test_out_of_descriptors_does_not_spin(

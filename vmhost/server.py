@@ -196,20 +196,26 @@ class Server:
                 self._pid_file.unlink()
 
     async def _answer_queued(self, queue: socket.socket) -> None:
-        """Connections a client made before we stopped listening get their one answer."""
+        """Connections a client made before we stopped listening get their one answer.
+
+        Accepted in rounds until a round finds none, so a client that connects while the
+        last round is being answered is answered too; bounded in count and time all told."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _QUEUED_SECONDS
-        accepted: list[socket.socket] = []
-        with contextlib.suppress(OSError):  # BlockingIOError: none left; EMFILE: no room
-            while len(accepted) < _QUEUED_MAX:
-                accepted.append(queue.accept()[0])
-        if not accepted:
-            return
         factory = functools.partial(_Connection, self)
-        connected = await asyncio.gather(
-            *(loop.connect_accepted_socket(factory, sock) for sock in accepted)
-        )
-        await self._wait_closed([conn for _, conn in connected], deadline - loop.time())
+        left = _QUEUED_MAX
+        while left and loop.time() < deadline:
+            accepted: list[socket.socket] = []
+            with contextlib.suppress(OSError):  # BlockingIOError: none left; EMFILE: no room
+                while len(accepted) < left:
+                    accepted.append(queue.accept()[0])
+            if not accepted:
+                return
+            left -= len(accepted)
+            connected = await asyncio.gather(
+                *(loop.connect_accepted_socket(factory, sock) for sock in accepted)
+            )
+            await self._wait_closed([conn for _, conn in connected], deadline - loop.time())
 
     async def drain(self, timeout: float, last_line: str) -> socket.socket:
         """Stop accepting (new clients wait in the listen backlog), end log streams and
