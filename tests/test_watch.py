@@ -473,3 +473,28 @@ def _snapshot(vm: Vmhost) -> Response | None:
         return next(Client(vm.socket, deadline=2).watch())
     except ClientError:
         return None
+
+
+@pytest.mark.slow
+def test_vmhostctl_stop_prints_the_chain_as_it_goes(
+    make_vm: Callable[..., VM], deaf_guest: GuestImage, vmhost_for: Callable[[VM], Vmhost]
+) -> None:
+    """`vmhostctl stop` on a guest deaf to ACPI: each step on its own line, in order, and it
+    returns once vmhost is gone."""
+    vm = vmhost_for(make_vm(image=deaf_guest))
+    vm.boot()
+    label = str(vm.socket)
+    out = subprocess.run(
+        [sys.executable, "-c", CTL, "stop", "--socket", label, "--timeout", "2"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert vm.wait(10) == 0
+    lines = out.stdout.splitlines()
+    assert lines[:2] == [f"{label}: stopping", f"{label}: stopping (stop requested, 2 s to finish)"]
+    assert lines[2].startswith(f"{label}: stopping (stop: ACPI power-down (")
+    assert lines[3].startswith(f"{label}: stopping (stop: QMP quit (")
+    assert lines[4:] == [f"{label}: stopped (stop requested)"]
