@@ -483,7 +483,7 @@ def test_vmhostctl_stop_waits_until_gone_and_start_brings_it_back(
 
     lines = vm.ctl("stop", vm.name).stdout.splitlines()
     assert (vm.active(), vm.active(vm.socket_unit)) == ("inactive", "inactive")
-    assert f"{vm.name}: stopping (ACPI power-down)" in lines, lines
+    assert any(x.startswith(f"{vm.name}: stopping (stop: ACPI power-down") for x in lines), lines
     assert lines[-1] == f"{vm.name}: stopped", lines
     assert vm.ctl("stop", vm.name).stdout == f"{vm.name}: stopped\n"  # already down: nothing to do
 
@@ -764,7 +764,7 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
         ct.write(f"/run/e2e/{name}.messages", "\n".join(messages))
         ct.write(
             f"/etc/systemd/system/vmhost@{name}.service.d/send.conf",
-            "[Service]\nType=oneshot\nRestart=no\nExecStart=\n"
+            "[Service]\nType=oneshot\nRestart=no\nExecStopPost=\nExecStart=\n"
             f"ExecStart={python} /run/e2e/send_logs.py %i\n",
         )
         ct.systemctl("daemon-reload")
