@@ -494,7 +494,10 @@ def test_vmhostctl_stop_prints_the_chain_as_it_goes(
     assert out.returncode == 0, out.stderr
     assert vm.wait(10) == 0
     lines = out.stdout.splitlines()
-    assert lines[:2] == [f"{label}: stopping", f"{label}: stopping (stop requested, 2 s to finish)"]
+    assert lines[:2] == [
+        f"{label}: stopping (stop timeout 2 s)",
+        f"{label}: stopping (stop requested, 2 s to finish)",
+    ]
     assert lines[2].startswith(f"{label}: stopping (stop: ACPI power-down (")
     assert lines[3].startswith(f"{label}: stopping (stop: QMP quit (")
     assert lines[4:] == [f"{label}: stopped (stop requested)"]
