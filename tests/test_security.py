@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+import random
 import re
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from conftest import VM
@@ -89,8 +92,16 @@ class Netns:
         def bind() -> None:  # a thread of its own: setns changes only the calling thread
             self.enter()
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, 0), family=family)
-            made.append(sock)
+            # Below the ephemeral range, where free_port() (the VMs' forwards, picked in the
+            # host's namespace) never lands: a listener here cannot take a VM's port.
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+            for port in random.sample(range(10000, low), 50):
+                try:
+                    made.append(socket.create_server((host, port), family=family))
+                    return
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
 
         thread = threading.Thread(target=bind)
         thread.start()
