@@ -149,20 +149,24 @@ async def bare_qemu(
     """Run QEMU with QMP connected and the serial console drained (so the guest never blocks);
     the guest agent, if any, behind ``agent_socket``."""
     qmp_parent, qmp_child = socket.socketpair()
-    serial_parent, serial_child = socket.socketpair()
+    console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     args = qemu.argv(
-        config, name=name, qmp_fd=qmp_child.fileno(), serial_fd=serial_child.fileno(), kvm=False
+        config, name=name, qmp_fd=qmp_child.fileno(), console_fd=console_write, kvm=False
     )
     proc = await asyncio.create_subprocess_exec(
         *args,
-        pass_fds=[qmp_child.fileno(), serial_child.fileno()],
+        pass_fds=[qmp_child.fileno(), console_write],
         env=qemu.environment(os.environ, agent_socket=agent_socket),
         stderr=subprocess.PIPE,
     )
     qmp_child.close()
-    serial_child.close()
-    serial_reader, serial_writer = await asyncio.open_connection(sock=serial_parent)
-    console = asyncio.create_task(serial_reader.read())
+    os.close(console_write)
+    loop = asyncio.get_running_loop()
+    console_reader = asyncio.StreamReader()
+    console_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(console_reader), os.fdopen(console_read, "rb", 0)
+    )
+    console = asyncio.create_task(console_reader.read())
     bare = BareQemu(proc, QMPClient(name))
     try:
         async with asyncio.timeout(30):
@@ -174,8 +178,8 @@ async def bare_qemu(
         if proc.returncode is None:
             proc.kill()
         _, bare.stderr = await proc.communicate()
-        serial_writer.close()
-        bare.console = await console
+        bare.console = await console  # QEMU's end: its exit ends the read
+        console_transport.close()
         qmp_parent.close()
 
 

@@ -36,7 +36,7 @@ def option(args: list[str], flag: str) -> list[str]:
 
 def test_argv_minimal_tcg() -> None:
     """A disk-only config gives exactly the expected command line, sandboxed, without -no-reboot."""
-    args = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, serial_fd=6, kvm=False)
+    args = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
     assert args == [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -59,8 +59,10 @@ def test_argv_minimal_tcg() -> None:
         "user,id=net0",
         "-device",
         "virtio-net-pci,netdev=net0",
+        "-add-fd",
+        "fd=6,set=6",
         "-chardev",
-        "socket,id=serial0,fd=6,server=off",
+        "file,id=serial0,path=/dev/fdset/6,append=on",
         "-serial",
         "chardev:serial0",
         "-chardev",
@@ -74,8 +76,8 @@ def test_argv_minimal_tcg() -> None:
 
 def test_argv_kvm_uses_host_cpu() -> None:
     """With KVM the machine and CPU model change, nothing else."""
-    tcg = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, serial_fd=6, kvm=False)
-    kvm = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, serial_fd=6, kvm=True)
+    tcg = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    kvm = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=True)
     assert option(kvm, "-machine") == ["q35,accel=kvm"] and option(kvm, "-cpu") == ["host"]
     assert [a for a in kvm if a not in ("q35,accel=kvm", "host")] == [
         a for a in tcg if a not in ("q35,accel=tcg", "max")
@@ -104,7 +106,7 @@ def test_argv_full_config() -> None:
         ),
         qemu=QemuConfig(binary="/opt/qemu", sandbox=False, extra_args=["-S", "-d", "guest_errors"]),
     )
-    args = qemu.argv(config, name="web", qmp_fd=3, serial_fd=4, kvm=False)
+    args = qemu.argv(config, name="web", qmp_fd=3, console_fd=4, kvm=False)
     assert args[0] == "/opt/qemu"
     assert (option(args, "-m"), option(args, "-smp")) == (["512"], ["2"])
     assert option(args, "-kernel") == ["/vm/vmlinuz"]
@@ -135,7 +137,7 @@ def test_argv_full_config() -> None:
 def test_argv_kernel_without_initrd() -> None:
     """An empty initrd means no -initrd at all, not an empty file name."""
     config = Config(boot=BootConfig(kernel="/vm/vmlinuz"))
-    args = qemu.argv(config, name="demo", qmp_fd=3, serial_fd=4, kvm=False)
+    args = qemu.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
     assert option(args, "-kernel") == ["/vm/vmlinuz"] and "-initrd" not in args
     assert option(args, "-append") == ["console=ttyS0"] and "-drive" not in args
 
@@ -143,7 +145,7 @@ def test_argv_kernel_without_initrd() -> None:
 def test_argv_agent_port_opens_no_tcp_forward() -> None:
     """ssh_port = 0 forwards nothing to port 22; the agent port forwards nothing either."""
     config = Config(disks=DISK_ONLY.disks, agent=AgentConfig(port=5000))
-    args = qemu.argv(config, name="demo", qmp_fd=3, serial_fd=4, kvm=False)
+    args = qemu.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
     assert option(args, "-netdev") == ["user,id=net0"]
 
 

@@ -51,7 +51,10 @@ QUIESCE_TIMEOUT: Final = 1.0
 """For QEMU's streams to reach a line boundary before a handover."""
 _PR_SET_PDEATHSIG: Final = 1
 _CONSOLE_CHUNK: Final = 16384  # < the smallest rotation size: a file never outgrows its cap
-_CONSOLE_GATHER: Final = 0.05  # at most 20 console wakeups a second for a trickle
+_CONSOLE_GATHER: Final = 0.05
+"""The console's reading pauses this long after a short read, so QEMU's one-byte writes
+gather in the pipe (64 KiB: QEMU only waits beyond ~1.3 MB/s) rather than wake the loop
+each: at most 20 wakeups a second however the guest prints."""
 MAX_WATCHERS: Final = 128
 WATCH_BACKLOG: Final = 32
 
@@ -190,9 +193,10 @@ class QemuController:
         self._signalled = False
         self._vcpus_stopped = False
         self._streams: list[tuple[asyncio.ReadTransport, asyncio.StreamReader]] = []
-        """QEMU's streams we read (QMP, console, stderr): paused at a handover."""
+        """QEMU's streams read through transports (QMP, stderr): paused at a handover."""
         self._qmp_sock: socket.socket | None = None
-        self._console_sock: socket.socket | None = None
+        self._console: IO[bytes] | None = None
+        """The console pipe's read end (QEMU has the write end)."""
         self._agent_socket = qemu.agent_socket(state_dir) if config.agent.port else None
 
     # -- what the server reads ------------------------------------------------
@@ -244,13 +248,14 @@ class QemuController:
     async def start(self) -> None:
         """Spawn QEMU and connect QMP; returns once QEMU runs the guest."""
         qmp_parent, qmp_child = socket.socketpair()
-        serial_parent, serial_child = socket.socketpair()
+        console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._console = os.fdopen(console_read, "rb", buffering=0)
         try:
             argv = qemu.argv(
                 self.config,
                 name=self.name,
                 qmp_fd=qmp_child.fileno(),
-                serial_fd=serial_child.fileno(),
+                console_fd=console_write,
                 kvm=qemu.accel_is_kvm(self.config),
             )
             log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
@@ -268,7 +273,7 @@ class QemuController:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(qmp_child.fileno(), serial_child.fileno()),
+                pass_fds=(qmp_child.fileno(), console_write),
                 env=qemu.environment(
                     os.environ,
                     host_loopback=self.config.network.host_loopback,
@@ -281,17 +286,16 @@ class QemuController:
             )
         except OSError as e:
             qmp_parent.close()
-            serial_parent.close()
+            self._console.close()
             self._end(Ending.START_FAILED, f": {e}")
             raise ControllerError(f"cannot run {self.config.qemu.binary}: {e}") from e
         finally:
             qmp_child.close()
-            serial_child.close()
+            os.close(console_write)
         self._watch_exit()
         assert self._proc.stderr is not None
         self._spawn(self._read_stderr(self._proc.stderr.fileno()))
-        self._console_sock = serial_parent
-        self._spawn(self._read_console(serial_parent))
+        self._spawn(self._read_console(self._console))
         try:
             status = await self._connect_qmp(qmp_parent)
         except (QMPError, OSError, TimeoutError) as e:
@@ -424,11 +428,11 @@ class QemuController:
             self.resume()
             raise ReloadRefusedError(refusal)
         assert self._proc is not None and self._proc.stderr is not None
-        assert self._qmp_sock is not None and self._console_sock is not None
+        assert self._qmp_sock is not None and self._console is not None
         return Handover(
             pid=self._proc.pid,
             qmp_fd=self._qmp_sock.fileno(),
-            console_fd=self._console_sock.fileno(),
+            console_fd=self._console.fileno(),
             stderr_fd=self._proc.stderr.fileno(),
             state=self._state,
             before_hang=self._before_hang,
@@ -458,8 +462,8 @@ class QemuController:
         self._proc = _Adopted(handed.pid, os.fdopen(handed.stderr_fd, "rb", buffering=0))
         self._watch_exit()
         self._spawn(self._read_stderr(handed.stderr_fd))
-        self._console_sock = socket.socket(fileno=handed.console_fd)
-        self._spawn(self._read_console(self._console_sock))
+        self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
+        self._spawn(self._read_console(self._console))
         self._qmp.await_greeting = self._qmp.negotiate = False
         try:
             status = await self._connect_qmp(socket.socket(fileno=handed.qmp_fd))
@@ -696,11 +700,14 @@ class QemuController:
             log.warning("qemu: %s", text)
         self._stderr_closed.set()
 
-    async def _read_console(self, sock: socket.socket) -> None:
+    async def _read_console(self, pipe: IO[bytes]) -> None:
         """Serial output goes to console.log as is (rotated by size: the guest decides how
-        much it prints, so the host caps what it keeps), and to ``on_console``."""
-        reader, writer = await asyncio.open_connection(sock=sock)
-        self._streams.append((_read_side(writer), reader))
+        much it prints, so the host caps what it keeps), and to ``on_console``.
+
+        Read straight from the pipe, not through a transport, which would read
+        each byte as it comes: what is read is handled before the next await, so
+        a handover needs no quiescing here and the rest stays in the pipe.
+        """
         console = self.config.console
         # The stdlib's size rotation; latin-1 is one char per byte both ways, so the guest's
         # bytes land unchanged and the handler's lengths are byte counts.
@@ -711,16 +718,19 @@ class QemuController:
             encoding="latin-1",
         )
         out.terminator = ""
-        # closing(): also when cancelled, the transport holds the socket.
-        with contextlib.closing(writer), contextlib.closing(out):
-            while chunk := await reader.read(_CONSOLE_CHUNK):
+        with contextlib.closing(pipe), contextlib.closing(out):  # also when cancelled
+            while True:
+                await _readable(pipe.fileno())
+                chunk = pipe.read(_CONSOLE_CHUNK)
+                if chunk is None:  # woken for nothing
+                    continue
+                if not chunk:
+                    return
                 out.emit(_console_record(chunk.decode("latin-1")))
                 if self.on_console is not None:
                     self.on_console(chunk)
                 if len(chunk) < _CONSOLE_CHUNK:
-                    # QEMU writes a few bytes at a time: let them gather in the socket (and
-                    # QEMU wait) so a chatty guest costs the loop a bounded number of wakeups.
-                    await asyncio.sleep(_CONSOLE_GATHER)
+                    await asyncio.sleep(_CONSOLE_GATHER)  # the next bytes gather in the pipe
 
     def _reprovision(self) -> None:
         """A rebooted guest forgot its keys, secrets and mounts, and its agent connection."""
@@ -773,6 +783,21 @@ class QemuController:
 
 def _console_record(text: str) -> logging.LogRecord:
     return logging.LogRecord("console", logging.INFO, "", 0, text, None, None)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():  # a loop may call it again before the waiter runs
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 async def _reader_for(fd: int) -> tuple[asyncio.ReadTransport, asyncio.StreamReader]:

@@ -2,8 +2,8 @@
 
 Everything QEMU needs is on its command line (``-nodefaults -no-user-config``:
 no device or config file appears that the config did not ask for), and QEMU
-talks to vmhost only through two inherited sockets, QMP and the serial
-console, and the guest agent's unix socket in the VM's state directory.
+talks to vmhost only through what it inherits, the QMP socket and the serial
+console's pipe, and the guest agent's unix socket in the VM's state directory.
 The probes with I/O are :func:`kvm_usable`, for ``accel = "auto"``, and
 :func:`slirp_guard`, which finds the library QEMU preloads.
 """
@@ -26,8 +26,14 @@ DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 _KEPT_ENV: Final = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ"})
 
 
-def argv(config: Config, *, name: str, qmp_fd: int, serial_fd: int, kvm: bool) -> list[str]:
-    """The full QEMU command line; ``qmp_fd`` and ``serial_fd`` must be passed to the child.
+def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) -> list[str]:
+    """The full QEMU command line; ``qmp_fd`` and ``console_fd`` must be passed to the child.
+
+    The console is a pipe's write end, not a socket: QEMU writes the serial
+    port a byte at a time, and a pipe packs those bytes into pages where a
+    socket queues one buffer per byte, which made reading them most of
+    vmhost's CPU for a chatty guest.  Set non-blocking, it holds QEMU back
+    (losslessly) when full.  QEMU takes it as a file from an fd set.
 
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
     """
@@ -72,8 +78,10 @@ def argv(config: Config, *, name: str, qmp_fd: int, serial_fd: int, kvm: bool) -
             f"virtio-9p-pci,fsdev=fs{i},mount_tag=share{i}",
         ]
     args += [
+        "-add-fd",
+        f"fd={console_fd},set={console_fd}",
         "-chardev",
-        f"socket,id=serial0,fd={serial_fd},server=off",
+        f"file,id=serial0,path=/dev/fdset/{console_fd},append=on",  # append: a pipe has no truncate
         "-serial",
         "chardev:serial0",
         "-chardev",
