@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Final
+from typing import IO, Final
 
 import msgspec
 from qemu.qmp import QMPClient
@@ -294,25 +295,25 @@ def _stop_guest_alone(config_path: Path) -> float:
     """The same QEMU command line vmhost would run, driven by QMP directly."""
     config = vmconfig.load(config_path)
     qmp_parent, qmp_child = socket.socketpair()
-    serial_parent, serial_child = socket.socketpair()
+    console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     argv = qemu.argv(
         config,
         name="bench-alone",
         qmp_fd=qmp_child.fileno(),
-        serial_fd=serial_child.fileno(),
+        console_fd=console_write,
         kvm=False,
     )
     process = subprocess.Popen(
         argv,
-        pass_fds=(qmp_child.fileno(), serial_child.fileno()),
+        pass_fds=(qmp_child.fileno(), console_write),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     qmp_child.close()
-    serial_child.close()
+    os.close(console_write)
     try:
-        return asyncio.run(_powerdown(process, qmp_parent, serial_parent))
+        return asyncio.run(_powerdown(process, qmp_parent, os.fdopen(console_read, "rb", 0)))
     finally:
         if process.poll() is None:
             process.kill()
@@ -320,21 +321,25 @@ def _stop_guest_alone(config_path: Path) -> float:
 
 
 async def _powerdown(
-    process: subprocess.Popen[bytes], qmp_sock: socket.socket, serial: socket.socket
+    process: subprocess.Popen[bytes], qmp_sock: socket.socket, console: IO[bytes]
 ) -> float:
     booted = asyncio.Event()
 
     async def drain_console() -> None:
-        reader, writer = await asyncio.open_connection(sock=serial)
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), console
+        )
         seen = b""
         while chunk := await reader.read(65536):
             seen = (seen + chunk)[-4096:]
             if GUEST_READY in seen:
                 booted.set()
-        writer.close()
+        transport.close()
 
     qmp = QMPClient("bench")
-    console = asyncio.create_task(drain_console())
+    drain = asyncio.create_task(drain_console())
     try:
         await qmp.connect(qmp_sock)
         async with asyncio.timeout(BOOT_TIMEOUT):
@@ -344,7 +349,7 @@ async def _powerdown(
         await asyncio.to_thread(process.wait, 60)
         return time.perf_counter() - asked
     finally:
-        console.cancel()
+        drain.cancel()
         with contextlib.suppress(Exception):
             await qmp.disconnect()
 
