@@ -453,6 +453,41 @@ async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeControll
     assert asked == [(protocol.MAX_LOG_LINES, True)]
 
 
+async def test_log_streams_past_the_cap_are_refused(
+    sock_path: Path, controller: FakeController
+) -> None:
+    """Past max_log_streams a `logs` gets an error, status still answers, and the slot of a
+    client gone (seen at the next record: EOF alone may be a half-close) serves the next."""
+    more = asyncio.Event()
+
+    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+        yield "a record"
+        await more.wait()
+        yield "another"
+        await asyncio.Event().wait()
+
+    follow = b'{"method":"logs","follow":true}\n'
+    limits = Limits(max_log_streams=2)
+    async with Server(controller, sock_path, limits=limits, logs=journal) as server:
+        streams = [await asyncio.open_unix_connection(sock_path) for _ in range(2)]
+        async with asyncio.timeout(5):
+            for reader, writer in streams:
+                writer.write(follow)
+                assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
+            assert await ask(sock_path, follow) == protocol.error_response("too many log streams")
+            assert await ask(sock_path) == STATUS
+            streams.pop()[1].close()
+            more.set()  # writing it to the closed client fails: the server forgets it
+            while len(server.streams.logs) > 1:
+                await asyncio.sleep(0.01)
+            more.clear()
+            reader, writer = await asyncio.open_unix_connection(sock_path)
+            writer.write(follow)
+            assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
+        for _, other in [*streams, (reader, writer)]:
+            other.close()
+
+
 async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
     sock_path: Path, controller: FakeController
 ) -> None:

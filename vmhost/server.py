@@ -27,23 +27,21 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import msgspec
 
 from . import __version__, protocol
-from .errors import AlreadyRunningError, TooManyWatchersError, VmhostError
+from .errors import AlreadyRunningError
 from .protocol import Request, Response, Scanner, VMState
+from .streams import LogSource, Streams, Watch
 
 if TYPE_CHECKING:
-    from .controller import Change, Changes, Watcher
+    from .controller import Changes
 
 log = logging.getLogger(__name__)
-
-LogSource = Callable[[int, bool], AsyncIterator[str]]
-"""``(lines, follow)`` → formatted journal lines, for the ``logs`` extension."""
 
 
 class Controller(Protocol):
@@ -98,8 +96,6 @@ _TOO_LARGE: Final = protocol.invalid_request("request too large")
 _TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
 _STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
 _ENDED: Final = protocol.error_response("vmhost is exiting")
-_WATCH_SNDBUF: Final = 8 * 1024
-"""A watcher's kernel send buffer (Linux doubles it): a few dozen lines, not 200 KiB."""
 _LINES_PER_TURN: Final = 64
 """Pipelined requests answered in a row before the other connections get their turn."""
 _TURNS_PER_SLICE: Final = 4
@@ -138,14 +134,11 @@ class Server:
         self.limits = limits
         self._listen = listen
         self._pid_file = pid_file
-        self._logs = logs
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: dict[_Connection, None] = {}
-        self._streams: set[_Connection] = set()
-        self._watches: set[_Connection] = set()
-        self._change_line: tuple[Change | None, bytes] = (None, b"")
+        self.streams = Streams(controller, logs, limits.max_log_streams)
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool, VMState, str], bytes] = {}
         self._turns: deque[_Connection] = deque()
@@ -186,7 +179,7 @@ class Server:
             await self._answer_queued(queue)
         if self._turn_runner is not None:
             self._turn_runner.cancel()
-        for conn in [*self._connections, *self._streams, *self._watches]:
+        for conn in [*self._connections, *self.streams.logs, *self.streams.watches]:
             conn.transport.abort()
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
@@ -231,10 +224,10 @@ class Server:
         self._server = None
         await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
         farewell = protocol.encode_response(Response(ok=True, message=last_line))
-        for conn in [*self._streams, *self._watches]:
+        for conn in [*self.streams.logs, *self.streams.watches]:
             conn.finish(farewell)
-        await self._wait_closed([*self._connections, *self._streams], timeout)
-        for conn in [*self._connections, *self._streams]:
+        await self._wait_closed([*self._connections, *self.streams.logs], timeout)
+        for conn in [*self._connections, *self.streams.logs]:
             conn.transport.abort()
         return self._sock
 
@@ -275,7 +268,7 @@ class Server:
                 asked = protocol.DEFAULT_STOP_TIMEOUT
             self._spawn(c.stop(asked))
             return self._stop_detail(asked) if request.detail else _STOPPING
-        if method == protocol.WATCH or (method == protocol.LOGS and self._logs is not None):
+        if self.streams.serves(method):
             return _ENDED if self.closing else None
         return protocol.error_response(f"unknown method: {method}")
 
@@ -368,52 +361,7 @@ class Server:
     def stream(self, conn: _Connection, request: Request) -> None:
         """Hand ``conn`` to its stream; it leaves the idle-connection bookkeeping."""
         self._connections.pop(conn, None)
-        if request.method == protocol.WATCH:
-            self._watch(conn)
-        else:
-            self._stream_logs(conn, request)
-
-    def _watch(self, conn: _Connection) -> None:
-        try:
-            _Watch(self, conn)
-        except TooManyWatchersError as e:
-            conn.finish(protocol.error_response(str(e)))
-            return
-        self._watches.add(conn)
-        assert conn.stream is not None
-        conn.stream.add_done_callback(lambda _: self._watches.discard(conn))
-
-    def change_line(self, change: Change) -> bytes:
-        """A change's line, encoded once for all its watchers."""
-        last, line = self._change_line
-        if change is not last:
-            line = self._encode_change(change)
-            self._change_line = (change, line)
-        return line
-
-    def _encode_change(self, change: Change) -> bytes:
-        state = change.state
-        return protocol.encode_response(
-            Response(
-                ok=True,
-                state=state.wire,
-                vm_state=state.value,
-                pid=self.controller.pid,
-                message=change.message,
-                event=change.event,
-            )
-        )
-
-    def _stream_logs(self, conn: _Connection, request: Request) -> None:
-        assert self._logs is not None
-        if len(self._streams) >= self.limits.max_log_streams:
-            conn.finish(protocol.error_response("too many log streams"))
-            return
-        self._streams.add(conn)
-        lines = min(request.lines, protocol.MAX_LOG_LINES) if request.lines > 0 else 10
-        task = asyncio.ensure_future(_pump_logs(conn, self._logs(lines, request.follow)))
-        conn.stream = task
-        task.add_done_callback(lambda _: self._streams.discard(conn))
+        self.streams.start(conn, request)
 
     def forget(self, conn: _Connection) -> None:
         self._connections.pop(conn, None)
@@ -454,7 +402,7 @@ class _Connection(asyncio.Protocol):
         self.drained: asyncio.Event | None = None
         self.closed: asyncio.Future[None] | None = None
         """Set by :meth:`Server.close` for a connection it waits for."""
-        self.watch: _Watch | None = None
+        self.watch: Watch | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -602,65 +550,6 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.close()
         self.server.forget(self)
-
-
-class _Watch:
-    """A ``watch`` stream: the snapshot at once, then each change, written as it comes.
-
-    Written from inside the controller's change (no task in between), so the line
-    that says the VM ended is out before the server closes.  Only what the kernel
-    takes is sent: the transport pauses as soon as it holds a byte, changes then
-    wait in the watcher's bounded backlog, and one that overflows is dropped.
-    """
-
-    __slots__ = ("conn", "server", "watcher")
-
-    def __init__(self, server: Server, conn: _Connection) -> None:
-        self.server = server
-        self.conn = conn
-        self.watcher: Watcher = server.controller.changes.watch(self.send)
-        conn.watch = self
-        conn.stream = done = asyncio.get_running_loop().create_future()
-        done.add_done_callback(lambda _: self.watcher.close())
-        transport = conn.transport
-        transport.set_write_buffer_limits(high=0)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _WATCH_SNDBUF)
-        self._write(self.watcher.snapshot)
-
-    def send(self) -> None:
-        conn, watcher = self.conn, self.watcher
-        while not conn.paused and (change := watcher.take()) is not None:
-            self._write(change)
-        if watcher.dropped:
-            log.warning(
-                "watcher dropped: %d changes behind", self.server.controller.changes.backlog
-            )
-            conn.transport.abort()
-
-    def _write(self, change: Change) -> None:
-        transport = self.conn.transport
-        if transport.is_closing():
-            return
-        transport.write(self.server.change_line(change))
-        if change.state.ended:
-            transport.close()
-
-
-async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
-    try:
-        async for line in lines:
-            while conn.paused:
-                conn.drained = asyncio.Event()
-                await conn.drained.wait()
-            if conn.transport.is_closing():
-                return
-            conn.transport.write(protocol.encode_response(Response(ok=True, message=line)))
-    except VmhostError as e:
-        conn.transport.write(protocol.error_response(str(e)))
-    finally:
-        conn.transport.close()
 
 
 def bind(path: Path, *, mode: int = 0o660) -> socket.socket:
