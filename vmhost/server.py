@@ -140,7 +140,8 @@ class Server:
         self._connections: dict[_Connection, None] = {}
         self.streams = Streams(controller, logs, limits.max_log_streams)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cache: dict[tuple[str, bool, VMState, str], bytes] = {}
+        self._cache: dict[tuple[str, bool], bytes] = {}
+        self._cached_for: tuple[VMState | None, str] = (None, "")
         self._turns: deque[_Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
         self.closing = False
@@ -284,11 +285,14 @@ class Server:
 
     def state_answer(self, method: str, detail: bool) -> bytes:
         """``status``/``info``, encoded once per VM state and reused until the state changes."""
-        state = self.controller.state
-        key = (method, detail, state, self.controller.step)
-        cached = self._cache.get(key)
+        state, step = self.controller.state, self.controller.step
+        cached_state, cached_step = self._cached_for
+        if state is not cached_state or step != cached_step:  # no enum hashing per request
+            self._cache.clear()
+            self._cached_for = (state, step)
+        cached = self._cache.get((method, detail))
         if cached is None:
-            cached = self._cache[key] = self._encode_state(*key)
+            cached = self._cache[method, detail] = self._encode_state(method, detail, state, step)
         return cached
 
     def _encode_state(self, method: str, detail: bool, state: VMState, step: str) -> bytes:
@@ -393,7 +397,8 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.buffer = bytearray()
         """Everything after the last value answered; the scanner's place is in it."""
-        self.scanner = Scanner()
+        self.scanner: Scanner | None = None
+        """Made at the first partial or unusual request: most clients never need one."""
         self.answered = False
         self.waiting = False
         self.since = time.monotonic()
@@ -441,7 +446,8 @@ class _Connection(asyncio.Protocol):
         if self.watch is not None:  # the watcher went away (or will send nothing more)
             self.transport.close()
             return True
-        if self.stream is None and not self.transport.is_closing():
+        idle = not self.buffer and self.answered  # Go closes it in silence: nothing to scan
+        if self.stream is None and not idle and not self.transport.is_closing():
             self._serve(True)
         if self.stream is None:
             self.transport.close()
@@ -466,7 +472,7 @@ class _Connection(asyncio.Protocol):
                         last = True
                     break
                 del buf[:end]
-                self.scanner = Scanner()
+                self.scanner = None
                 answer = request if isinstance(request, bytes) else self.server.answer(request)
                 if answer is None:
                     assert isinstance(request, Request)
@@ -490,6 +496,8 @@ class _Connection(asyncio.Protocol):
         """The next request (or its answer, for a known line) and where it ends in ``buf``;
         ``None`` while it is not complete.  At EOF, Go's error for what is missing is raised."""
         scanner = self.scanner
+        if scanner is None:
+            scanner = self.scanner = Scanner()
         if not scanner.kind:
             # At a value's start: a whole line of the usual kind needs no scanner.
             start = scanner.pos = protocol.skip_space(buf, scanner.pos)
@@ -545,7 +553,7 @@ class _Connection(asyncio.Protocol):
         if self.transport.get_write_buffer_size():
             # Unread answers for a whole timeout: closing would wait on this peer forever.
             self.transport.abort()
-        elif self.scanner.kind:
+        elif self.scanner is not None and self.scanner.kind:
             self.finish(_TIMED_OUT)
         else:
             self.transport.close()
