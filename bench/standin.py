@@ -17,9 +17,8 @@ import itertools
 import signal
 from pathlib import Path
 
-from vmhost.controller import Change, Changes
-from vmhost.protocol import VMState
 from vmhost.server import Server
+from vmhost.vm.state import Change, Changes, VMState
 
 
 class StandIn:

@@ -18,9 +18,8 @@ from qemu.qmp import QMPClient
 
 from vmhost import qemu
 from vmhost.config import Config
-from vmhost.controller import Change, Changes
-from vmhost.protocol import VMState
 from vmhost.server import Limits, Server
+from vmhost.vm.state import Change, Changes, VMState
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,9 +16,9 @@ import vmhost
 from vmhost import AsyncClient, Client, ClientError, ServerError, VMState
 from vmhost.cli import vmhostctl_main
 from vmhost.client import socket_path
-from vmhost.controller import Change
 from vmhost.errors import ConfigError
 from vmhost.server import Server
+from vmhost.vm.state import Change
 
 
 async def ctl(*argv: str) -> int:

@@ -21,7 +21,7 @@ from guest.build import GuestImage
 from vmhost import config as vmconfig
 from vmhost.controller import _LAST_STEPS, PROBE_INTERVAL, PROBE_TIMEOUT, Ending, QemuController
 from vmhost.errors import ControllerError, VMCrashedError
-from vmhost.protocol import VMState
+from vmhost.vm.state import VMState
 
 pytestmark = pytest.mark.slow
 

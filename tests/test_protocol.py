@@ -6,7 +6,8 @@ import msgspec
 import pytest
 
 from vmhost import protocol
-from vmhost.protocol import Request, Response, VMState
+from vmhost.protocol import Request, Response
+from vmhost.vm.state import VMState
 
 GOLDEN_RESPONSES = [
     (Response(ok=True, state="running"), b'{"ok":true,"state":"running"}\n'),

@@ -21,8 +21,9 @@ from conftest import FakeController
 import vmhost
 from vmhost import protocol
 from vmhost.errors import AlreadyRunningError
-from vmhost.protocol import Request, VMState
+from vmhost.protocol import Request
 from vmhost.server import Limits, Server, bind
+from vmhost.vm.state import VMState
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding the .event_loop_policy. fixture")
 

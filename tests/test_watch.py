@@ -23,10 +23,10 @@ from test_server import STATUS, ask
 from vmhost import controller
 from vmhost.cli import vmhostctl_main
 from vmhost.client import AsyncClient, Client
-from vmhost.controller import Change, Changes, Watcher
 from vmhost.errors import ClientError, TooManyWatchersError
-from vmhost.protocol import Response, VMState
+from vmhost.protocol import Response
 from vmhost.server import Server
+from vmhost.vm.state import Change, Changes, VMState, Watcher
 
 MARGIN: Final = 3.0
 """Scheduling slack on a shared 2-core machine running other QEMUs."""

@@ -11,7 +11,8 @@ from .errors import (
     VMCrashedError,
     VmhostError,
 )
-from .protocol import Request, Response, VMState
+from .protocol import Request, Response
+from .vm.state import VMState
 
 __version__ = "0.2.0"
 

@@ -19,7 +19,8 @@ import msgspec
 
 from . import protocol
 from .errors import ClientError, NotListeningError, ServerError
-from .protocol import Request, Response, VMState
+from .protocol import Request, Response
+from .vm.state import VMState
 
 DIAL_TIMEOUT = 5.0
 DEADLINE = 30.0

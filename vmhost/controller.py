@@ -22,15 +22,15 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple, cast
+from typing import IO, TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 from qemu.qmp import QMPClient, QMPError, Runstate
 
 from . import qemu
 from .config import Config
-from .errors import ControllerError, ReloadRefusedError, TooManyWatchersError, VMCrashedError
-from .protocol import VMState
+from .errors import ControllerError, ReloadRefusedError, VMCrashedError
+from .vm.state import Change, Changes, VMState
 
 if TYPE_CHECKING:
     from .guest import Agent
@@ -55,8 +55,6 @@ _CONSOLE_GATHER: Final = 0.05
 """The console's reading pauses this long after a short read, so QEMU's one-byte writes
 gather in the pipe (64 KiB: QEMU only waits beyond ~1.3 MB/s) rather than wake the loop
 each: at most 20 wakeups a second however the guest prints."""
-MAX_WATCHERS: Final = 128
-WATCH_BACKLOG: Final = 32
 
 
 class Ending(enum.Enum):
@@ -67,87 +65,6 @@ class Ending(enum.Enum):
     CRASHED = "QEMU crashed"
     KILLED = "QEMU killed from outside"
     START_FAILED = "QEMU failed to start"
-
-
-class Change(NamedTuple):
-    """One thing a watcher is told: the state after it, why, and the journal's text for it."""
-
-    state: VMState
-    message: str = ""
-    event: str = ""
-    """The QMP event behind it, or the stop chain's step (``acpi-power-down``, ``sigterm``)."""
-
-
-class Changes:
-    """A VM's changes, fanned out in order to at most ``max_watchers`` :class:`Watcher`.
-
-    ``publish`` never waits for anyone: a watcher that falls ``backlog`` changes
-    behind is dropped, so a slow one costs bounded memory and delays no other.
-    """
-
-    def __init__(self, *, max_watchers: int = MAX_WATCHERS, backlog: int = WATCH_BACKLOG) -> None:
-        self.last = Change(VMState.STARTING)
-        self.max_watchers = max_watchers
-        self.backlog = backlog
-        self._watchers: dict[Watcher, None] = {}
-
-    def __len__(self) -> int:
-        return len(self._watchers)
-
-    def watch(self, wake: Callable[[], None]) -> Watcher:
-        """Subscribe: the state now, then every change after it (``wake`` says one is there).
-
-        Synchronous, so no change can fall between the snapshot and the subscription.
-        """
-        if len(self._watchers) >= self.max_watchers:
-            raise TooManyWatchersError("too many watchers")
-        watcher = Watcher(self, wake)
-        self._watchers[watcher] = None
-        return watcher
-
-    def publish(self, change: Change) -> None:
-        self.last = change
-        for watcher in list(self._watchers):
-            watcher.push(change)
-
-    def forget(self, watcher: Watcher) -> None:
-        self._watchers.pop(watcher, None)
-
-
-class Watcher:
-    """One subscriber: ``snapshot``, then the changes ``take`` hands out in order.
-
-    Past the backlog bound it is unsubscribed and ``dropped`` (``wake`` is called
-    once more to say so); a ``wake`` that fails drops only its own watcher.
-    """
-
-    __slots__ = ("_changes", "_pending", "_wake", "dropped", "snapshot")
-
-    def __init__(self, changes: Changes, wake: Callable[[], None]) -> None:
-        self._changes = changes
-        self._wake = wake
-        self._pending: deque[Change] = deque()
-        self.snapshot = changes.last
-        self.dropped = False
-
-    def take(self) -> Change | None:
-        return self._pending.popleft() if self._pending else None
-
-    def close(self) -> None:
-        self._pending.clear()
-        self._changes.forget(self)
-
-    def push(self, change: Change) -> None:
-        self._pending.append(change)
-        if len(self._pending) > self._changes.backlog:
-            self.dropped = True
-            self.close()
-        try:
-            self._wake()
-        except Exception:
-            log.exception("watcher failed; dropped")
-            self.dropped = True
-            self.close()
 
 
 class QemuController:

@@ -14,7 +14,6 @@ any shape skipped, and a wrong type refused with Go's own message.
 from __future__ import annotations
 
 import codecs
-import enum
 import re
 from typing import Annotated, Final
 
@@ -36,39 +35,6 @@ STREAMS: Final = frozenset({LOGS, WATCH})
 
 Buffer = bytes | bytearray | memoryview
 _GoInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
-
-class VMState(enum.Enum):
-    """The VM's lifecycle state; ``wire`` is the Go daemon's coarser word for it."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    PAUSED = "paused"
-    UNRESPONSIVE = "unresponsive"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    CRASHED = "crashed"
-    ERROR = "error"
-
-    @property
-    def wire(self) -> str:
-        return _WIRE[self]
-
-    @property
-    def ended(self) -> bool:
-        return self in (VMState.STOPPED, VMState.CRASHED, VMState.ERROR)
-
-
-_WIRE: Final = {
-    VMState.STARTING: "running",
-    VMState.RUNNING: "running",
-    VMState.PAUSED: "running",
-    VMState.UNRESPONSIVE: "running",
-    VMState.STOPPING: "stopping",
-    VMState.STOPPED: "stopped",
-    VMState.CRASHED: "error",
-    VMState.ERROR: "error",
-}
 
 
 class Request(msgspec.Struct, omit_defaults=True):

@@ -35,11 +35,12 @@ import msgspec
 
 from . import __version__, protocol
 from .errors import AlreadyRunningError
-from .protocol import Request, Response, Scanner, VMState
+from .protocol import Request, Response, Scanner
 from .streams import LogSource, Streams, Watch
+from .vm.state import VMState
 
 if TYPE_CHECKING:
-    from .controller import Changes
+    from .vm.state import Changes
 
 log = logging.getLogger(__name__)
 

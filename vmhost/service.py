@@ -32,8 +32,8 @@ from .errors import (
     VMCrashedError,
     VmhostError,
 )
-from .protocol import VMState
 from .server import Server, bind
+from .vm.state import VMState
 
 log = logging.getLogger(__name__)
 

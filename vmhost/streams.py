@@ -18,8 +18,8 @@ from .errors import TooManyWatchersError, VmhostError
 from .protocol import Request, Response
 
 if TYPE_CHECKING:
-    from .controller import Change, Watcher
     from .server import Controller, _Connection
+    from .vm.state import Change, Watcher
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The control socket: the Go-compatible wire, connections, the server and its streams."""

@@ -1,0 +1,130 @@
+"""The VM's state and the feed of its changes, which watchers follow in order."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Final, NamedTuple
+
+from ..errors import TooManyWatchersError
+
+log = logging.getLogger(__name__)
+
+MAX_WATCHERS: Final = 128
+WATCH_BACKLOG: Final = 32
+
+
+class VMState(enum.Enum):
+    """The VM's lifecycle state; ``wire`` is the Go daemon's coarser word for it."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    UNRESPONSIVE = "unresponsive"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    ERROR = "error"
+
+    @property
+    def wire(self) -> str:
+        return _WIRE[self]
+
+    @property
+    def ended(self) -> bool:
+        return self in (VMState.STOPPED, VMState.CRASHED, VMState.ERROR)
+
+
+_WIRE: Final = {
+    VMState.STARTING: "running",
+    VMState.RUNNING: "running",
+    VMState.PAUSED: "running",
+    VMState.UNRESPONSIVE: "running",
+    VMState.STOPPING: "stopping",
+    VMState.STOPPED: "stopped",
+    VMState.CRASHED: "error",
+    VMState.ERROR: "error",
+}
+
+
+class Change(NamedTuple):
+    """One thing a watcher is told: the state after it, why, and the journal's text for it."""
+
+    state: VMState
+    message: str = ""
+    event: str = ""
+    """The QMP event behind it, or the stop chain's step (``acpi-power-down``, ``sigterm``)."""
+
+
+class Changes:
+    """A VM's changes, fanned out in order to at most ``max_watchers`` :class:`Watcher`.
+
+    ``publish`` never waits for anyone: a watcher that falls ``backlog`` changes
+    behind is dropped, so a slow one costs bounded memory and delays no other.
+    """
+
+    def __init__(self, *, max_watchers: int = MAX_WATCHERS, backlog: int = WATCH_BACKLOG) -> None:
+        self.last = Change(VMState.STARTING)
+        self.max_watchers = max_watchers
+        self.backlog = backlog
+        self._watchers: dict[Watcher, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._watchers)
+
+    def watch(self, wake: Callable[[], None]) -> Watcher:
+        """Subscribe: the state now, then every change after it (``wake`` says one is there).
+
+        Synchronous, so no change can fall between the snapshot and the subscription.
+        """
+        if len(self._watchers) >= self.max_watchers:
+            raise TooManyWatchersError("too many watchers")
+        watcher = Watcher(self, wake)
+        self._watchers[watcher] = None
+        return watcher
+
+    def publish(self, change: Change) -> None:
+        self.last = change
+        for watcher in list(self._watchers):
+            watcher.push(change)
+
+    def forget(self, watcher: Watcher) -> None:
+        self._watchers.pop(watcher, None)
+
+
+class Watcher:
+    """One subscriber: ``snapshot``, then the changes ``take`` hands out in order.
+
+    Past the backlog bound it is unsubscribed and ``dropped`` (``wake`` is called
+    once more to say so); a ``wake`` that fails drops only its own watcher.
+    """
+
+    __slots__ = ("_changes", "_pending", "_wake", "dropped", "snapshot")
+
+    def __init__(self, changes: Changes, wake: Callable[[], None]) -> None:
+        self._changes = changes
+        self._wake = wake
+        self._pending: deque[Change] = deque()
+        self.snapshot = changes.last
+        self.dropped = False
+
+    def take(self) -> Change | None:
+        return self._pending.popleft() if self._pending else None
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._changes.forget(self)
+
+    def push(self, change: Change) -> None:
+        self._pending.append(change)
+        if len(self._pending) > self._changes.backlog:
+            self.dropped = True
+            self.close()
+        try:
+            self._wake()
+        except Exception:
+            log.exception("watcher failed; dropped")
+            self.dropped = True
+            self.close()
