@@ -37,12 +37,26 @@ class MachineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     accel: Literal["kvm", "tcg", "auto"] = "auto"
 
 
-class BootConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Direct kernel boot; without it the VM boots from its first disk."""
+ReadyMode = Literal["qemu", "agent", "notify", "ssh"]
+DEFAULT_CMDLINE: Final = "console=ttyS0"
 
-    kernel: str
+
+class BootConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Direct kernel boot (without ``kernel`` the VM boots from its first disk), and what
+    "booted" means: when vmhost tells systemd READY=1.
+
+    ``ready``: ``"qemu"`` once QEMU runs the guest; ``"agent"`` once the guest
+    agent answered and provisioning finished; ``"notify"`` once the guest wrote
+    ``READY=1`` to the virtio-serial port ``org.vmhost.notify.0``; ``"ssh"``
+    once the forwarded SSH port answers with an ``SSH-`` banner.  A guest not
+    ready within ``ready_timeout_seconds`` is stopped and the service fails.
+    """
+
+    kernel: str = ""
     initrd: str = ""
-    cmdline: str = "console=ttyS0"
+    cmdline: str = DEFAULT_CMDLINE
+    ready: ReadyMode = "qemu"
+    ready_timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 300
 
 
 class DiskConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -241,15 +255,21 @@ def _resolve(config: Config, base: Path) -> Config:
 
 def _check(config: Config) -> tuple[str, str] | None:
     """The first unusable setting as (field, reason), in file order."""
-    boot = config.boot
-    if boot is not None:
+    boot = config.boot or BootConfig()
+    if boot.kernel:
         problem = _file_problem(boot.kernel, write=False)
         if problem:
             return "boot.kernel", problem
         problem = boot.initrd and _file_problem(boot.initrd, write=False)
         if problem:
             return "boot.initrd", problem
-    elif not config.disks:
+    elif boot.initrd or boot.cmdline != DEFAULT_CMDLINE:
+        return "boot.kernel", "required"  # initrd and cmdline are the kernel's
+    if boot.ready == "agent" and not config.agent.port:
+        return "boot.ready", '"agent" needs a guest agent: set agent.port'
+    if boot.ready == "ssh" and not config.network.ssh_port:
+        return "boot.ready", '"ssh" needs an SSH forward: set network.ssh_port'
+    if not boot.kernel and not config.disks:
         return "disks", "nothing to boot: give [boot] or at least one [[disks]]"
     for i, disk in enumerate(config.disks):
         problem = _file_problem(disk.path, write=not disk.read_only)

@@ -21,13 +21,24 @@ from .errors import ControllerError
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
+NOTIFY_PORT: Final = "org.vmhost.notify.0"
+"""The virtio-serial port a guest writes ``READY=1`` to (``[boot] ready = "notify"``)."""
 SANDBOX: Final = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KEPT_ENV: Final = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ"})
 
 
-def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) -> list[str]:
-    """The full QEMU command line; ``qmp_fd`` and ``console_fd`` must be passed to the child.
+def argv(
+    config: Config,
+    *,
+    name: str,
+    qmp_fd: int,
+    console_fd: int,
+    kvm: bool,
+    notify_fd: int | None = None,
+) -> list[str]:
+    """The full QEMU command line; ``qmp_fd``, ``console_fd`` and ``notify_fd`` (if given)
+    must be passed to the child.
 
     The console is a pipe's write end, not a socket: QEMU writes the serial
     port a byte at a time, and a pipe packs those bytes into pages where a
@@ -56,7 +67,7 @@ def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) 
         "-smp",
         str(machine.cpus),
     ]
-    if config.boot is not None:
+    if config.boot is not None and config.boot.kernel:
         args += ["-kernel", config.boot.kernel, "-append", config.boot.cmdline]
         if config.boot.initrd:
             args += ["-initrd", config.boot.initrd]
@@ -89,9 +100,24 @@ def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) 
         "-mon",
         "chardev=qmp0,mode=control",
     ]
+    if notify_fd is not None:
+        args += notify_args(notify_fd)
     if config.qemu.sandbox:
         args += ["-sandbox", SANDBOX]
     return args + list(config.qemu.extra_args)
+
+
+def notify_args(fd: int) -> list[str]:
+    """The guest's notify port (virtio-serial ``org.vmhost.notify.0``) on a connected socket
+    QEMU inherits as ``fd``: like QMP, a channel only vmhost holds, with no path to open."""
+    return [
+        "-device",
+        "virtio-serial-pci,id=vmhost-serial",
+        "-chardev",
+        f"socket,id=notify0,fd={fd},server=off",
+        "-device",
+        f"virtserialport,bus=vmhost-serial.0,chardev=notify0,name={NOTIFY_PORT}",
+    ]
 
 
 def _opt(value: str) -> str:

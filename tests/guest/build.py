@@ -1,6 +1,7 @@
 """Build the tiny test guest: Debian cloud kernel, busybox initramfs, sparse ext4 data disk.
 
-vmhost has to be proven against a real guest (ACPI power button, hostfwd, agent, reboot),
+vmhost has to be proven against a real guest (ACPI power button, hostfwd, agent, reboot,
+READY=1 on the notify port),
 built from Debian packages alone in a few seconds and cached per kernel package version.
 Stdlib only, so it runs under any Python 3.11 on the host and from pytest alike.
 
@@ -28,7 +29,7 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 DISK_SIZE = 16 * 1024 * 1024
 # Roots of the module closure; their dependencies are read from each module's .modinfo.
-BASE_MODULES = ("virtio_pci", "virtio_blk", "virtio_net")
+BASE_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console")
 ACPI_MODULES = ("button", "evdev")  # power button as an input device, /dev/input/event*
 
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,9 @@
 #!/bin/sh
 # /init of the tiny test guest: busybox sh as PID 1, so this script is the whole userland.
 # The host only learns the guest state from the serial console ("TINYGUEST ..." lines),
-# the data disk (/marker, /rebooted, /agent) and the TCP listeners on ports 22 and 1024.
+# the data disk (/marker, /rebooted, /agent), the TCP listeners on ports 22 and 1024, and
+# the sd_notify-style lines (STATUS=, READY=1) it writes to the virtio-serial port
+# org.vmhost.notify.0 when QEMU has one.
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -40,6 +42,19 @@ ip6_global() {
 # acpid opens the event devices after it starts: a powerdown before that is lost.
 acpid_ready() { ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; }
 
+# sd_notify's form on the port org.vmhost.notify.0 (/dev/vportNpM), one KEY=VALUE a line, if
+# QEMU gave the guest that port; builtins only, as above.
+notify() {
+	set +f
+	for port in /sys/class/virtio-ports/*; do
+		[ -e "$port/name" ] && read -r name <"$port/name" || continue
+		[ "$name" = org.vmhost.notify.0 ] || continue
+		printf '%s\n' "$@" >"/dev/${port##*/}"
+		break
+	done
+	set -f
+}
+
 # Never let PID 1 exit (that panics the kernel): report and idle instead.
 fail() {
 	say "FAILED: $*"
@@ -58,6 +73,8 @@ reboot_once=0
 probe=
 flood=0
 busy=0
+never_ready=0
+reboot_ready=0
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	guest.token=*) token=${arg#*=} ;;
@@ -67,9 +84,12 @@ for arg in $(cat /proc/cmdline); do
 	guest.probe=*) probe=${arg#*=} ;;
 	guest.flood=*) flood=${arg#*=} ;;
 	guest.busy=*) busy=${arg#*=} ;;
+	guest.never_ready=*) never_ready=${arg#*=} ;;
+	guest.reboot_ready=*) reboot_ready=${arg#*=} ;;
 	esac
 done
 
+notify "STATUS=tinyguest: mounting /dev/vda"
 wait_for test -b /dev/vda || fail "no /dev/vda"
 mount -t ext4 /dev/vda /mnt || fail "cannot mount /dev/vda"
 echo "$token" >>/mnt/marker
@@ -83,6 +103,7 @@ if [ "$reboot_once" = 1 ] && [ ! -e /mnt/rebooted ]; then
 	reboot -f
 fi
 
+notify "STATUS=tinyguest: starting the network and listeners"
 wait_for test -e /sys/class/net/eth0 || fail "no eth0"
 ip link set lo up
 ip link set eth0 up
@@ -104,6 +125,20 @@ wait_for listening 1024 || fail "port 1024 not listening"
 # The agent reports "ready" from here on, like the console line below.
 : >/run/tinyguest-ready
 say READY
+# guest.never_ready=1: says what it does, never that it is ready (the host's timeout path).
+# guest.reboot_ready=1: once ready, reboots once (the next boot says READY=1 again).
+if [ "$never_ready" = 1 ]; then
+	notify "STATUS=tinyguest: up, but never ready"
+else
+	notify "STATUS=tinyguest: up" "READY=1"
+fi
+if [ "$reboot_ready" = 1 ] && [ ! -e /mnt/rebooted-ready ]; then
+	: >/mnt/rebooted-ready
+	sync
+	umount /mnt
+	say REBOOTING
+	reboot -f
+fi
 
 # guest.probe=HOST:PORT,...: connect to each once and report what it answered, so host tests
 # see what this guest can reach ("TINYGUEST PROBE 10.0.2.2:2222 SSH-2.0-..." or "... FAILED").
