@@ -18,11 +18,10 @@ from typing import Final
 
 from .config import Config
 from .errors import ControllerError
+from .vm.readiness import NOTIFY_PORT
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
-NOTIFY_PORT: Final = "org.vmhost.notify.0"
-"""The virtio-serial port a guest writes ``READY=1`` to (``[boot] ready = "notify"``)."""
 SANDBOX: Final = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KEPT_ENV: Final = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ"})

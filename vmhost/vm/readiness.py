@@ -1,0 +1,232 @@
+"""When the guest is ready: what ``[boot] ready`` waits for, and for how long.
+
+``"qemu"`` waits for nothing more than QEMU running; ``"agent"`` for the
+controller's provisioning to finish; ``"notify"`` for ``READY=1`` on the
+guest's notify port; ``"ssh"`` for an ``SSH-`` banner on the forwarded port.
+Only the first boot's wait is bounded (it is what ``systemctl start`` waits
+for): a guest that reboots later is ``booting`` again until it says so, but is
+not stopped for taking long.  The controller owns the run-state; this module
+only tells it ``ready`` (once per boot, with how long it took) or ``not ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, cast
+
+from ..config import BootConfig, ReadyMode
+
+log = logging.getLogger(__name__)
+
+NOTIFY_PORT: Final = "org.vmhost.notify.0"
+MAX_LINE: Final = 4096
+"""A longer notify line is dropped: the guest chooses what it writes, not what vmhost holds."""
+MAX_STATUS: Final = 200
+"""Characters of the guest's STATUS= text passed on to systemd."""
+GARBAGE_LOGGED: Final = 5
+"""Unusable notify lines logged per boot; beyond that they are dropped silently."""
+SSH_ATTEMPT: Final = 2.0
+"""One connect + banner try: before the guest listens, QEMU's user networking may accept
+on the host and then say nothing."""
+SSH_INTERVAL: Final = 0.25
+
+_WAITS_FOR: Final[dict[ReadyMode, str]] = {
+    "qemu": "QEMU",
+    "agent": "the guest agent's provisioning",
+    "notify": f"READY=1 on {NOTIFY_PORT}",
+    "ssh": "an SSH banner",
+}
+
+_KEY: Final = re.compile(rb"[A-Z][A-Z0-9_]*")
+"""sd_notify's variable names."""
+
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
+class Readiness:
+    """One VM's readiness across its boots; ``on_ready(message)`` once per boot,
+    ``on_not_ready(reason)`` when the first boot's wait ends without it."""
+
+    def __init__(
+        self,
+        boot: BootConfig | None,
+        *,
+        ssh_port: int,
+        spawn: Spawn,
+        on_ready: Callable[[str], None],
+        on_not_ready: Callable[[str], None],
+    ) -> None:
+        boot = boot or BootConfig()
+        self.mode: ReadyMode = boot.ready
+        self.timeout = float(boot.ready_timeout_seconds)
+        self.guest_status = ""
+        """The guest's last ``STATUS=`` text (notify mode), for systemd's STATUS=."""
+        self.note = ""
+        """What booting waits for, or how long the last boot took: ``message`` in detail answers."""
+        self._ssh_port = ssh_port
+        self._spawn = spawn
+        self._on_ready = on_ready
+        self._on_not_ready = on_not_ready
+        self._since = 0.0
+        self._first = True
+        self._waiting = False
+        self._garbage = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def waits(self) -> bool:
+        """Whether the guest has a ``booting`` phase at all."""
+        return self.mode != "qemu"
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiting
+
+    def left(self) -> float:
+        """Seconds the first boot may still take; 0 once it is over."""
+        if not (self._waiting and self._first):
+            return 0.0
+        return max(self._since + self.timeout - time.monotonic(), 0.0)
+
+    def begin(self, since: float) -> None:
+        """The guest boots from ``since`` (monotonic: QEMU's start, or its reset): wait for it."""
+        self._cancel()
+        self._waiting, self._since, self._garbage = True, since, 0
+        self.guest_status = ""
+        clock = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - since)))
+        self.note = f"waiting for {_WAITS_FOR[self.mode]} since {clock}"
+        if self.mode == "ssh":
+            self._tasks.append(self._spawn(self._probe_ssh()))
+        if self._first:
+            self._tasks.append(self._spawn(self._expire()))
+
+    def ready(self, how: str) -> None:
+        """The guest is ready (``how``: what said so); nothing if it was not waited for."""
+        if not self._waiting:
+            return
+        took = time.monotonic() - self._since
+        after = "QEMU started" if self._first else "its reset"
+        self._end()
+        self.note = f"guest ready {took:.2f} s after {after}"
+        self._on_ready(f"{self.note} ({how})")
+
+    def failed(self, reason: str) -> None:
+        """What the first boot waits for cannot come any more (agent provisioning failed)."""
+        if self._waiting and self._first:
+            self._end()
+            self.note = f"guest not ready: {reason}"
+            self._on_not_ready(reason)
+        elif self._waiting:
+            log.warning("guest not ready after its reset: %s", reason)
+
+    def status_text(self) -> str:
+        """``STATUS=`` while booting: what vmhost waits for, since when, and the guest's word."""
+        text = f"booting: {self.note} ({time.monotonic() - self._since:.0f} s"
+        text += f", {self.left():.0f} s left)" if self._first else ")"
+        return f"{text}; guest: {self.guest_status}" if self.guest_status else text
+
+    def close(self) -> None:
+        self._waiting = False
+        self._cancel()
+
+    def _end(self) -> None:
+        self._waiting = False
+        self._first = False
+        self._cancel()
+
+    def _cancel(self) -> None:
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        self._tasks.clear()
+
+    async def _expire(self) -> None:
+        await asyncio.sleep(self.left())
+        self.failed(f"not ready within ready_timeout_seconds ({self.timeout:g} s)")
+
+    # -- the notify port ---------------------------------------------------------
+
+    async def read_notify(self, reader: asyncio.StreamReader) -> None:
+        """The guest's notify lines for the VM's whole life (each boot writes again), until EOF.
+
+        The port is a byte stream in sd_notify's form: ``KEY=VALUE`` lines.
+        ``READY=1`` and ``STATUS=`` are used; other keys are sd_notify's and
+        mean nothing here; anything else is logged (a few per boot) and dropped.
+        """
+        dropping = False  # inside a line longer than MAX_LINE, up to its newline
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError as e:
+                await reader.readexactly(e.consumed)
+                dropping = True
+                continue
+            if dropping:
+                dropping = False
+                self._garbage_line(f"a line longer than {MAX_LINE} bytes")
+                continue
+            self._notify_line(line.rstrip(b"\r\n"))
+
+    def _notify_line(self, line: bytes) -> None:
+        key, eq, value = line.partition(b"=")
+        if not eq or not _KEY.fullmatch(key):
+            if line.strip():
+                self._garbage_line(repr(line[:80]))
+            return
+        if key == b"READY":
+            if value == b"1":
+                self.ready(f"READY=1 on {NOTIFY_PORT}")
+        elif key == b"STATUS":
+            text = value.decode(errors="replace")
+            self.guest_status = "".join(c if c.isprintable() else "?" for c in text)[:MAX_STATUS]
+            log.info("guest status: %s", self.guest_status, extra={"VMHOST_GUEST_STATUS": "1"})
+
+    def _garbage_line(self, what: str) -> None:
+        self._garbage += 1
+        if self._garbage <= GARBAGE_LOGGED:
+            more = " (further ones are not logged)" if self._garbage == GARBAGE_LOGGED else ""
+            log.warning("%s: ignored %s%s", NOTIFY_PORT, what, more)
+
+    # -- the SSH probe -------------------------------------------------------------
+
+    async def _probe_ssh(self) -> None:
+        while True:
+            if await ssh_banner(self._ssh_port):
+                self.ready(f"SSH banner on 127.0.0.1:{self._ssh_port}")
+                return
+            await asyncio.sleep(SSH_INTERVAL)
+
+
+async def ssh_banner(port: int, *, timeout: float = SSH_ATTEMPT) -> bool:
+    """Whether 127.0.0.1:``port`` answers with an ``SSH-`` line within ``timeout``."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MAX_LINE)
+            line = await reader.readline()
+    except (OSError, TimeoutError, ValueError):
+        return False
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+    return line.startswith(b"SSH-")
+
+
+async def open_notify(
+    sock: socket.socket,
+) -> tuple[asyncio.ReadTransport, asyncio.StreamReader]:
+    """vmhost's end of the notify port, read through a transport (paused at a handover)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: asyncio.StreamReaderProtocol(reader), sock
+    )
+    return cast(asyncio.ReadTransport, transport), reader
