@@ -59,7 +59,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
         "status": "show the VM's state",
         "info": "show state, SSH port and backend",
         "stop": "stop gracefully (agent, ACPI, then force) and wait until the VM is gone",
-        "start": "start vmhost@NAME.service and wait until the VM runs",
+        "start": "start vmhost@NAME.service and wait until the guest is ready ([boot] ready)",
         "force-stop": "kill the VM now",
         "logs": "show the VM's journal (vmhost and guest console)",
         "events": "show the VM's state, then each change as it happens, until the VM ends",
@@ -205,7 +205,8 @@ def _wait_gone(client: Client, label: str, changes: Iterator[Response], *, quiet
 
 def _start(name: str) -> int:
     """``systemctl start vmhost@NAME.service``, as machinectl starts systemd-nspawn@: the job
-    ends at READY=1, once QEMU runs the guest."""
+    ends at READY=1, once the guest is ready (``[boot] ready``: by default once QEMU runs it);
+    the status line then says how long the guest took."""
     import subprocess
 
     from .client import Client, socket_path

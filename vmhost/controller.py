@@ -29,7 +29,8 @@ from qemu.qmp import QMPClient, QMPError, Runstate
 
 from . import qemu
 from .config import Config
-from .errors import ControllerError, ReloadRefusedError, VMCrashedError
+from .errors import ControllerError, GuestNotReadyError, ReloadRefusedError, VMCrashedError
+from .vm.readiness import Readiness, open_notify
 from .vm.state import Change, Changes, VMState
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Ending(enum.Enum):
     CRASHED = "QEMU crashed"
     KILLED = "QEMU killed from outside"
     START_FAILED = "QEMU failed to start"
+    NOT_READY = "guest not ready"
 
 
 class QemuController:
@@ -115,6 +117,19 @@ class QemuController:
         self._console: IO[bytes] | None = None
         """The console pipe's read end (QEMU has the write end)."""
         self._agent_socket = qemu.agent_socket(state_dir) if config.agent.port else None
+        self.readiness = Readiness(
+            config.boot,
+            ssh_port=config.network.ssh_port,
+            spawn=self._spawn,
+            on_ready=self._guest_ready,
+            on_not_ready=self._guest_not_ready,
+        )
+        self.ready = asyncio.Event()
+        """Set once the guest is first ready (``[boot] ready``): when systemd hears READY=1."""
+        self._not_ready = ""
+        self._started_at = 0.0
+        self._notify_sock: socket.socket | None = None
+        """vmhost's end of the guest's notify port (``ready = "notify"`` only)."""
 
     # -- what the server reads ------------------------------------------------
 
@@ -145,13 +160,22 @@ class QemuController:
             return 0.0
         return max(self._deadline - time.monotonic(), 0.0) + 2 * _LAST_STEPS
 
+    def start_left(self) -> float:
+        """Seconds the start may still take: the wait for the guest, then a stop if it fails."""
+        if not self.readiness.left():
+            return 0.0
+        return self.readiness.left() + self.config.stop.timeout_seconds + 2 * _LAST_STEPS
+
     @property
     def step(self) -> str:
-        """The stop chain's step running now ("" outside a stop), for ``status`` with detail."""
-        return self._step
+        """The stop chain's step running now, else what booting waits for or how long it took:
+        ``message`` in ``status`` with detail."""
+        return self._step or self.readiness.note
 
     def status_text(self) -> str:
         """One line for ``STATUS=``: what the VM is doing right now."""
+        if self._state is VMState.BOOTING:
+            return self.readiness.status_text()
         if self._state is VMState.STOPPING and self._step:
             ago = time.monotonic() - self._step_since
             left = max(self._deadline - time.monotonic(), 0.0)
@@ -165,8 +189,14 @@ class QemuController:
     async def start(self) -> None:
         """Spawn QEMU and connect QMP; returns once QEMU runs the guest."""
         qmp_parent, qmp_child = socket.socketpair()
+        notify_child = None
+        if self.readiness.mode == "notify":
+            self._notify_sock, notify_child = socket.socketpair()
         console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._console = os.fdopen(console_read, "rb", buffering=0)
+        inherited = [qmp_child.fileno(), console_write]
+        if notify_child is not None:
+            inherited.append(notify_child.fileno())
         try:
             argv = qemu.argv(
                 self.config,
@@ -174,6 +204,7 @@ class QemuController:
                 qmp_fd=qmp_child.fileno(),
                 console_fd=console_write,
                 kvm=qemu.accel_is_kvm(self.config),
+                notify_fd=notify_child.fileno() if notify_child is not None else None,
             )
             log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
             if self._agent_socket is not None:
@@ -184,13 +215,14 @@ class QemuController:
                     self.config.agent.port,
                     self._agent_socket,
                 )
+            self._started_at = time.monotonic()
             # Popen, not asyncio's: we watch the child through a pidfd, and fork+exec is quick.
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(qmp_child.fileno(), console_write),
+                pass_fds=inherited,
                 env=qemu.environment(
                     os.environ,
                     host_loopback=self.config.network.host_loopback,
@@ -209,10 +241,14 @@ class QemuController:
         finally:
             qmp_child.close()
             os.close(console_write)
+            if notify_child is not None:
+                notify_child.close()
         self._watch_exit()
         assert self._proc.stderr is not None
         self._spawn(self._read_stderr(self._proc.stderr.fileno()))
         self._spawn(self._read_console(self._console))
+        if self._notify_sock is not None:
+            await self._read_notify(self._notify_sock)
         try:
             status = await self._connect_qmp(qmp_parent)
         except (QMPError, OSError, TimeoutError) as e:
@@ -222,7 +258,13 @@ class QemuController:
         if self._state is VMState.STARTING:
             running = isinstance(status, dict) and status.get("status") != "paused"
             self._vcpus_stopped = not running
-            self._set_state(VMState.RUNNING if running else VMState.PAUSED, "QEMU runs")
+            booting = self.readiness.waits
+            if booting:
+                self.readiness.begin(self._started_at)
+            else:
+                self.ready.set()
+            note = f"; {self.readiness.note}" if booting else ""
+            self._set_state(self._unpaused() if running else VMState.PAUSED, f"QEMU runs{note}")
         self._spawn(self._watch_qmp())
         self._spawn(self._probe())
         if self.config.agent.port:
@@ -264,6 +306,8 @@ class QemuController:
             raise VMCrashedError(f"{self._ending.value}{self._ending_detail}")
         if self._ending is Ending.START_FAILED:
             raise ControllerError(f"{self._ending.value}{self._ending_detail}")
+        if self._ending is Ending.NOT_READY:
+            raise GuestNotReadyError(f"{self._ending.value}{self._ending_detail}")
 
     def stop(self, timeout: float) -> Awaitable[None]:
         """Graceful stop with ONE deadline; a second call joins the first.
@@ -280,6 +324,7 @@ class QemuController:
                 log.warning("stop timeout %g s clamped to max_timeout_seconds %d", timeout, limit)
                 timeout = limit
             self._stop_requested = True
+            self.readiness.close()
             self._stop_timeout = timeout
             self._deadline = time.monotonic() + timeout
             self._set_state(VMState.STOPPING, f"stop requested, {timeout:g} s to finish")
@@ -290,6 +335,7 @@ class QemuController:
         """Kill QEMU now (also in the middle of a graceful stop); awaitable until it is gone."""
         if not self._exited.is_set():
             self._stop_requested = True
+            self.readiness.close()
             if self._state is not VMState.STOPPING:
                 self._set_state(VMState.STOPPING, "force stop requested")
             self._kill(signal.SIGKILL)
@@ -303,10 +349,13 @@ class QemuController:
         if not self._exited.is_set():
             self._kill(signal.SIGKILL)
             await self._exited.wait()
+        self.readiness.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._disconnect()
+        if self._notify_sock is not None:
+            self._notify_sock.close()
         if self._proc is not None and self._proc.stderr is not None:
             self._proc.stderr.close()
 
@@ -346,7 +395,10 @@ class QemuController:
             raise ReloadRefusedError(refusal)
         assert self._proc is not None and self._proc.stderr is not None
         assert self._qmp_sock is not None and self._console is not None
+        notify = self._notify_sock
         return Handover(
+            notify_fd=notify.fileno() if notify is not None else -1,
+            ready_note=self.readiness.note,
             pid=self._proc.pid,
             qmp_fd=self._qmp_sock.fileno(),
             console_fd=self._console.fileno(),
@@ -381,6 +433,11 @@ class QemuController:
         self._spawn(self._read_stderr(handed.stderr_fd))
         self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
         self._spawn(self._read_console(self._console))
+        self.readiness.adopt(handed.ready_note)
+        self.ready.set()  # the guest was ready: only then is a VM handed over
+        if handed.notify_fd >= 0:
+            self._notify_sock = socket.socket(fileno=handed.notify_fd)
+            await self._read_notify(self._notify_sock)
         self._qmp.await_greeting = self._qmp.negotiate = False
         try:
             status = await self._connect_qmp(socket.socket(fileno=handed.qmp_fd))
@@ -527,6 +584,8 @@ class QemuController:
         how = f" by {signal.Signals(-code).name}" if code < 0 else f", exit status {code}"
         if self._state is VMState.STARTING and (code >= 0 or self._signalled):
             return Ending.START_FAILED, how
+        if self._not_ready:
+            return Ending.NOT_READY, f": {self._not_ready}"
         if self._stop_requested:
             return Ending.REQUESTED, how if code else ""
         if code == 0 and shutdown.get("guest"):
@@ -543,6 +602,7 @@ class QemuController:
             Ending.CRASHED: VMState.CRASHED,
             Ending.KILLED: VMState.CRASHED,
             Ending.START_FAILED: VMState.ERROR,
+            Ending.NOT_READY: VMState.ERROR,
         }[self._ending]
         self._exited.set()
         self._set_state(state, f"{self._ending.value}{self._ending_detail}")
@@ -556,13 +616,20 @@ class QemuController:
                 log.info("QEMU shutdown: %s", data.get("reason"), extra={"QMP_EVENT": name})
             elif name in ("STOP", "RESUME"):
                 self._vcpus_stopped = name == "STOP"
-                if name == "STOP" and self._state is VMState.RUNNING:
+                if name == "STOP" and self._state in (VMState.RUNNING, VMState.BOOTING):
                     self._set_state(VMState.PAUSED, "paused", name)
                 elif name == "RESUME" and self._state is VMState.PAUSED:
-                    self._set_state(VMState.RUNNING, "resumed", name)
+                    self._set_state(self._unpaused(), "resumed", name)
             elif name == "RESET":
                 log.info("guest reset (reboot); the VM keeps running", extra={"QMP_EVENT": name})
-                if self.config.agent.port and not self._stop_requested:
+                if self._stop_requested:
+                    continue
+                if self.readiness.waits:
+                    self.readiness.begin(time.monotonic())
+                    if self._state is VMState.RUNNING:  # QEMU may report one reboot twice
+                        note = f"guest reset; {self.readiness.note}"
+                        self._set_state(VMState.BOOTING, note, name)
+                if self.config.agent.port:
                     self._reprovision()
             elif name == "GUEST_PANICKED":
                 log.error("guest kernel panic: %s", data, extra={"QMP_EVENT": name})
@@ -597,7 +664,7 @@ class QemuController:
                 async with asyncio.timeout(PROBE_TIMEOUT):
                     await self._qmp.execute("query-status")
             except TimeoutError:
-                if self._state in (VMState.RUNNING, VMState.PAUSED):
+                if self._state in (VMState.RUNNING, VMState.PAUSED, VMState.BOOTING):
                     self._before_hang = self._state
                     self._set_state(
                         VMState.UNRESPONSIVE, f"QMP did not answer in {PROBE_TIMEOUT:g} s"
@@ -606,7 +673,10 @@ class QemuController:
             except QMPError:
                 return
             if self._state is VMState.UNRESPONSIVE:
-                self._set_state(self._before_hang, "QMP answers again")
+                state = self._before_hang
+                if state is VMState.BOOTING and not self.readiness.waiting:
+                    state = VMState.RUNNING  # it got ready meanwhile
+                self._set_state(state, "QMP answers again")
 
     async def _read_stderr(self, fd: int) -> None:
         transport, reader = await _reader_for(fd)
@@ -666,8 +736,12 @@ class QemuController:
             self._agent = await provision(self.config.agent, address=str(self._agent_socket))
         except ControllerError as e:
             log.warning("guest agent unavailable, stop will use ACPI: %s", e)
+            if self.readiness.mode == "agent":
+                self.readiness.failed(f"guest agent: {e}")
             return
         log.info("guest agent connected and provisioned")
+        if self.readiness.mode == "agent":
+            self.readiness.ready("guest agent provisioned")
 
     async def _disconnect(self) -> None:
         if self._agent is not None:
@@ -675,6 +749,33 @@ class QemuController:
         if self._qmp.runstate is not Runstate.IDLE:  # a failed connect is already idle
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await self._qmp.disconnect()
+
+    # -- readiness ------------------------------------------------------------
+
+    async def _read_notify(self, sock: socket.socket) -> None:
+        transport, reader = await open_notify(sock)
+        self._streams.append((transport, reader))
+        self._spawn(self.readiness.read_notify(reader))
+
+    def _unpaused(self) -> VMState:
+        return VMState.BOOTING if self.readiness.waiting else VMState.RUNNING
+
+    def _guest_ready(self, message: str) -> None:
+        """The guest is ready: ``guest-ready`` for watchers; READY=1 for systemd the first time."""
+        self.ready.set()
+        if self._state is VMState.BOOTING:
+            self._set_state(VMState.RUNNING, message, "guest-ready")
+            return
+        if self._state is VMState.UNRESPONSIVE and self._before_hang is VMState.BOOTING:
+            self._before_hang = VMState.RUNNING
+        log.info("VM %s: %s", self.name, message)
+        self.changes.publish(Change(self._state, message, "guest-ready"))
+
+    def _guest_not_ready(self, reason: str) -> None:
+        """The first boot's wait ended without the guest: stop it as ``stop`` would."""
+        log.error("VM %s: guest not ready: %s; stopping it", self.name, reason)
+        self._not_ready = reason
+        self._spawn(_awaited(self.stop(self.config.stop.timeout_seconds)))
 
     # -- helpers --------------------------------------------------------------
 
@@ -696,6 +797,10 @@ class QemuController:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("internal task failed: %r", exc, exc_info=exc)
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 def _console_record(text: str) -> logging.LogRecord:
@@ -738,10 +843,15 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     stderr_tail: list[str] = []
     agent: bool = False
     """The guest agent was provisioned: the next vmhost reconnects without provisioning again."""
+    notify_fd: int = -1
+    """vmhost's end of the guest's notify port (``[boot] ready = "notify"``), else -1."""
+    ready_note: str = ""
+    """How long the guest took to get ready, for ``status`` with detail."""
 
     @property
-    def fds(self) -> tuple[int, int, int]:
-        return (self.qmp_fd, self.console_fd, self.stderr_fd)
+    def fds(self) -> tuple[int, ...]:
+        fds = (self.qmp_fd, self.console_fd, self.stderr_fd)
+        return (*fds, self.notify_fd) if self.notify_fd >= 0 else fds
 
 
 class _Adopted:

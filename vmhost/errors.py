@@ -51,6 +51,10 @@ class VMCrashedError(ControllerError):
     """QEMU ended without a requested stop or a guest power-off (crash, outside kill)."""
 
 
+class GuestNotReadyError(ControllerError):
+    """The guest did not get ready (``[boot] ready``) in time and was stopped."""
+
+
 class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
 

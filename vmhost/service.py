@@ -28,6 +28,7 @@ from .errors import (
     AlreadyRunningError,
     ConfigError,
     ControllerError,
+    GuestNotReadyError,
     UsageError,
     VMCrashedError,
     VmhostError,
@@ -49,6 +50,9 @@ EXIT_ALREADY_RUNNING: Final = 5
 """Another vmhost serves this VM's socket; it is left alone."""
 EXIT_ACTIVATION: Final = 6
 """systemd passed descriptors that cannot be the control socket: the socket unit is wrong."""
+EXIT_NOT_READY: Final = 7
+"""The guest did not get ready within ``[boot] ready_timeout_seconds`` and was stopped:
+not restarted, the same guest would only do the same again (RestartPreventExitStatus)."""
 EXIT_USAGE: Final = 64
 """EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
 EXIT_INTERRUPTED: Final = 130
@@ -103,6 +107,8 @@ def run(options: Options) -> int:
         return EXIT_INTERRUPTED
     except VMCrashedError as e:
         return _fail(notifier, EXIT_VM_CRASHED, str(e), logged=True)
+    except GuestNotReadyError as e:
+        return _fail(notifier, EXIT_NOT_READY, str(e))
     except ControllerError as e:
         return _fail(notifier, EXIT_START_FAILED, str(e))
     except Exception as e:
@@ -164,16 +170,16 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
                 if handover is None:
                     systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
                     await controller.start()
-                if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                    if controller.state is VMState.BOOTING:  # systemd waits for the guest too
+                        notifier.extend_timeout(controller.start_left() + _STOP_MARGIN)
+                elif controller.state in (VMState.RUNNING, VMState.PAUSED):
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
-                    if handover is None:
-                        notifier.ready(controller.status_text())
-                        systemd.log_event(
-                            systemd.Event.READY, f"VM {name} is {controller.state.value}"
-                        )
-                    else:
-                        reloader.reloaded(handover)
-                await _supervise(controller, notifier, fault)
+                    reloader.reloaded(handover)
+                await _supervise(controller, notifier, fault, announce=handover is None)
+                if handover is None and not controller.ready.is_set():
+                    # Stopped while booting: a Type=notify service that exits before READY=1
+                    # is failed by systemd ("protocol") and restarted; it did what was asked.
+                    notifier.ready(controller.status_text())
             except Exception as e:
                 if not isinstance(e, VmhostError):  # a bug: a new vmhost may do better
                     await reloader.recover(e)
@@ -188,11 +194,13 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
 
 
 async def _supervise(
-    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event, *, announce: bool
 ) -> None:
-    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
+    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too.
+    With ``announce``, READY=1 goes to systemd once the guest is ready."""
     heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
     ended = asyncio.create_task(controller.wait())
+    ready = asyncio.create_task(_announce_ready(controller, notifier)) if announce else None
     try:
         done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -200,6 +208,19 @@ async def _supervise(
     finally:
         heartbeat.cancel()
         ended.cancel()
+        if ready is not None:
+            ready.cancel()
+
+
+async def _announce_ready(controller: QemuController, notifier: systemd.Notifier) -> None:
+    """READY=1 once the guest is first ready (``[boot] ready``); a reboot's is not told."""
+    await controller.ready.wait()
+    gc.freeze()  # what start-up built lives forever: keep it out of collections
+    notifier.ready(controller.status_text())
+    note = f": {controller.step}" if controller.step else ""
+    systemd.log_event(
+        systemd.Event.READY, f"VM {controller.name} is {controller.state.value}{note}"
+    )
 
 
 class _Stopper:

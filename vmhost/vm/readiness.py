@@ -105,6 +105,10 @@ class Readiness:
         if self._first:
             self._tasks.append(self._spawn(self._expire()))
 
+    def adopt(self, note: str) -> None:
+        """Taken over after a reload: the first boot is over (only a ready VM is handed over)."""
+        self._first, self.note = False, note
+
     def ready(self, how: str) -> None:
         """The guest is ready (``how``: what said so); nothing if it was not waited for."""
         if not self._waiting:

@@ -20,6 +20,8 @@ class VMState(enum.Enum):
     """The VM's lifecycle state; ``wire`` is the Go daemon's coarser word for it."""
 
     STARTING = "starting"
+    BOOTING = "booting"
+    """QEMU runs the guest, which is not ready yet (``[boot] ready``)."""
     RUNNING = "running"
     PAUSED = "paused"
     UNRESPONSIVE = "unresponsive"
@@ -39,6 +41,7 @@ class VMState(enum.Enum):
 
 _WIRE: Final = {
     VMState.STARTING: "running",
+    VMState.BOOTING: "running",
     VMState.RUNNING: "running",
     VMState.PAUSED: "running",
     VMState.UNRESPONSIVE: "running",
