@@ -242,10 +242,15 @@ class VM:
 
 @pytest.fixture
 def make_vm(tmp_path: Path, guest: GuestImage) -> Callable[..., VM]:
-    """Writes a VM's config; keyword arguments change the guest or append TOML."""
+    """Writes a VM's config; keyword arguments change the guest, add to [boot] or append TOML."""
 
     def make(
-        *, image: GuestImage | None = None, cmdline: str = "", toml: str = "", timeout: int = 10
+        *,
+        image: GuestImage | None = None,
+        cmdline: str = "",
+        toml: str = "",
+        timeout: int = 10,
+        boot: str = "",
     ) -> VM:
         image = image or guest
         vm_dir = tmp_path / f"vm{len(list(tmp_path.glob('vm*')))}"
@@ -262,6 +267,7 @@ accel = "tcg"
 kernel = "{image.kernel}"
 initrd = "{image.initrd}"
 cmdline = "console=ttyS0 quiet panic=-1 guest.token={token} {cmdline}"
+{boot}
 [[disks]]
 path = "{disk}"
 [network]

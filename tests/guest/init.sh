@@ -126,18 +126,21 @@ wait_for listening 1024 || fail "port 1024 not listening"
 : >/run/tinyguest-ready
 say READY
 # guest.never_ready=1: says what it does, never that it is ready (the host's timeout path).
-# guest.reboot_ready=1: once ready, reboots once (the next boot says READY=1 again).
+# guest.reboot_ready=SECONDS: that long after it is ready, reboots once (and says READY=1 again).
 if [ "$never_ready" = 1 ]; then
 	notify "STATUS=tinyguest: up, but never ready"
 else
 	notify "STATUS=tinyguest: up" "READY=1"
 fi
-if [ "$reboot_ready" = 1 ] && [ ! -e /mnt/rebooted-ready ]; then
+if [ "$reboot_ready" -gt 0 ] && [ ! -e /mnt/rebooted-ready ]; then
 	: >/mnt/rebooted-ready
 	sync
-	umount /mnt
-	say REBOOTING
-	reboot -f
+	(
+		sleep "$reboot_ready"
+		umount /mnt
+		say REBOOTING
+		reboot -f
+	) &
 fi
 
 # guest.probe=HOST:PORT,...: connect to each once and report what it answered, so host tests
