@@ -295,6 +295,7 @@ def make_vm(ct: Container, venv: Path, guest: GuestImage) -> Iterator[Callable[.
         timeout: int = 10,
         service: str = "",
         cmdline: str = "",
+        boot: str = "",
     ) -> VM:
         vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
         vm_dir = f"/var/lib/vmhost/{name}"
@@ -311,6 +312,7 @@ accel = "auto"
 kernel = "{vm_dir}/vmlinuz"
 initrd = "{vm_dir}/initrd.img"
 cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} {cmdline}"
+{boot}
 [[disks]]
 path = "{vm.disk}"
 [network]
@@ -400,6 +402,74 @@ def test_first_connect_starts_a_stopped_instance(make_vm: Callable[..., VM]) -> 
     vm.ct.systemctl("stop", f"vmhost@{vm.name}.socket")
     assert vm.show("ActiveState")["ActiveState"] == "inactive"  # stopped along with its socket
     assert vm.ct.run("test", "-e", vm.socket, check=False).returncode == 1  # RemoveOnStop=
+
+
+def test_start_blocks_until_the_guest_is_ready(make_vm: Callable[..., VM]) -> None:
+    """ready = "notify": the start job lasts until the guest's READY=1, STATUS= says what
+    vmhost waits for; vmhostctl start prints how long the guest took."""
+    vm = make_vm("ready", boot='ready = "notify"\nready_timeout_seconds = 120')
+    vm.ct.systemctl("start", "--no-block", vm.unit)
+    seen: list[tuple[str, str]] = []
+
+    def booting() -> bool:
+        props = vm.show("ActiveState", "StatusText")
+        seen.append((props["ActiveState"], props["StatusText"]))
+        return seen[-1][0] == "activating" and seen[-1][1].startswith("booting: ")
+
+    wait_for("STATUS= while activating", booting, timeout=120)
+    assert seen[-1][1].startswith("booting: waiting for READY=1 on org.vmhost.notify.0 since ")
+    vm.ct.systemctl("start", vm.unit)  # joins the start job: back once it is done
+    assert vm.active() == "active"
+    ready = [r["MESSAGE"] for r in vm.records(f"MESSAGE_ID={Event.READY.message_id}")]
+    assert len(ready) == 1 and "guest ready " in ready[0], ready
+    assert vm.ctl("status", vm.name).stdout.startswith(f"{vm.name}: running (guest ready ")
+
+    vm.ctl("stop", vm.name)
+    assert vm.ended_cleanly()
+    started = vm.ctl("start", vm.name).stdout
+    assert re.match(rf"{vm.name}: running \(guest ready \d+\.\d+ s after QEMU started\)\n", started)
+
+
+def test_guest_never_ready_fails_without_restart(make_vm: Callable[..., VM]) -> None:
+    """No READY=1 in time: the start fails with exit 7 after a graceful stop; no restart loop."""
+    vm = make_vm(
+        "notready",
+        boot='ready = "notify"\nready_timeout_seconds = 20',
+        cmdline="guest.never_ready=1",
+    )
+    started = time.monotonic()
+    start = vm.ct.popen("systemctl", "start", vm.unit)
+
+    def guest_status_passed_on() -> bool:
+        props = vm.show("ActiveState", "StatusText")
+        guest = "; guest: tinyguest: up, but never ready"
+        return props["ActiveState"] == "activating" and props["StatusText"].endswith(guest)
+
+    wait_for("the guest's STATUS= while activating", guest_status_passed_on, timeout=60)
+    assert start.wait(timeout=60) != 0
+    assert time.monotonic() - started >= 20
+    time.sleep(3)  # longer than RestartSec=2
+    props = vm.show("ActiveState", "Result", "ExecMainStatus", "NRestarts", "StatusText")
+    assert (props["ActiveState"], props["Result"]) == ("failed", "exit-code"), props
+    assert (props["ExecMainStatus"], props["NRestarts"]) == ("7", "0"), props
+    assert "not ready within ready_timeout_seconds (20 s)" in props["StatusText"], props
+    assert not vm.records(f"MESSAGE_ID={Event.READY.message_id}")
+    assert vm.clean()
+    vm.ct.systemctl("reset-failed", vm.unit, check=False)
+
+
+def test_stop_while_booting_ends_cleanly(make_vm: Callable[..., VM]) -> None:
+    """vmhostctl stop during the wait: the VM stops at once and the unit ends successfully
+    (not failed for leaving before READY=1, so not restarted)."""
+    vm = make_vm("bootstop", boot='ready = "notify"', cmdline="guest.never_ready=1")
+    vm.ct.systemctl("start", "--no-block", vm.unit)
+    vm.wait_console()
+    assert vm.active() == "activating"
+    vm.ctl("stop", vm.name)
+    wait_for("the unit to end", lambda: vm.active() == "inactive", timeout=30)
+    assert vm.ended_cleanly()
+    assert vm.show("NRestarts")["NRestarts"] == "0"
+    assert vm.clean()
 
 
 @contextlib.contextmanager

@@ -82,12 +82,15 @@ class QemuController:
         state_dir: Path,
         on_state: StateListener | None = None,
         on_console: Callable[[bytes], None] | None = None,
+        on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.name = name
         self.state_dir = state_dir
         self.on_state = on_state
         self.on_console = on_console
+        self.on_status = on_status
+        """Told :meth:`status_text` when it changes without a state change (the guest's word)."""
         self.changes = Changes()
         self._state = VMState.STARTING
         self._before_hang = VMState.RUNNING
@@ -123,6 +126,7 @@ class QemuController:
             spawn=self._spawn,
             on_ready=self._guest_ready,
             on_not_ready=self._guest_not_ready,
+            on_status=self._guest_status,
         )
         self.ready = asyncio.Event()
         """Set once the guest is first ready (``[boot] ready``): when systemd hears READY=1."""
@@ -770,6 +774,10 @@ class QemuController:
             self._before_hang = VMState.RUNNING
         log.info("VM %s: %s", self.name, message)
         self.changes.publish(Change(self._state, message, "guest-ready"))
+
+    def _guest_status(self) -> None:
+        if self.on_status is not None and self._state is VMState.BOOTING:
+            self.on_status(self.status_text())
 
     def _guest_not_ready(self, reason: str) -> None:
         """The first boot's wait ended without the guest: stop it as ``stop`` would."""

@@ -145,6 +145,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
+    controller.on_status = notifier.status
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(

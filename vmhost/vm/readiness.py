@@ -50,7 +50,8 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 class Readiness:
     """One VM's readiness across its boots; ``on_ready(message)`` once per boot,
-    ``on_not_ready(reason)`` when the first boot's wait ends without it."""
+    ``on_not_ready(reason)`` when the first boot's wait ends without it, ``on_status()``
+    when the guest's STATUS= text changes while it boots."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class Readiness:
         spawn: Spawn,
         on_ready: Callable[[str], None],
         on_not_ready: Callable[[str], None],
+        on_status: Callable[[], None] = lambda: None,
     ) -> None:
         boot = boot or BootConfig()
         self.mode: ReadyMode = boot.ready
@@ -72,6 +74,7 @@ class Readiness:
         self._spawn = spawn
         self._on_ready = on_ready
         self._on_not_ready = on_not_ready
+        self._on_status = on_status
         self._since = 0.0
         self._first = True
         self._waiting = False
@@ -192,6 +195,8 @@ class Readiness:
             text = value.decode(errors="replace")
             self.guest_status = "".join(c if c.isprintable() else "?" for c in text)[:MAX_STATUS]
             log.info("guest status: %s", self.guest_status, extra={"VMHOST_GUEST_STATUS": "1"})
+            if self._waiting:
+                self._on_status()
 
     def _garbage_line(self, what: str) -> None:
         self._garbage += 1
