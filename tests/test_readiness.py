@@ -96,6 +96,19 @@ async def test_first_boot_is_bounded() -> None:
     assert seen.ready == []
 
 
+async def test_resets_during_the_first_boot_keep_its_bound() -> None:
+    """A guest resetting before it was ever ready does not restart the first boot's clock."""
+    seen = Seen()
+    r = seen.readiness(timeout=2)
+    started = time.monotonic()
+    r.begin(started)
+    await asyncio.sleep(1.2)
+    r.begin(time.monotonic())  # the guest was reset
+    assert r.left() < 1.0
+    await asyncio.sleep(1.0)
+    assert seen.not_ready and time.monotonic() - started < 2.5
+
+
 async def test_ssh_probe_waits_for_a_banner() -> None:
     """The probe retries through refused and silent ports and is ready at the first SSH- line."""
     silent = True

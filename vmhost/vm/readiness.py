@@ -76,6 +76,9 @@ class Readiness:
         self._on_not_ready = on_not_ready
         self._on_status = on_status
         self._since = 0.0
+        """When this boot began (monotonic): QEMU's start, or the guest's last reset."""
+        self._deadline = 0.0
+        """The first boot's end: QEMU's start + ready_timeout_seconds, whatever resets come."""
         self._first = True
         self._waiting = False
         self._garbage = 0
@@ -94,11 +97,13 @@ class Readiness:
         """Seconds the first boot may still take; 0 once it is over."""
         if not (self._waiting and self._first):
             return 0.0
-        return max(self._since + self.timeout - time.monotonic(), 0.0)
+        return max(self._deadline - time.monotonic(), 0.0)
 
     def begin(self, since: float) -> None:
         """The guest boots from ``since`` (monotonic: QEMU's start, or its reset): wait for it."""
         self._cancel()
+        if self._first and not self._deadline:
+            self._deadline = since + self.timeout
         self._waiting, self._since, self._garbage = True, since, 0
         self.guest_status = ""
         clock = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - since)))
@@ -116,7 +121,8 @@ class Readiness:
         """The guest is ready (``how``: what said so); nothing if it was not waited for."""
         if not self._waiting:
             return
-        took = time.monotonic() - self._since
+        since = self._deadline - self.timeout if self._first else self._since
+        took = time.monotonic() - since
         after = "QEMU started" if self._first else "its reset"
         self._end()
         self.note = f"guest ready {took:.2f} s after {after}"
