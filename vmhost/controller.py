@@ -174,7 +174,9 @@ class QemuController:
     def step(self) -> str:
         """The stop chain's step running now, else what booting waits for or how long it took:
         ``message`` in ``status`` with detail."""
-        return self._step or self.readiness.note
+        if self._step or self._state in (VMState.STARTING, VMState.STOPPING) or self._state.ended:
+            return self._step
+        return self.readiness.note
 
     def status_text(self) -> str:
         """One line for ``STATUS=``: what the VM is doing right now."""
