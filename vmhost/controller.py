@@ -30,7 +30,7 @@ from qemu.qmp import QMPClient, QMPError, Runstate
 from . import qemu
 from .config import Config
 from .errors import ControllerError, GuestNotReadyError, ReloadRefusedError, VMCrashedError
-from .vm.readiness import Readiness, open_notify
+from .vm.readiness import Readiness
 from .vm.state import Change, Changes, VMState
 
 if TYPE_CHECKING:
@@ -128,12 +128,8 @@ class QemuController:
             on_not_ready=self._guest_not_ready,
             on_status=self._guest_status,
         )
-        self.ready = asyncio.Event()
-        """Set once the guest is first ready (``[boot] ready``): when systemd hears READY=1."""
         self._not_ready = ""
         self._started_at = 0.0
-        self._notify_sock: socket.socket | None = None
-        """vmhost's end of the guest's notify port (``ready = "notify"`` only)."""
 
     # -- what the server reads ------------------------------------------------
 
@@ -195,9 +191,7 @@ class QemuController:
     async def start(self) -> None:
         """Spawn QEMU and connect QMP; returns once QEMU runs the guest."""
         qmp_parent, qmp_child = socket.socketpair()
-        notify_child = None
-        if self.readiness.mode == "notify":
-            self._notify_sock, notify_child = socket.socketpair()
+        notify_child = self.readiness.guest_end()
         console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._console = os.fdopen(console_read, "rb", buffering=0)
         inherited = [qmp_child.fileno(), console_write]
@@ -253,8 +247,7 @@ class QemuController:
         assert self._proc.stderr is not None
         self._spawn(self._read_stderr(self._proc.stderr.fileno()))
         self._spawn(self._read_console(self._console))
-        if self._notify_sock is not None:
-            await self._read_notify(self._notify_sock)
+        await self._read_notify()
         try:
             status = await self._connect_qmp(qmp_parent)
         except (QMPError, OSError, TimeoutError) as e:
@@ -264,11 +257,7 @@ class QemuController:
         if self._state is VMState.STARTING:
             running = isinstance(status, dict) and status.get("status") != "paused"
             self._vcpus_stopped = not running
-            booting = self.readiness.waits
-            if booting:
-                self.readiness.begin(self._started_at)
-            else:
-                self.ready.set()
+            booting = self.readiness.started(self._started_at)
             note = f"; {self.readiness.note}" if booting else ""
             self._set_state(self._unpaused() if running else VMState.PAUSED, f"QEMU runs{note}")
         self._spawn(self._watch_qmp())
@@ -330,7 +319,7 @@ class QemuController:
                 log.warning("stop timeout %g s clamped to max_timeout_seconds %d", timeout, limit)
                 timeout = limit
             self._stop_requested = True
-            self.readiness.close()
+            self.readiness.stop_waiting()
             self._stop_timeout = timeout
             self._deadline = time.monotonic() + timeout
             self._set_state(VMState.STOPPING, f"stop requested, {timeout:g} s to finish")
@@ -341,7 +330,7 @@ class QemuController:
         """Kill QEMU now (also in the middle of a graceful stop); awaitable until it is gone."""
         if not self._exited.is_set():
             self._stop_requested = True
-            self.readiness.close()
+            self.readiness.stop_waiting()
             if self._state is not VMState.STOPPING:
                 self._set_state(VMState.STOPPING, "force stop requested")
             self._kill(signal.SIGKILL)
@@ -355,13 +344,12 @@ class QemuController:
         if not self._exited.is_set():
             self._kill(signal.SIGKILL)
             await self._exited.wait()
-        self.readiness.close()
+        self.readiness.stop_waiting()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._disconnect()
-        if self._notify_sock is not None:
-            self._notify_sock.close()
+        self.readiness.close()
         if self._proc is not None and self._proc.stderr is not None:
             self._proc.stderr.close()
 
@@ -401,9 +389,8 @@ class QemuController:
             raise ReloadRefusedError(refusal)
         assert self._proc is not None and self._proc.stderr is not None
         assert self._qmp_sock is not None and self._console is not None
-        notify = self._notify_sock
         return Handover(
-            notify_fd=notify.fileno() if notify is not None else -1,
+            notify_fd=self.readiness.notify_fd,
             ready_note=self.readiness.note,
             pid=self._proc.pid,
             qmp_fd=self._qmp_sock.fileno(),
@@ -439,11 +426,8 @@ class QemuController:
         self._spawn(self._read_stderr(handed.stderr_fd))
         self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
         self._spawn(self._read_console(self._console))
-        self.readiness.adopt(handed.ready_note)
-        self.ready.set()  # the guest was ready: only then is a VM handed over
-        if handed.notify_fd >= 0:
-            self._notify_sock = socket.socket(fileno=handed.notify_fd)
-            await self._read_notify(self._notify_sock)
+        self.readiness.adopt(handed.ready_note, handed.notify_fd)
+        await self._read_notify()
         self._qmp.await_greeting = self._qmp.negotiate = False
         try:
             status = await self._connect_qmp(socket.socket(fileno=handed.qmp_fd))
@@ -742,12 +726,10 @@ class QemuController:
             self._agent = await provision(self.config.agent, address=str(self._agent_socket))
         except ControllerError as e:
             log.warning("guest agent unavailable, stop will use ACPI: %s", e)
-            if self.readiness.mode == "agent":
-                self.readiness.failed(f"guest agent: {e}")
+            self.readiness.provisioned(str(e))
             return
         log.info("guest agent connected and provisioned")
-        if self.readiness.mode == "agent":
-            self.readiness.ready("guest agent provisioned")
+        self.readiness.provisioned()
 
     async def _disconnect(self) -> None:
         if self._agent is not None:
@@ -758,17 +740,16 @@ class QemuController:
 
     # -- readiness ------------------------------------------------------------
 
-    async def _read_notify(self, sock: socket.socket) -> None:
-        transport, reader = await open_notify(sock)
-        self._streams.append((transport, reader))
-        self._spawn(self.readiness.read_notify(reader))
+    async def _read_notify(self) -> None:
+        if stream := await self.readiness.listen():
+            self._streams.append(stream)
 
     def _unpaused(self) -> VMState:
         return VMState.BOOTING if self.readiness.waiting else VMState.RUNNING
 
     def _guest_ready(self, message: str) -> None:
-        """The guest is ready: ``guest-ready`` for watchers; READY=1 for systemd the first time."""
-        self.ready.set()
+        """The guest is ready: ``guest-ready`` for watchers (systemd's READY=1 the first time
+        is the service's, on ``readiness.first_ready``)."""
         if self._state is VMState.BOOTING:
             self._set_state(VMState.RUNNING, message, "guest-ready")
             return

@@ -177,7 +177,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
                     reloader.reloaded(handover)
                 await _supervise(controller, notifier, fault, announce=handover is None)
-                if handover is None and not controller.ready.is_set():
+                if handover is None and not controller.readiness.first_ready.is_set():
                     # Stopped while booting: a Type=notify service that exits before READY=1
                     # is failed by systemd ("protocol") and restarted; it did what was asked.
                     notifier.ready(controller.status_text())
@@ -215,7 +215,7 @@ async def _supervise(
 
 async def _announce_ready(controller: QemuController, notifier: systemd.Notifier) -> None:
     """READY=1 once the guest is first ready (``[boot] ready``); a reboot's is not told."""
-    await controller.ready.wait()
+    await controller.readiness.first_ready.wait()
     gc.freeze()  # what start-up built lives forever: keep it out of collections
     notifier.ready(controller.status_text())
     note = f": {controller.step}" if controller.step else ""

@@ -83,6 +83,11 @@ class Readiness:
         self._waiting = False
         self._garbage = 0
         self._tasks: list[asyncio.Task[None]] = []
+        """This boot's: the SSH probe, the first boot's timer."""
+        self._sock: socket.socket | None = None
+        """vmhost's end of the notify port's channel (notify mode)."""
+        self.first_ready = asyncio.Event()
+        """Set once the guest is first ready: when systemd is told READY=1."""
 
     @property
     def waits(self) -> bool:
@@ -99,6 +104,14 @@ class Readiness:
             return 0.0
         return max(self._deadline - time.monotonic(), 0.0)
 
+    def started(self, since: float) -> bool:
+        """QEMU runs the guest since ``since``: whether it now boots (else it is ready)."""
+        if not self.waits:
+            self.first_ready.set()
+            return False
+        self.begin(since)
+        return True
+
     def begin(self, since: float) -> None:
         """The guest boots from ``since`` (monotonic: QEMU's start, or its reset): wait for it."""
         self._cancel()
@@ -113,9 +126,12 @@ class Readiness:
         if self._first:
             self._tasks.append(self._spawn(self._expire()))
 
-    def adopt(self, note: str) -> None:
+    def adopt(self, note: str, notify_fd: int) -> None:
         """Taken over after a reload: the first boot is over (only a ready VM is handed over)."""
         self._first, self.note = False, note
+        self.first_ready.set()
+        if notify_fd >= 0:
+            self._sock = socket.socket(fileno=notify_fd)
 
     def ready(self, how: str) -> None:
         """The guest is ready (``how``: what said so); nothing if it was not waited for."""
@@ -126,6 +142,7 @@ class Readiness:
         after = "QEMU started" if self._first else "its reset"
         self._end()
         self.note = f"guest ready {took:.2f} s after {after}"
+        self.first_ready.set()
         self._on_ready(f"{self.note} ({how})")
 
     def failed(self, reason: str) -> None:
@@ -137,15 +154,29 @@ class Readiness:
         elif self._waiting:
             log.warning("guest not ready after its reset: %s", reason)
 
+    def provisioned(self, error: str = "") -> None:
+        """The controller's agent provisioning ended (``error`` if it failed)."""
+        if self.mode == "agent" and error:
+            self.failed(f"guest agent: {error}")
+        elif self.mode == "agent":
+            self.ready("guest agent provisioned")
+
     def status_text(self) -> str:
         """``STATUS=`` while booting: what vmhost waits for, since when, and the guest's word."""
         text = f"booting: {self.note} ({time.monotonic() - self._since:.0f} s"
         text += f", {self.left():.0f} s left)" if self._first else ")"
         return f"{text}; guest: {self.guest_status}" if self.guest_status else text
 
-    def close(self) -> None:
+    def stop_waiting(self) -> None:
+        """A stop was asked: nothing is waited for any more."""
         self._waiting = False
         self._cancel()
+
+    def close(self) -> None:
+        """Once its reader is gone: stop waiting, release the channel."""
+        self.stop_waiting()
+        if self._sock is not None:
+            self._sock.close()
 
     def _end(self) -> None:
         self._waiting = False
@@ -164,6 +195,28 @@ class Readiness:
         self.failed(f"not ready within ready_timeout_seconds ({self.timeout:g} s)")
 
     # -- the notify port ---------------------------------------------------------
+
+    def guest_end(self) -> socket.socket | None:
+        """A new channel for the notify port (notify mode only): QEMU's end, which the
+        caller passes to QEMU and then closes; vmhost keeps the other."""
+        if self.mode != "notify":
+            return None
+        self._sock, theirs = socket.socketpair()
+        return theirs
+
+    @property
+    def notify_fd(self) -> int:
+        """vmhost's end of the notify port, to hand over at a reload; -1 without one."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    async def listen(self) -> tuple[asyncio.ReadTransport, asyncio.StreamReader] | None:
+        """Read the notify port from now on, for the VM's life; returns its stream (for a
+        handover to pause at a line boundary), None without a port."""
+        if self._sock is None:
+            return None
+        stream = await open_notify(self._sock)
+        self._spawn(self.read_notify(stream[1]))
+        return stream
 
     async def read_notify(self, reader: asyncio.StreamReader) -> None:
         """The guest's notify lines for the VM's whole life (each boot writes again), until EOF.
