@@ -430,6 +430,18 @@ def test_start_blocks_until_the_guest_is_ready(make_vm: Callable[..., VM]) -> No
     assert re.match(rf"{vm.name}: running \(guest ready \d+\.\d+ s after QEMU started\)\n", started)
 
 
+def test_a_boot_longer_than_timeout_start_sec_is_not_cut(make_vm: Callable[..., VM]) -> None:
+    """EXTEND_TIMEOUT_USEC: a guest still within ready_timeout_seconds outlives TimeoutStartSec."""
+    vm = make_vm("slowboot", boot='ready = "notify"', service="TimeoutStartSec=2")
+    started = time.monotonic()
+    vm.ct.systemctl("start", vm.unit)
+    took = time.monotonic() - started
+    assert took > 2, f"the guest was ready in {took:.1f} s: nothing was extended"
+    assert (vm.active(), vm.show("NRestarts")["NRestarts"]) == ("active", "0")
+    ready = vm.records(f"MESSAGE_ID={Event.READY.message_id}")
+    assert len(ready) == 1 and "guest ready " in ready[0]["MESSAGE"], ready
+
+
 def test_guest_never_ready_fails_without_restart(make_vm: Callable[..., VM]) -> None:
     """No READY=1 in time: the start fails with exit 7 after a graceful stop; no restart loop."""
     vm = make_vm(
