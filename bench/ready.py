@@ -43,6 +43,8 @@ from .targets import FORCE_STOP, REPO, STOPPING, ask, environment, free_port, se
 
 GOAL_MS: Final = 50.0
 _STARTING: Final = re.compile(rb"^(\S+ \S+) \S+ INFO starting QEMU: ", re.MULTILINE)
+_READ: Final = re.compile(rb"^(\S+ \S+) \S+ INFO guest status: tinyguest: up$", re.MULTILINE)
+"""Logged as vmhost reads the line before READY=1 (the guest writes both at once)."""
 
 
 class Ready(msgspec.Struct):
@@ -51,6 +53,8 @@ class Ready(msgspec.Struct):
     alone_qemu_to_ready: list[float]
     vmhost_qemu_to_ready: list[float]
     vmhost_exec_to_ready: list[float]
+    vmhost_port_to_ready: list[float]
+    """From vmhost reading the guest's last line to systemd's READY=1 datagram."""
 
     @property
     def overhead_ms(self) -> float:
@@ -128,8 +132,9 @@ def _drain(fd: int) -> None:
             pass
 
 
-def _through_vmhost(vmdir: Path, config: Path) -> tuple[float, float]:
-    """(QEMU exec → READY=1, vmhost exec → READY=1) as systemd's notify socket sees it."""
+def _through_vmhost(vmdir: Path, config: Path) -> tuple[float, float, float]:
+    """(QEMU exec, vmhost exec, the port's last line read) → READY=1, as systemd's notify
+    socket sees it."""
     sock, log = vmdir / "vmhost.sock", vmdir / "vmhost.log"
     with _notify_socket(vmdir / "notify.sock") as notify:
         notify.settimeout(BOOT_TIMEOUT)
@@ -153,17 +158,23 @@ def _through_vmhost(vmdir: Path, config: Path) -> tuple[float, float]:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    found = _STARTING.search(log.read_bytes())
+    text = log.read_bytes()
+    qemu_started, port_read = (_logged(pattern, text, log) for pattern in (_STARTING, _READ))
+    return ready_wall - qemu_started, ready - started, ready_wall - port_read
+
+
+def _logged(pattern: re.Pattern[bytes], text: bytes, log: Path) -> float:
+    """The wall-clock time of the log line ``pattern`` finds (ms resolution)."""
+    found = pattern.search(text)
     if found is None:
-        raise RuntimeError(f"no 'starting QEMU' line in {log}")
-    qemu_started = datetime.datetime.strptime(found[1].decode(), "%Y-%m-%d %H:%M:%S,%f")
-    return ready_wall - qemu_started.timestamp(), ready - started
+        raise RuntimeError(f"no {pattern.pattern!r} line in {log}")
+    return datetime.datetime.strptime(found[1].decode(), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def measure(workdir: Path, runs: int) -> Ready:
     builder = _guest_builder()
     image = builder.build(GUEST_CACHE)
-    result = Ready([], [], [])
+    result = Ready([], [], [], [])
     for i in range(runs):
         for side in ("alone", "vmhost") if i % 2 == 0 else ("vmhost", "alone"):
             vmdir = workdir / f"{side}{i}"
@@ -173,29 +184,35 @@ def measure(workdir: Path, runs: int) -> Ready:
             if side == "alone":
                 result.alone_qemu_to_ready.append(_alone(config))
             else:
-                from_qemu, from_exec = _through_vmhost(vmdir, config)
+                from_qemu, from_exec, from_port = _through_vmhost(vmdir, config)
                 result.vmhost_qemu_to_ready.append(from_qemu)
                 result.vmhost_exec_to_ready.append(from_exec)
+                result.vmhost_port_to_ready.append(from_port)
     return result
 
 
 def report(result: Ready, busy: str) -> str:
     def ms(values: list[float]) -> str:
-        return f"{proc.median(values) * 1000:.0f} ms (min {min(values) * 1000:.0f})"
+        low, high = min(values) * 1000, max(values) * 1000
+        return f"{proc.median(values) * 1000:.0f} ms ({low:.0f} to {high:.0f})"
 
     verdict = "met" if result.overhead_ms <= GOAL_MS else "not met"
     return "\n".join(
         [
             f"# Start to guest-ready ({len(result.alone_qemu_to_ready)} runs each, {busy})",
             "",
-            "| | median (min) |",
+            "| | median (min to max) |",
             "|---|--:|",
             f"| QEMU alone: QEMU exec → READY=1 on the port | {ms(result.alone_qemu_to_ready)} |",
             f"| vmhost: QEMU exec → READY=1 to systemd | {ms(result.vmhost_qemu_to_ready)} |",
             f"| vmhost: vmhost exec → READY=1 to systemd | {ms(result.vmhost_exec_to_ready)} |",
+            f"| vmhost: guest's last line read → READY=1 to systemd "
+            f"| {ms(result.vmhost_port_to_ready)} |",
             "",
             f"Overhead (difference of the QEMU exec → READY=1 medians): "
-            f"{result.overhead_ms:.0f} ms; goal ≤ {GOAL_MS:.0f} ms: {verdict}.",
+            f"{result.overhead_ms:.0f} ms; goal ≤ {GOAL_MS:.0f} ms: {verdict}. The guest's boot "
+            "under TCG varies by more than that from run to run: the last row is vmhost's own "
+            "part, measured directly (log line to datagram, ms resolution).",
             "",
         ]
     )
@@ -208,7 +225,7 @@ def _busy() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=5, help="boots each way (default 5)")
+    parser.add_argument("--runs", type=int, default=8, help="boots each way (default 8)")
     args = parser.parse_args()
     busy = _busy()
     with tempfile.TemporaryDirectory(prefix="vmhost-bench-ready-") as work:
