@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+from xml.etree import ElementTree
 
 import container
 from container import Container
@@ -118,6 +119,12 @@ class Cluster:
         raise AssertionError(
             f"{resource} not running on {sorted(nodes)} after {timeout} s: {where_}\n{status}"
         )
+
+    def failures(self, resource: str) -> list[dict[str, str]]:
+        """The failed operations crm_mon lists for ``resource`` (op_key, node, exitreason...)."""
+        xml = self.crm("crm_mon", "-1", "--output-as=xml").stdout
+        found = ElementTree.fromstring(xml).iterfind("failures/failure")
+        return [dict(f.attrib) for f in found if f.get("op_key", "").startswith(f"{resource}_")]
 
     def kill(self, node: str) -> None:
         """The node dies: SIGKILL of its PID 1 (never of nspawn: its systemd would live on)."""

@@ -187,15 +187,14 @@ def test_a_hung_qemu_fails_the_monitor_and_is_recovered(pcmk: Cluster) -> None:
     ct.run("kill", "-STOP", pid)
     started = time.monotonic()
     try:
-        wait_for(
-            "the monitor to fail", lambda: "vm_monitor_5000" in pcmk.crm("crm_mon", "-1").stdout, 60
-        )
+        wait_for("the monitor to fail", lambda: pcmk.failures("vm") != [], 60)
+        [failure] = pcmk.failures("vm")
+        assert (failure["op_key"], failure["node"]) == ("vm_monitor_5000", node)
+        assert failure["exitreason"] == "vm is unresponsive"
         where, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
         took = time.monotonic() - started
         print(f"\nhung QEMU on {node}: running again on {where} after {took:.1f} s")
         assert ct.run("kill", "-0", pid, check=False).returncode != 0  # the hung one is gone
-        failures = pcmk.crm("crm_mon", "-1").stdout
-        assert "vm_monitor_5000" in failures and "unresponsive" in failures
     finally:
         ct.run("kill", "-CONT", pid, check=False)
         pcmk.crm("crm_resource", "--cleanup", "--resource", "vm")
@@ -215,17 +214,15 @@ def test_a_broken_config_is_refused_once_not_on_every_node(pcmk: Cluster) -> Non
     )
     validated = pcmk.agent(node, "validate-all", "broken")
     assert validated.returncode == OCF_ERR_CONFIGURED
-    assert "stop: object contains unknown field `bogus`" in validated.stderr
+    assert "broken.toml: stop.bogus: unknown key" in validated.stderr
     pcmk.crm("cibadmin", "-C", "-o", "resources", "-X", cluster.primitive("broken", "broken"))
     try:
-        wait_for("the start to fail", lambda: "broken_start_0" in pcmk.crm("crm_mon", "-1").stdout)
+        wait_for("the start to fail", lambda: pcmk.failures("broken") != [])
         time.sleep(10)  # a start loop would show more failed starts by now
-        failed = [
-            line
-            for line in pcmk.crm("crm_mon", "-1").stdout.splitlines()
-            if "broken_start_0" in line
-        ]
-        assert len(failed) == 1 and "not configured" in failed[0], failed
+        [failure] = pcmk.failures("broken")
+        assert failure["op_key"] == "broken_start_0"
+        assert failure["exitstatus"] == "not configured"
+        assert "stop.bogus: unknown key" in failure["exitreason"]
         assert pcmk.located("broken") == []
         for ct in pcmk.nodes.values():  # validate-all stopped it before any unit started
             assert invocation(ct, "broken") == ""
