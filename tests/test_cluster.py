@@ -93,8 +93,7 @@ def test_meta_data_is_valid_ocf() -> None:
 
 @pytest.mark.slow
 def test_runs_on_one_node_and_passes_ocf_tester(pcmk: Cluster) -> None:
-    """The VM runs on exactly one node (the others' units are down), and ocf-tester passes
-    the agent on another VM (it starts and stops it by hand)."""
+    """The VM runs on exactly one node, and ocf-tester passes the agent (on another VM)."""
     node, took = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
     print(f"\nfirst start: vm running on {node} {took:.1f} s after the resource was created")
     for name, ct in pcmk.nodes.items():
@@ -138,8 +137,7 @@ def check_graceful_move(pcmk: Cluster, old: str, new: str, boots: int, old_run: 
 
 @pytest.mark.slow
 def test_move_and_standby_stop_gracefully_and_start_elsewhere(pcmk: Cluster) -> None:
-    """crm_resource --move, then standby of its node: each time the guest powers off on the
-    old node (disk clean, markers intact) and boots on the new one."""
+    """--move, then standby: the guest powers off on the old node, disk clean, boots on the new."""
     old, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
     guest_ready(pcmk, old)
     target = next(n for n in pcmk.nodes if n != old)
@@ -165,8 +163,7 @@ def test_move_and_standby_stop_gracefully_and_start_elsewhere(pcmk: Cluster) -> 
 
 @pytest.mark.slow
 def test_a_second_start_elsewhere_is_refused_by_the_image_lock(pcmk: Cluster) -> None:
-    """The agent's start on a second node while the VM runs fails: its QEMU cannot lock the
-    disk.  The running VM is untouched."""
+    """The agent's start on a second node fails on the image lock; the running VM is untouched."""
     node, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
     pid = pcmk.ctl(node, "--json", "status", "vm").stdout
     other = next(n for n in pcmk.nodes if n != node)
@@ -185,8 +182,7 @@ def test_a_second_start_elsewhere_is_refused_by_the_image_lock(pcmk: Cluster) ->
 
 @pytest.mark.slow
 def test_a_hung_qemu_fails_the_monitor_and_is_recovered(pcmk: Cluster) -> None:
-    """SIGSTOP of QEMU: vmhost says unresponsive, the monitor fails, Pacemaker stops the VM
-    (the hung QEMU is killed) and starts it again."""
+    """SIGSTOP of QEMU fails the monitor (unresponsive); Pacemaker kills it and starts the VM."""
     node, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
     ct = pcmk.nodes[node]
     status = pcmk.ctl(node, "--json", "status", "vm").stdout
@@ -209,8 +205,7 @@ def test_a_hung_qemu_fails_the_monitor_and_is_recovered(pcmk: Cluster) -> None:
 
 @pytest.mark.slow
 def test_a_broken_config_is_refused_once_not_on_every_node(pcmk: Cluster) -> None:
-    """validate-all refuses a config vmhost refuses (OCF_ERR_CONFIGURED); Pacemaker then
-    tries the start once, on one node, and leaves the resource stopped."""
+    """validate-all says OCF_ERR_CONFIGURED; Pacemaker tries one start, then leaves it stopped."""
     (pcmk.configs / "broken.toml").write_text(config("vm", "x") + "[machine]\nmemory_mib = 1\n")
     node = next(iter(pcmk.nodes))
     validated = pcmk.agent(node, "validate-all", "broken")
@@ -241,9 +236,7 @@ def test_a_broken_config_is_refused_once_not_on_every_node(pcmk: Cluster) -> Non
 
 @pytest.mark.slow
 def test_a_killed_node_fails_over_with_the_journal_replayed(pcmk: Cluster) -> None:
-    """SIGKILL of the node's PID 1 (its QEMU dies with it, the disk unclean): the VM runs on
-    a survivor within the bound, the guest's ext4 replays its journal, and the marker
-    written before the kill is there."""
+    """A killed node's VM runs on a survivor within 30 s; ext4 replays, the old marker is there."""
     node, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
     guest_ready(pcmk, node)
     boots = len(markers(pcmk))

@@ -33,8 +33,7 @@ def test_argv_leaves_image_locking_on(make_vm: Callable[..., VM]) -> None:
 
 @pytest.mark.slow
 async def test_second_qemu_on_the_same_disk_is_refused(make_vm: Callable[..., VM]) -> None:
-    """While one QEMU has the disk, a second QEMU with the same argv exits at once, saying
-    it cannot get the image's write lock; the first keeps running."""
+    """A second QEMU on a disk in use exits at once on the write lock; the first runs on."""
     config = vmconfig.load(make_vm().config)
     async with bare_qemu(config, "first") as first:
         qmp_parent, qmp_child = socket.socketpair()
