@@ -162,6 +162,26 @@ def test_move_and_standby_stop_gracefully_and_start_elsewhere(pcmk: Cluster) -> 
 
 
 @pytest.mark.slow
+def test_a_stopped_resource_leaves_a_clean_disk(pcmk: Cluster) -> None:
+    """target-role=Stopped: the VM is down on every node, its ext4 clean, its markers there."""
+    node, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
+    guest_ready(pcmk, node)
+    boots = len(markers(pcmk))
+    meta = ("crm_resource", "--resource", "vm", "--meta")
+    pcmk.crm(*meta, "--set-parameter", "target-role", "--parameter-value", "Stopped")
+    try:
+        wait_for("the VM stopped", lambda: pcmk.located("vm") == [])
+        assert {pcmk.vm_state(n, "vm") for n in pcmk.nodes} == {"inactive"}
+        dumpe2fs = ["dumpe2fs", "-h", str(pcmk.shared / "vm.img")]
+        header = subprocess.run(dumpe2fs, capture_output=True, text=True, check=True).stdout
+        assert "needs_recovery" not in header
+        assert markers(pcmk) == ["vm-token"] * boots
+    finally:
+        pcmk.crm(*meta, "--delete-parameter", "target-role")
+    pcmk.wait_running("vm", "vm", set(pcmk.nodes))
+
+
+@pytest.mark.slow
 def test_a_second_start_elsewhere_is_refused_by_the_image_lock(pcmk: Cluster) -> None:
     """The agent's start on a second node fails on the image lock; the running VM is untouched."""
     node, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
