@@ -23,7 +23,7 @@ from guest.build import GuestImage, fresh_disk
 
 REPO = container.REPO
 DTD = Path("/usr/share/resource-agents/ra-api-1.dtd")
-OCF_ERR_GENERIC, OCF_ERR_CONFIGURED, OCF_NOT_RUNNING = 1, 6, 7
+OCF_ERR_GENERIC, OCF_ERR_INSTALLED, OCF_ERR_CONFIGURED, OCF_NOT_RUNNING = 1, 5, 6, 7
 RECOVERY = "recovery complete"
 """The guest kernel's word for a replayed ext4 journal (loglevel 7: no `quiet`)."""
 
@@ -252,6 +252,34 @@ def test_a_broken_config_is_refused_once_not_on_every_node(pcmk: Cluster) -> Non
         pcmk.crm("cibadmin", "-D", "-o", "resources", "-X", '<primitive id="broken"/>')
         pcmk.crm("crm_resource", "--cleanup")  # the deleted resource's history too
     assert pcmk.located("vm") != []
+
+
+@pytest.mark.slow
+def test_missing_pieces_and_probes(pcmk: Cluster) -> None:
+    """No vmhost, QEMU or disk here: OCF_ERR_INSTALLED; a probe never starts a socket's VM."""
+    node = next(iter(pcmk.nodes))
+    bare = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    no_vmhost = pcmk.agent(node, "validate-all", "solo", **bare)
+    assert no_vmhost.returncode == OCF_ERR_INSTALLED
+    assert "not installed on this node: no vmhost vmhostctl" in no_vmhost.stderr
+    probe = {"OCF_RESKEY_CRM_meta_interval": "0"}
+    assert pcmk.agent(node, "monitor", "solo", **bare, **probe).returncode == OCF_NOT_RUNNING
+    qemu = '[qemu]\nbinary = "/nonexistent/qemu-system-x86_64"\n'
+    for name, toml, field in (
+        ("noqemu", config("solo", "x") + qemu, "qemu.binary"),
+        ("nodisk", config("nodisk", "x"), "disks[0].path"),
+    ):
+        (pcmk.configs / f"{name}.toml").write_text(toml)
+        missing = pcmk.agent(node, "validate-all", name)
+        assert missing.returncode == OCF_ERR_INSTALLED
+        assert f"{name}.toml: {field}: " in missing.stderr
+    ct = pcmk.nodes[node]
+    ct.systemctl("start", "vmhost@solo.socket")
+    try:
+        assert pcmk.agent(node, "monitor", "solo", **probe).returncode == OCF_NOT_RUNNING
+        assert pcmk.vm_state(node, "solo") == "inactive"  # not woken by the probe
+    finally:
+        ct.systemctl("stop", "vmhost@solo.socket")
 
 
 @pytest.mark.slow
