@@ -288,11 +288,12 @@ def test_a_killed_node_fails_over_with_the_journal_replayed(pcmk: Cluster) -> No
     node, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes))
     guest_ready(pcmk, node)
     boots = len(markers(pcmk))
+    dc = pcmk.crm("crm_mon", "-1").stdout.partition("Current DC: ")[2].split(" ")[0]
     pcmk.kill(node)
     started = time.monotonic()
     survivor, _ = pcmk.wait_running("vm", "vm", set(pcmk.nodes) - {node}, timeout=60)
     took = time.monotonic() - started
-    print(f"\nnode {node} killed: vm running on {survivor} after {took:.1f} s")
+    print(f"\nnode {node} (DC: {dc}) killed: vm running on {survivor} after {took:.1f} s")
     assert took < 30
     guest_ready(pcmk, survivor)
     assert RECOVERY in run_log(pcmk, survivor)
