@@ -316,6 +316,22 @@ def _no_records(name: str) -> str:
     return text
 
 
+def _check_config(name: str, path: Path | None) -> int:
+    """Load the config as ``serve`` would, files included (disks, kernel, QEMU), without
+    starting anything: the cluster agent's validate-all, an admin's check before a start."""
+    from . import config
+    from .errors import ConfigError
+
+    try:
+        path = path or config.path_for(name, config.config_dir())
+        config.load(path)
+    except ConfigError as e:
+        print(f"vmhost check-config: {e}", file=sys.stderr)
+        return os.EX_CONFIG  # as serve exits on the same config
+    print(f"{name}: {path}: ok")
+    return 0
+
+
 def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="vmhost", description="Supervise one QEMU VM.")
     parser.add_argument("--version", action="version", version=f"vmhost {__version__}")
@@ -331,7 +347,14 @@ def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     )
     serve.add_argument("--pid-file", type=Path, help="written while serving, removed on exit")
     serve.add_argument("-v", "--verbose", action="store_true")
+    check = sub.add_parser(
+        "check-config", help="check VM NAME's config as serve loads it: exit 0, or 78 and why"
+    )
+    check.add_argument("name")
+    check.add_argument("--config", type=Path, help="default: /etc/vmhost/NAME.toml")
     args = parser.parse_args(argv)
+    if args.command == "check-config":
+        sys.exit(_check_config(args.name, args.config))
 
     from .service import Options, run
 
