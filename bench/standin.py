@@ -37,7 +37,7 @@ class StandIn:
         self.changes = Changes()
         self.changes.publish(Change(self.state))
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         self.stops += 1
 
     async def force_stop(self) -> None:

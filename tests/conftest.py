@@ -45,10 +45,12 @@ class FakeController:
     pid = 4242
     step = ""
     max_timeout = 600
+    timeout_seconds = 20
+    """The config's ``[stop] timeout_seconds``: what a stop that names none gets."""
 
     def __init__(self) -> None:
         self.state = VMState.RUNNING
-        self.stops: list[float] = []
+        self.stops: list[float | None] = []
         self.force_stops = 0
         self._ended = asyncio.Event()
         self.changes = Changes()
@@ -56,9 +58,11 @@ class FakeController:
 
     @property
     def stop_timeout(self) -> float:
-        return min(self.stops[0], self.max_timeout) if self.stops else 0.0
+        if not self.stops:
+            return 0.0
+        return min(self.stops[0] or self.timeout_seconds, self.max_timeout)
 
-    def stop(self, timeout: float) -> Awaitable[None]:
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
         self.stops.append(timeout)
         if not self.state.ended:
             self.state = VMState.STOPPING

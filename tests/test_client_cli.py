@@ -85,7 +85,7 @@ async def test_stop_waits_until_gone_showing_the_steps(
     await server.close()  # vmhost exits: the socket goes
     assert await asyncio.wait_for(stop, 5) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "web: stopping (stop timeout 30 s)",
+        "web: stopping (stop timeout 20 s)",
         "web: stopping (stop requested, 30 s to finish)",
         "web: stopping (stop: ACPI power-down (30.0 s for it))",
         "web: stopping (stop: QMP quit (1.0 s for it))",

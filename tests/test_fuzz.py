@@ -489,7 +489,7 @@ def goracle() -> Path:
 class StaysRunning(FakeController):
     """The oracle's VM never changes state, so neither may vmhost's: stops are only counted."""
 
-    def stop(self, timeout: float) -> Awaitable[None]:
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
         self.stops.append(timeout)
         return self.wait()
 

@@ -102,13 +102,15 @@ async def test_state_changes_are_seen(
 async def test_stop_and_force_stop(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
-    """stop answers stopping and has started when the answer arrives; no timeout means 30 s."""
+    """stop answers stopping and has started when the answer arrives; no timeout (or 0) leaves
+    it to the controller: the config's [stop] timeout_seconds."""
     assert await ask(sock_path, b'{"method":"stop","timeout_seconds":10}\n') == STOPPING
     assert controller.stops == [10]
     assert await ask(sock_path) == b'{"ok":true,"state":"stopping"}\n'
     assert await ask(sock_path, b'{"method":"stop"}\n') == STOPPING
+    assert await ask(sock_path, b'{"method":"stop","timeout_seconds":0}\n') == STOPPING
     assert await ask(sock_path, b'{"method":"force_stop"}\n') == STOPPING
-    assert controller.stops == [10, 30]
+    assert controller.stops == [10, None, None]
     assert controller.force_stops == 1
 
 

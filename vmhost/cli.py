@@ -71,7 +71,9 @@ def _ctl_parser() -> argparse.ArgumentParser:
         if command != "list":
             p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
         if command == "stop":
-            p.add_argument("--timeout", type=int, default=0, help="seconds (default 30)")
+            p.add_argument(
+                "--timeout", type=int, default=0, help="seconds (default: [stop] timeout_seconds)"
+            )
             p.add_argument(
                 "--no-block", action="store_true", help="only ask; do not wait until it is gone"
             )

@@ -20,7 +20,6 @@ from typing import Annotated, Final
 import msgspec
 
 MAX_REQUEST_BYTES: Final = 64 * 1024
-DEFAULT_STOP_TIMEOUT: Final = 30
 MAX_LOG_LINES: Final = 10_000
 
 STATUS: Final = "status"

@@ -75,8 +75,9 @@ class Controller(Protocol):
         """Seconds the running stop was granted (a request may ask for more than allowed)."""
         ...
 
-    def stop(self, timeout: float) -> Awaitable[None]:
-        """Start a graceful stop now; the result resolves once the VM is gone."""
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
+        """Start a graceful stop now (``None``: the config's ``[stop] timeout_seconds``); the
+        result resolves once the VM is gone."""
         ...
 
     def force_stop(self) -> Awaitable[None]:
@@ -266,9 +267,7 @@ class Server:
                 self._spawn(c.force_stop())
                 return _STOPPING
             asked = request.timeout_seconds
-            if asked <= 0:
-                asked = protocol.DEFAULT_STOP_TIMEOUT
-            self._spawn(c.stop(asked))
+            self._spawn(c.stop(asked if asked > 0 else None))  # none named: the config's
             return self._stop_detail(asked) if request.detail else _STOPPING
         if self.streams.serves(method):
             return _ENDED if self.closing else None

@@ -139,7 +139,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
-    stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
+    stop = _Stopper(controller, notifier)
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(
         server=server,
@@ -203,20 +203,18 @@ async def _supervise(
 
 
 class _Stopper:
-    """SIGTERM/SIGINT run the graceful stop chain; a second SIGINT forces it."""
+    """SIGTERM/SIGINT run the graceful stop chain (the config's timeout); a second SIGINT
+    forces it."""
 
-    def __init__(
-        self, controller: QemuController, notifier: systemd.Notifier, timeout: float
-    ) -> None:
+    def __init__(self, controller: QemuController, notifier: systemd.Notifier) -> None:
         self.controller = controller
         self.notifier = notifier
-        self.timeout = timeout
         self.task: asyncio.Task[None] | None = None
 
     def __call__(self, signum: signal.Signals) -> None:
         log.info("%s received", signum.name)
         if self.task is None:
-            self.task = asyncio.ensure_future(self.controller.stop(self.timeout))
+            self.task = asyncio.ensure_future(self.controller.stop())
             _extend_stop_timeout(self.controller, self.notifier)  # the running chain's, if joined
         elif signum is signal.SIGINT:
             asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
