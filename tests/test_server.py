@@ -23,7 +23,7 @@ from vmhost import protocol
 from vmhost.errors import AlreadyRunningError
 from vmhost.protocol import Request
 from vmhost.server import Limits, Server, bind
-from vmhost.vm.state import VMState
+from vmhost.vm.state import Change, VMState
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding the .event_loop_policy. fixture")
 
@@ -454,6 +454,44 @@ async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeControll
             assert await reader.read() == b""
         writer.close()
     assert asked == [(protocol.MAX_LOG_LINES, True)]
+
+
+@pytest.mark.parametrize("method", [b"logs", b"watch"])
+async def test_nothing_runs_after_a_stream(
+    sock_path: Path, controller: FakeController, method: bytes
+) -> None:
+    """Requests pipelined after `logs` or `watch` are not run, however often the stream's
+    writes pause and resume: no stop, no second journal reader."""
+    asked: list[int] = []
+
+    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+        asked.append(lines)
+        for i in range(lines):
+            yield f"{i:04d}" + "x" * 1000  # far past the transport's high-water mark
+
+    loop = asyncio.get_running_loop()
+    pipelined = b'{"method":"%s","lines":300}\n{"method":"stop"}\n{"method":"logs"}\n' % method
+    async with Server(controller, sock_path, logs=journal):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.setblocking(False)
+            await loop.sock_connect(client, str(sock_path))
+            await loop.sock_sendall(client, pipelined)
+            if method == b"watch":
+                await asyncio.sleep(0.1)  # subscribed: the snapshot is out
+                for i in range(25):  # past the watcher's send buffer, within its backlog
+                    controller.changes.publish(Change(VMState.PAUSED, f"{i:02d}" + "x" * 2000))
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # unread: the server's writes paused
+            received = b""
+            async with asyncio.timeout(10):
+                while received.count(b"\n") < (300 if method == b"logs" else 26):
+                    chunk = await loop.sock_recv(client, 1 << 16)
+                    assert chunk
+                    received += chunk
+            await asyncio.sleep(0.2)  # the writes resumed: time for what must not happen
+    assert controller.stops == [] and controller.state is not VMState.STOPPING
+    assert asked == ([300] if method == b"logs" else [])
+    assert received.count(b"\n") == (300 if method == b"logs" else 26)
 
 
 async def test_log_streams_past_the_cap_are_refused(

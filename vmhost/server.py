@@ -476,6 +476,7 @@ class _Connection(asyncio.Protocol):
                 answer = request if isinstance(request, bytes) else self.server.answer(request)
                 if answer is None:
                     assert isinstance(request, Request)
+                    buf.clear()  # a stream is a connection's last request: what follows is not run
                     self.server.stream(self, request)
                     break
                 answers.append(answer)
