@@ -557,6 +557,33 @@ async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
         assert await waiting == STATUS
 
 
+@pytest.mark.parametrize("end", ["drain", "close"])
+async def test_a_slow_client_at_drain_or_close_is_no_loop_error(
+    tmp_path: Path, controller: FakeController, end: str
+) -> None:
+    """A client that outlasts the drain's or close's wait is dropped without a loop error."""
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    path = tmp_path / "s.sock"
+    server = Server(controller, path)
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(b'{"method":')  # half a request: it is waited for, then dropped
+    await asyncio.sleep(0.05)
+    if end == "drain":
+        (await server.drain(0.05, "vmhost reloaded")).close()
+    else:
+        controller.end()
+        queued = _send(path, b'{"method":')  # queued at close, never completes
+        await server.close()
+        queued.close()
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert errors == []
+
+
 async def test_stop_detail_says_what_was_granted(server: Server, sock_path: Path) -> None:
     """A stop asking for detail learns its timeout and that it was clamped; a Go one does not."""
     plain = await ask(sock_path, b'{"method":"stop","timeout_seconds":900}\n')

@@ -415,7 +415,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
-        if self.closed is not None:
+        if self.closed is not None and not self.closed.done():  # done: the wait timed out
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
