@@ -331,7 +331,11 @@ def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     serve.add_argument(
         "--state-dir", type=Path, help="default: $STATE_DIRECTORY, else /var/lib/vmhost/NAME"
     )
-    serve.add_argument("--pid-file", type=Path, help="written while serving, removed on exit")
+    serve.add_argument(
+        "--pid-file",
+        type=Path,
+        help="locked (one vmhost per VM) and written while serving, removed on exit",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 

@@ -35,6 +35,7 @@ from .config import Config
 from .controller import Handover as VMHandover
 from .controller import QemuController
 from .errors import ReloadRefusedError
+from .pidfile import PidFile
 from .server import Server
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     socket_path: str = ""
     """The control socket's path when vmhost bound it itself: removed when the service ends."""
     vm: VMHandover
+    pid_file: str = ""
+    pid_file_fd: int = -1
+    """The locked PID file (:class:`vmhost.pidfile.PidFile`), when there is one."""
     reexecs: list[float] = []
     """CLOCK_MONOTONIC seconds of the re-execs for internal errors."""
 
@@ -91,7 +95,7 @@ def take() -> Handover | None:
     finally:
         os.close(fd)
     handover = msgspec.json.decode(data, type=Handover)
-    for inherited in (handover.listen_fd, *handover.vm.fds):
+    for inherited in _fds(handover):
         os.set_inheritable(inherited, False)  # QEMU or a later child must not hold them
     return handover
 
@@ -106,12 +110,14 @@ class Reloader:
         controller: QemuController,
         notifier: systemd.Notifier,
         socket_path: Path | None,
+        pid_file: PidFile | None,
         reexecs: list[float],
     ) -> None:
         self.server = server
         self.controller = controller
         self.notifier = notifier
         self.socket_path = socket_path
+        self.pid_file = pid_file
         self.reexecs = reexecs
         self._task: asyncio.Task[None] | None = None
 
@@ -154,6 +160,8 @@ class Reloader:
                 listen_fd=listening.fileno(),
                 socket_path=str(self.socket_path or ""),
                 vm=vm,
+                pid_file=str(self.pid_file.path) if self.pid_file else "",
+                pid_file_fd=self.pid_file.fd if self.pid_file else -1,
                 reexecs=reexecs,
             )
             log.info("re-executing vmhost %s (%s)", __version__, reason)
@@ -180,7 +188,7 @@ class Reloader:
 def _exec(handover: Handover) -> NoReturn:
     """Exec our own entry point again, handing ``handover`` over; returns only by raising
     OSError (then everything is as it was, and this vmhost goes on)."""
-    fds = (handover.listen_fd, *handover.vm.fds)
+    fds = _fds(handover)
     memfd = os.memfd_create("vmhost-handover", 0)  # no MFD_CLOEXEC: the next vmhost reads it
     try:
         os.write(memfd, msgspec.json.encode(handover))
@@ -194,6 +202,12 @@ def _exec(handover: Handover) -> NoReturn:
         os.close(memfd)
         for fd in fds:
             os.set_inheritable(fd, False)
+
+
+def _fds(handover: Handover) -> tuple[int, ...]:
+    """The descriptors that cross the exec."""
+    lock = (handover.pid_file_fd,) if handover.pid_file_fd >= 0 else ()
+    return (handover.listen_fd, *handover.vm.fds, *lock)
 
 
 def _entry_point() -> tuple[str, list[str]]:

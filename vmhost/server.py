@@ -120,7 +120,7 @@ class Server:
     """Serves the control protocol for one controller until closed.
 
     ``listen`` is an already-listening socket (socket activation) or a path to
-    bind; only a path we bound ourselves is removed on close, as is the PID file.
+    bind; only a path we bound ourselves is removed on close.
     """
 
     def __init__(
@@ -128,14 +128,12 @@ class Server:
         controller: Controller,
         listen: socket.socket | Path,
         *,
-        pid_file: Path | None = None,
         limits: Limits = Limits(),  # noqa: B008 - frozen
         logs: LogSource | None = None,
     ) -> None:
         self.controller = controller
         self.limits = limits
         self._listen = listen
-        self._pid_file = pid_file
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -162,8 +160,6 @@ class Server:
         loop = asyncio.get_running_loop()
         factory = functools.partial(_Connection, self)
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
-        if self._pid_file is not None:
-            self._pid_file.write_text(f"{os.getpid()}\n")
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self) -> None:
@@ -187,9 +183,6 @@ class Server:
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
         self._server = self._sock = None
-        if self._pid_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._pid_file.unlink()
 
     async def _answer_queued(self, queue: socket.socket) -> None:
         """Connections a client made before we stopped listening get their one answer.

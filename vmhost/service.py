@@ -32,6 +32,7 @@ from .errors import (
     VMCrashedError,
     VmhostError,
 )
+from .pidfile import PidFile
 from .server import Server, bind
 from .vm.state import VMState
 
@@ -125,12 +126,15 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     state_dir = _state_dir(options, name)
     if path is not None and len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise UsageError(f"socket path longer than {_SUN_PATH_MAX} bytes: {path}")
-    pid_file = options.pid_file
-    if pid_file is None and path is not None:
-        pid_file = path.with_name("vmhost.pid")
+    pid_file = _pid_file(options, path, handover)
     if listen is None:
         assert path is not None
-        listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
+        try:
+            listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
+        except BaseException:
+            if pid_file is not None:
+                pid_file.remove()
+            raise
 
     controller = QemuController(
         config,
@@ -140,12 +144,13 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier)
-    server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
+    server = Server(controller, listen, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(
         server=server,
         controller=controller,
         notifier=notifier,
         socket_path=path,
+        pid_file=pid_file,
         reexecs=handover.reexecs if handover else [],
     )
     fault = asyncio.Event()
@@ -184,6 +189,8 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if pid_file is not None:
+            pid_file.remove()
     return EXIT_OK
 
 
@@ -296,6 +303,20 @@ def _raise_fd_limit(connections: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
     if raised < wanted:
         log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)
+
+
+def _pid_file(
+    options: Options, path: Path | None, handover: reload.Handover | None
+) -> PidFile | None:
+    """Locked before the socket is bound: a second vmhost for this VM exits 5, whatever the
+    timing.  By default beside a socket bound by hand; under socket activation systemd
+    already runs one service per VM."""
+    if handover is not None:
+        if handover.pid_file_fd < 0:
+            return None
+        return PidFile(Path(handover.pid_file), handover.pid_file_fd)
+    where = options.pid_file or (path.with_name("vmhost.pid") if path is not None else None)
+    return None if where is None else PidFile.lock(where)
 
 
 def _config_path(name: str) -> Path:
