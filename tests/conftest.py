@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Final, NoReturn
 
 import pytest
 from guest.build import GuestImage, build, fresh_disk
@@ -30,6 +31,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if soak:
         config.hook.pytest_deselected(items=soak)
         items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
+STRICT_ENV: Final = "VMHOST_TEST_STRICT"
+"""Set by scripts/test (so CI): a missing prerequisite fails the run instead of skipping."""
+
+
+def prerequisite_missing(reason: str) -> NoReturn:
+    """Skip for a developer's quick run; fail under ``$VMHOST_TEST_STRICT`` (scripts/test), where
+    a test that cannot run must not pass as if it had proven something."""
+    if os.environ.get(STRICT_ENV):
+        pytest.fail(f"prerequisite missing (${STRICT_ENV} is set): {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 class FakeController:

@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgspec
 import pytest
 import uvloop
-from conftest import CACHE, FakeController
+from conftest import CACHE, FakeController, prerequisite_missing
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -468,7 +468,9 @@ def goracle() -> Path:
     """tests/goracle built once (standard library only, no network), cached by source hash."""
     go = shutil.which("go")
     if go is None:
-        pytest.skip("no `go` on PATH: the Go oracle needs golang-go (scripts/setup installs it)")
+        prerequisite_missing(
+            "no `go` on PATH: the Go oracle needs golang-go (scripts/setup installs it)"
+        )
     sources = [*sorted(GORACLE.rglob("*.go")), GORACLE / "go.mod"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     build = CACHE / "goracle"

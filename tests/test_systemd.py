@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import prerequisite_missing
 
 from vmhost import systemd
 from vmhost.logs import format_entry
@@ -53,7 +54,7 @@ _ACTIVATED = textwrap.dedent(
 def activate(*paths: Path, names: str = "", datagram: bool = False) -> dict[str, object]:
     """Run _ACTIVATED on sockets at ``paths``, passed as systemd would; a connect starts it."""
     if shutil.which("systemd-socket-activate") is None:
-        pytest.skip("systemd-socket-activate is not installed (apt: systemd)")
+        prerequisite_missing("systemd-socket-activate is not installed (apt: systemd)")
     argv = ["systemd-socket-activate", *(f"--listen={p}" for p in paths)]
     if names:
         argv.append(f"--fdname={names}")
@@ -255,7 +256,7 @@ def test_every_event_is_in_the_catalog() -> None:
 def test_catalog_compiles(tmp_path: Path) -> None:
     """journalctl accepts the catalog and finds every entry (with its VM placeholder)."""
     if shutil.which("journalctl") is None:
-        pytest.skip("journalctl is not installed")
+        prerequisite_missing("journalctl is not installed")
     catalog_dir = tmp_path / "usr/lib/systemd/catalog"
     catalog_dir.mkdir(parents=True)
     shutil.copy(CATALOG, catalog_dir)
@@ -273,7 +274,7 @@ def test_catalog_compiles(tmp_path: Path) -> None:
 def test_service_exposure_is_at_most_2() -> None:
     """systemd-analyze rates the unit's sandbox at 2.0 or better (the live figure: e2e test)."""
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+        prerequisite_missing("systemd-analyze is not installed")
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--threshold=20", "--no-pager", SERVICE],
         capture_output=True,

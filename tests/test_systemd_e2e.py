@@ -20,7 +20,7 @@ from typing import Any
 
 import container
 import pytest
-from conftest import free_port
+from conftest import free_port, prerequisite_missing
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
@@ -166,7 +166,7 @@ def venv() -> Path:
         container.require_host()
         return container.venv()
     except ContainerUnavailable as e:
-        pytest.skip(f"cannot start a systemd container here: {e}")
+        prerequisite_missing(f"cannot start a systemd container here: {e}")
 
 
 @pytest.fixture(scope="module")
