@@ -19,6 +19,7 @@ by the default action.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -166,11 +167,15 @@ class Reloader:
             )
             log.info("re-executing vmhost %s (%s)", __version__, reason)
             _exec(handover)
-        except (ReloadRefusedError, OSError) as e:
-            log.warning("reload refused: %s; this vmhost goes on", e)
+        except Exception as e:  # whatever failed: serve again, and let the signals through
+            if isinstance(e, ReloadRefusedError | OSError):
+                log.warning("reload refused: %s; this vmhost goes on", e)
+            else:
+                log.exception("reload failed: %r; this vmhost goes on", e)
             self.controller.resume()
             await self.server.resume()
             self.notifier.ready(self.controller.status_text())
+        finally:  # reached only when the exec did not happen
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def reloaded(self, handover: Handover) -> None:
@@ -218,6 +223,22 @@ def _entry_point() -> tuple[str, list[str]]:
     if sys.orig_argv[1:2] == [script] and os.access(script, os.X_OK):
         return script, sys.orig_argv[1:]
     return sys.executable, [sys.executable, *sys.orig_argv[1:]]
+
+
+def hold_signals_in_workers() -> None:
+    """Worker threads (``asyncio.to_thread``, cysystemd's journal reads: the loop's default
+    executor) block :data:`HELD_SIGNALS` for good.
+
+    The kernel hands a process-directed signal to any thread that does not block it: one
+    taken by a worker while a reload holds them in the loop's thread would be lost in the
+    exec.  Only the loop's thread takes them, and it holds them across a reload.
+    """
+    executor = concurrent.futures.ThreadPoolExecutor(
+        thread_name_prefix="vmhost-worker",
+        initializer=signal.pthread_sigmask,
+        initargs=(signal.SIG_BLOCK, HELD_SIGNALS),
+    )
+    asyncio.get_running_loop().set_default_executor(executor)
 
 
 def install_signals(reloader: Reloader, fault: Callable[[], None]) -> None:

@@ -155,6 +155,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     )
     fault = asyncio.Event()
     _raise_fd_limit(server.limits.max_connections)
+    reload.hold_signals_in_workers()
     try:
         if handover is not None:
             # Clients wait in the backlog, and signals stay held, until QEMU is ours.
