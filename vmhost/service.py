@@ -161,7 +161,9 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
             # Clients wait in the backlog, and signals stay held, until QEMU is ours.
             try:
                 await controller.adopt(handover.vm)
-            except BaseException:
+            except BaseException as e:
+                if isinstance(e, Exception):
+                    await _stop_before_exit(controller, e)
                 await controller.close()
                 raise
         async with server:
@@ -183,6 +185,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
             except Exception as e:
                 if not isinstance(e, VmhostError):  # a bug: a new vmhost may do better
                     await reloader.recover(e)
+                await _stop_before_exit(controller, e)
                 raise
             finally:
                 await controller.close()
@@ -208,6 +211,19 @@ async def _supervise(
     finally:
         heartbeat.cancel()
         ended.cancel()
+
+
+async def _stop_before_exit(controller: QemuController, error: Exception) -> None:
+    """vmhost fails for good (an error it cannot re-exec away, a failed take-over): the
+    guest still gets the stop chain, bounded by ``[stop] timeout_seconds``, never a power cut.
+    Its own failure is logged; the exit code stays vmhost's."""
+    if controller.state.ended or not controller.pid:
+        return
+    log.error("vmhost fails (%r): stopping VM %s first", error, controller.name)
+    try:
+        await controller.stop()
+    except Exception as e:  # the VM's end (even a crash) is not this exit's cause
+        log.warning("VM %s after the stop: %s", controller.name, e)
 
 
 class _Stopper:
