@@ -35,9 +35,10 @@ from conftest import VM
 from fixtures import ENV, Vmhost, vmhost_factory
 
 from vmhost import protocol
-from vmhost.client import RUN_DIR, Client
+from vmhost.client import Client
+from vmhost.paths import RUN_DIR, STATE_ROOT
 from vmhost.server import Limits, Server
-from vmhost.service import EXIT_CONFIG, EXIT_OK, STATE_ROOT
+from vmhost.service import EXIT_CONFIG, EXIT_OK
 
 MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
@@ -56,7 +57,7 @@ _STATUS: Final = protocol.encode_request(protocol.Request(method="status"))
 
 GOOD_CLIENT: Final = """
 import json, sys, time
-from vmhost.client import RUN_DIR, Client
+from vmhost.client import Client
 from vmhost.errors import VmhostError
 path, seconds = sys.argv[1], float(sys.argv[2])
 client = Client(path, deadline=5.0)

@@ -84,7 +84,8 @@ def _ctl_parser() -> argparse.ArgumentParser:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from .client import Client, socket_path
+    from .client import Client
+    from .paths import socket_path
 
     json_out: bool = getattr(args, "json", False)
     sock: Path | None = getattr(args, "socket", None)
@@ -169,9 +170,9 @@ def _down(name: str, command: str, json_out: bool) -> int:
 
 def _known(name: str) -> bool:
     """Whether VM NAME is configured here; says on stderr when it is not."""
-    from . import config
+    from .paths import config_path
 
-    path = config.path_for(name, config.config_dir())
+    path = config_path(name)
     if not path.exists():
         print(f"vmhostctl: no VM {name} here: no {path}", file=sys.stderr)
     return path.exists()
@@ -210,7 +211,8 @@ def _start(name: str) -> int:
     ends at READY=1, once QEMU runs the guest."""
     import subprocess
 
-    from .client import Client, socket_path
+    from .client import Client
+    from .paths import socket_path
 
     if not Path("/run/systemd/system").exists():
         print(
@@ -246,11 +248,9 @@ def _show_change(change: Response, json_out: bool) -> None:
 def _list(json_out: bool) -> int:
     import asyncio
 
-    from .client import run_dir
-    from .config import config_dir
     from .inventory import survey, table
 
-    rows = asyncio.run(survey(config_dir(), run_dir()))
+    rows = asyncio.run(survey())
     if json_out:
         sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
         return 0
@@ -275,9 +275,8 @@ def _local_logs(name: str, lines: int, follow: bool) -> int:
     """
     import asyncio
 
-    from .client import socket_path
-    from .config import config_dir, path_for
     from .logs import entries
+    from .paths import config_path, socket_path
 
     async def show(limit: int, *, follow: bool = False, echo: bool = True) -> int:
         shown = 0
@@ -287,7 +286,7 @@ def _local_logs(name: str, lines: int, follow: bool) -> int:
             shown += 1
         return shown
 
-    config, sock = path_for(name, config_dir()), socket_path(name)
+    config, sock = config_path(name), socket_path(name)
     if not (config.exists() or sock.exists()) and not asyncio.run(show(1, echo=False)):
         print(
             f"vmhostctl: no VM {name}: no {config}, no {sock} and {_no_records(name)}",

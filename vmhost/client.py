@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
@@ -24,23 +23,9 @@ from .vm.state import VMState
 
 DIAL_TIMEOUT = 5.0
 DEADLINE = 30.0
-RUN_DIR = Path("/run/vmhost")
 _MAX_LINE = 1024 * 1024
 _ENDED = frozenset(state.wire for state in VMState if state.ended)
 R = TypeVar("R")
-
-
-def run_dir() -> Path:
-    """Where control sockets live: ``$VMHOST_RUN_DIR`` (tests, VMs started by hand), else
-    /run/vmhost, where the socket unit puts them."""
-    return Path(os.environ.get("VMHOST_RUN_DIR") or RUN_DIR)
-
-
-def socket_path(name: str) -> Path:
-    """VM ``name``'s control socket."""
-    from .config import check_name
-
-    return run_dir() / check_name(name) / "vmhost.sock"
 
 
 def _result(line: bytes, path: Path) -> Response:

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from . import config as vmconfig
-from . import reload, systemd
-from .client import socket_path
+from . import paths, reload, systemd
 from .controller import QemuController
 from .errors import (
     ActivationError,
@@ -57,7 +56,6 @@ EXIT_INTERRUPTED: Final = 130
 EXIT_CONFIG: Final = 78
 """EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
 
-STATE_ROOT: Final = Path("/var/lib/vmhost")
 _STOP_MARGIN: Final = 5.0
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
@@ -116,9 +114,9 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     handover = reload.take()
     listen: socket.socket | None
     if handover is None:
-        config = vmconfig.load(options.config or _config_path(name))
+        config = vmconfig.load(options.config or paths.config_path(name))
         listen = systemd.listen_socket()
-        path = None if listen else options.socket or socket_path(name)
+        path = None if listen else options.socket or paths.socket_path(name)
     else:
         config = handover.config
         listen = socket.socket(fileno=handover.listen_fd)
@@ -332,19 +330,12 @@ def _pid_file(
         if handover.pid_file_fd < 0:
             return None
         return PidFile(Path(handover.pid_file), handover.pid_file_fd)
-    where = options.pid_file or (path.with_name("vmhost.pid") if path is not None else None)
+    where = options.pid_file or (paths.pid_file_beside(path) if path is not None else None)
     return None if where is None else PidFile.lock(where)
 
 
-def _config_path(name: str) -> Path:
-    return vmconfig.path_for(name, vmconfig.config_dir())
-
-
 def _state_dir(options: Options, name: str) -> Path:
-    directory = options.state_dir
-    if directory is None:
-        env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-        directory = Path(env) if env else STATE_ROOT / name
+    directory = options.state_dir or paths.state_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
