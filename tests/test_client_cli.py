@@ -165,7 +165,7 @@ async def test_ok_false_raises_with_server_text(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
     """An ok:false answer raises ServerError carrying the server's text."""
-    from vmhost.protocol import Request
+    from vmhost.control.wire import Request
 
     with pytest.raises(ServerError, match="unknown method: reboot"):
         await AsyncClient(sock_path).call(Request(method="reboot"))

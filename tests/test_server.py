@@ -19,9 +19,9 @@ import uvloop
 from conftest import FakeController
 
 import vmhost
-from vmhost import protocol
+from vmhost.control import wire
+from vmhost.control.wire import Request
 from vmhost.errors import AlreadyRunningError
-from vmhost.protocol import Request
 from vmhost.server import Limits, Server, bind
 from vmhost.vm.state import Change, VMState
 
@@ -242,7 +242,7 @@ async def test_a_failing_turn_does_not_wedge_the_others(
     server: Server, sock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An exception in one pipelining client's turn costs that client, not the others'."""
-    lines = protocol.encode_request(Request(method="stop", timeout_seconds=5)) * 200
+    lines = wire.encode_request(Request(method="stop", timeout_seconds=5)) * 200
     real = server.answer
     calls = 0
 
@@ -424,12 +424,12 @@ def test_regular_file_not_replaced(tmp_path: Path) -> None:
 async def test_default_request_limit(tmp_path: Path, controller: FakeController) -> None:
     """With the default limits, a 64 KiB request is served and one byte more is refused."""
     path = tmp_path / "s.sock"
-    request = b'{"method":"status"' + b" " * (protocol.MAX_REQUEST_BYTES - 19) + b"}"
+    request = b'{"method":"status"' + b" " * (wire.MAX_REQUEST_BYTES - 19) + b"}"
     assert len(request) == Limits().max_request
     async with Server(controller, path):
         assert await ask(path, request) == STATUS
         refused = await exchange(path, b" " + request)
-    assert refused == protocol.invalid_request("request too large")
+    assert refused == wire.invalid_request("request too large")
 
 
 async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeController) -> None:
@@ -453,7 +453,7 @@ async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeControll
             assert await reader.readline() == b'{"ok":true,"message":"second"}\n'
             assert await reader.read() == b""
         writer.close()
-    assert asked == [(protocol.MAX_LOG_LINES, True)]
+    assert asked == [(wire.MAX_LOG_LINES, True)]
 
 
 @pytest.mark.parametrize("method", [b"logs", b"watch"])
@@ -515,7 +515,7 @@ async def test_log_streams_past_the_cap_are_refused(
             for reader, writer in streams:
                 writer.write(follow)
                 assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
-            assert await ask(sock_path, follow) == protocol.error_response("too many log streams")
+            assert await ask(sock_path, follow) == wire.error_response("too many log streams")
             assert await ask(sock_path) == STATUS
             streams.pop()[1].close()
             more.set()  # writing it to the closed client fails: the server forgets it
@@ -588,7 +588,7 @@ async def test_stop_detail_says_what_was_granted(server: Server, sock_path: Path
     """A stop asking for detail learns its timeout and that it was clamped; a Go one does not."""
     plain = await ask(sock_path, b'{"method":"stop","timeout_seconds":900}\n')
     assert plain == STOPPING
-    detailed = protocol.decode_response(
+    detailed = wire.decode_response(
         await ask(sock_path, b'{"method":"stop","timeout_seconds":900,"detail":true}\n')
     )
     assert (detailed.state, detailed.vm_state) == ("stopping", "stopping")

@@ -23,8 +23,8 @@ from test_server import STATUS, ask
 from vmhost import controller
 from vmhost.cli import vmhostctl_main
 from vmhost.client import AsyncClient, Client
+from vmhost.control.wire import Response
 from vmhost.errors import ClientError, TooManyWatchersError
-from vmhost.protocol import Response
 from vmhost.server import Server
 from vmhost.vm.state import Change, Changes, VMState, Watcher
 

@@ -1,6 +1,7 @@
 """vmhost: one QEMU virtual machine supervised as one systemd service."""
 
 from .client import AsyncClient, Client
+from .control.wire import Request, Response
 from .errors import (
     AlreadyRunningError,
     ClientError,
@@ -11,7 +12,6 @@ from .errors import (
     VMCrashedError,
     VmhostError,
 )
-from .protocol import Request, Response
 from .vm.state import VMState
 
 __version__ = "0.2.0"

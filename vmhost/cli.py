@@ -23,7 +23,7 @@ from .errors import ClientError, NotListeningError, VmhostError
 
 if TYPE_CHECKING:
     from .client import Client
-    from .protocol import Response
+    from .control.wire import Response
 
 _COMMANDS = ("list", "status", "info", "stop", "force-stop", "start", "logs", "events", "is-alive")
 EXIT_NOT_RUNNING: Final = 3
@@ -160,7 +160,7 @@ def _state_line(label: str, response: Response) -> str:
 
 def _down(name: str, command: str, json_out: bool) -> int:
     """Nothing listens for NAME: stopped if it is configured here, else unknown."""
-    from .protocol import Response
+    from .control.wire import Response
 
     if not _known(name):
         return EXIT_UNKNOWN

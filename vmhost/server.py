@@ -3,7 +3,7 @@
 The event loop's own unix server and transports carry the bytes (uvloop in
 ``vmhost serve``; the stdlib loop works too, slower).  Each connection is an
 ``asyncio.Protocol`` that frames requests as Go's server does, one JSON value
-at a time (:class:`vmhost.protocol.Scanner` keeps its place between reads, so
+at a time (:class:`vmhost.goscan.Scanner` keeps its place between reads, so
 no byte is scanned twice), and answers ``status``/``info`` with bytes encoded
 once per VM state; the exact lines Go's and our clients send skip parsing.
 
@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import msgspec
 
-from . import __version__, protocol
+from . import __version__
+from .control import goscan, wire
+from .control.goscan import Scanner
+from .control.wire import Request, Response
 from .errors import AlreadyRunningError
-from .protocol import Request, Response, Scanner
 from .streams import LogSource, Streams, Watch
 from .vm.state import VMState
 
@@ -88,23 +90,23 @@ class Controller(Protocol):
 
 
 class Limits(msgspec.Struct, frozen=True):
-    max_request: int = protocol.MAX_REQUEST_BYTES
+    max_request: int = wire.MAX_REQUEST_BYTES
     request_timeout: float = 10.0
     max_connections: int = 4096
     max_log_streams: int = 16
 
 
-_TOO_LARGE: Final = protocol.invalid_request("request too large")
-_TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
-_STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
-_ENDED: Final = protocol.error_response("vmhost is exiting")
+_TOO_LARGE: Final = wire.invalid_request("request too large")
+_TIMED_OUT: Final = wire.invalid_request("timed out waiting for the rest of the request")
+_STOPPING: Final = wire.encode_response(Response(ok=True, state="stopping"))
+_ENDED: Final = wire.error_response("vmhost is exiting")
 _LINES_PER_TURN: Final = 64
 """Pipelined requests answered in a row before the other connections get their turn."""
 _TURNS_PER_SLICE: Final = 4
 """Turns run before the loop looks at new I/O again (about a millisecond)."""
 _KNOWN_LINES: Final = {
-    protocol.encode_request(Request(method=method, detail=detail)): (method, detail)
-    for method in (protocol.STATUS, protocol.INFO)
+    wire.encode_request(Request(method=method, detail=detail)): (method, detail)
+    for method in (wire.STATUS, wire.INFO)
     for detail in (False, True)
 }
 """The exact bytes Go's and our clients send for status/info, mapped to what they ask."""
@@ -219,7 +221,7 @@ class Server:
         self._server.close()
         self._server = None
         await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
-        farewell = protocol.encode_response(Response(ok=True, message=last_line))
+        farewell = wire.encode_response(Response(ok=True, message=last_line))
         for conn in [*self.streams.logs, *self.streams.watches]:
             conn.finish(farewell)
         await self._wait_closed([*self._connections, *self.streams.logs], timeout)
@@ -250,13 +252,13 @@ class Server:
     def answer(self, request: Request) -> bytes | None:
         """The encoded answer to one request; ``None`` for a streaming method."""
         method = request.method
-        if method in (protocol.STATUS, protocol.INFO):
+        if method in (wire.STATUS, wire.INFO):
             return self.state_answer(method, request.detail)
-        if method in (protocol.STOP, protocol.FORCE_STOP):
+        if method in (wire.STOP, wire.FORCE_STOP):
             if self.closing:  # the VM is gone already
                 return _STOPPING
             c = self.controller
-            if method == protocol.FORCE_STOP:
+            if method == wire.FORCE_STOP:
                 self._spawn(c.force_stop())
                 return _STOPPING
             asked = request.timeout_seconds
@@ -264,7 +266,7 @@ class Server:
             return self._stop_detail(asked) if request.detail else _STOPPING
         if self.streams.serves(method):
             return _ENDED if self.closing else None
-        return protocol.error_response(f"unknown method: {method}")
+        return wire.error_response(f"unknown method: {method}")
 
     def _stop_detail(self, asked: int) -> bytes:
         """A stop's answer with the detail fields: the time the running chain was granted."""
@@ -274,7 +276,7 @@ class Server:
         if asked > granted:
             message += f" (asked {asked} s: clamped to [stop] max_timeout_seconds)"
         response = Response(ok=True, state="stopping", vm_state=c.state.value, message=message)
-        return protocol.encode_response(response)
+        return wire.encode_response(response)
 
     def state_answer(self, method: str, detail: bool) -> bytes:
         """``status``/``info``, encoded once per VM state and reused until the state changes."""
@@ -291,7 +293,7 @@ class Server:
     def _encode_state(self, method: str, detail: bool, state: VMState, step: str) -> bytes:
         c = self.controller
         response = Response(ok=True, state=state.wire)
-        if method == protocol.INFO:
+        if method == wire.INFO:
             response.ssh_port = c.ssh_port
             response.backend = c.backend
         if detail:
@@ -299,7 +301,7 @@ class Server:
             response.pid = c.pid
             response.version = __version__
             response.message = step  # the stop chain's step, while stopping
-        return protocol.encode_response(response)
+        return wire.encode_response(response)
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:
         task = asyncio.ensure_future(awaitable)
@@ -476,7 +478,7 @@ class _Connection(asyncio.Protocol):
                 last = self.server.closing
         except msgspec.DecodeError as e:
             if str(e) != "EOF" or not (self.answered or answers):  # Go: nothing at all came
-                answers.append(protocol.invalid_request(str(e)))
+                answers.append(wire.invalid_request(str(e)))
             last = True
         if answers:
             self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
@@ -492,15 +494,15 @@ class _Connection(asyncio.Protocol):
         scanner = self.scanner
         if scanner is None:
             scanner = self.scanner = Scanner()
-        if not scanner.kind:
+        if not scanner.first_byte:
             # At a value's start: a whole line of the usual kind needs no scanner.
-            start = scanner.pos = protocol.skip_space(buf, scanner.pos)
+            start = scanner.pos = goscan.skip_space(buf, scanner.pos)
             nl = buf.find(b"\n", start, limit)
             if nl >= 0:
                 line = bytes(buf[start : nl + 1])
                 if (known := _KNOWN_LINES.get(line)) is not None:
                     return self.server.state_answer(*known), nl + 1
-                if (request := protocol.decode_plain(line)) is not None:
+                if (request := wire.decode_plain(line)) is not None:
                     return request, nl + 1
         end = scanner.scan(buf, min(len(buf), limit))
         if end < 0 and eof:
@@ -547,7 +549,7 @@ class _Connection(asyncio.Protocol):
         if self.transport.get_write_buffer_size():
             # Unread answers for a whole timeout: closing would wait on this peer forever.
             self.transport.abort()
-        elif self.scanner is not None and self.scanner.kind:
+        elif self.scanner is not None and self.scanner.first_byte:
             self.finish(_TIMED_OUT)
         else:
             self.transport.close()

@@ -13,9 +13,9 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Final
 
-from . import protocol
+from .control import wire
+from .control.wire import Request, Response
 from .errors import TooManyWatchersError, VmhostError
-from .protocol import Request, Response
 
 if TYPE_CHECKING:
     from .server import Controller, _Connection
@@ -42,11 +42,11 @@ class Streams:
         self._change_line: tuple[Change | None, bytes] = (None, b"")
 
     def serves(self, method: str) -> bool:
-        return method == protocol.WATCH or (method == protocol.LOGS and self._source is not None)
+        return method == wire.WATCH or (method == wire.LOGS and self._source is not None)
 
     def start(self, conn: _Connection, request: Request) -> None:
         """Hand ``conn`` to the stream ``request`` asks for (one :meth:`serves`)."""
-        if request.method == protocol.WATCH:
+        if request.method == wire.WATCH:
             self._watch(conn)
         else:
             self._stream_logs(conn, request)
@@ -55,7 +55,7 @@ class Streams:
         try:
             Watch(self, conn)
         except TooManyWatchersError as e:
-            conn.finish(protocol.error_response(str(e)))
+            conn.finish(wire.error_response(str(e)))
             return
         self.watches.add(conn)
         assert conn.stream is not None
@@ -71,7 +71,7 @@ class Streams:
 
     def _encode_change(self, change: Change) -> bytes:
         state = change.state
-        return protocol.encode_response(
+        return wire.encode_response(
             Response(
                 ok=True,
                 state=state.wire,
@@ -85,10 +85,10 @@ class Streams:
     def _stream_logs(self, conn: _Connection, request: Request) -> None:
         assert self._source is not None
         if len(self.logs) >= self._max_logs:
-            conn.finish(protocol.error_response("too many log streams"))
+            conn.finish(wire.error_response("too many log streams"))
             return
         self.logs.add(conn)
-        lines = min(request.lines, protocol.MAX_LOG_LINES) if request.lines > 0 else 10
+        lines = min(request.lines, wire.MAX_LOG_LINES) if request.lines > 0 else 10
         task = asyncio.ensure_future(_pump_logs(conn, self._source(lines, request.follow)))
         conn.stream = task
         task.add_done_callback(lambda _: self.logs.discard(conn))
@@ -146,8 +146,8 @@ async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
                 await conn.drained.wait()
             if conn.transport.is_closing():
                 return
-            conn.transport.write(protocol.encode_response(Response(ok=True, message=line)))
+            conn.transport.write(wire.encode_response(Response(ok=True, message=line)))
     except VmhostError as e:
-        conn.transport.write(protocol.error_response(str(e)))
+        conn.transport.write(wire.error_response(str(e)))
     finally:
         conn.transport.close()
