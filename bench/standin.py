@@ -17,7 +17,7 @@ import itertools
 import signal
 from pathlib import Path
 
-from vmhost.server import Server
+from vmhost.control.server import Server
 from vmhost.vm.state import Change, Changes, VMState
 
 

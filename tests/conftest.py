@@ -19,7 +19,8 @@ from qemu.qmp import QMPClient
 
 from vmhost import qemu
 from vmhost.config import Config
-from vmhost.server import Limits, Server
+from vmhost.control.connection import Limits
+from vmhost.control.server import Server
 from vmhost.vm.state import Change, Changes, VMState
 
 

@@ -36,8 +36,9 @@ from fixtures import ENV, Vmhost, vmhost_factory
 
 from vmhost.client import Client
 from vmhost.control import wire
+from vmhost.control.connection import Limits
+from vmhost.control.server import Server
 from vmhost.paths import RUN_DIR, STATE_ROOT
-from vmhost.server import Limits, Server
 from vmhost.service import EXIT_CONFIG, EXIT_OK
 
 MakeVM = Callable[..., VM]

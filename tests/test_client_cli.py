@@ -15,9 +15,9 @@ from conftest import FakeController
 import vmhost
 from vmhost import AsyncClient, Client, ClientError, ServerError, VMState
 from vmhost.cli import vmhostctl_main
+from vmhost.control.server import Server
 from vmhost.errors import ConfigError
 from vmhost.paths import socket_path
-from vmhost.server import Server
 from vmhost.vm.state import Change
 
 

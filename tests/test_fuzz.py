@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from vmhost.control import goscan, wire
+from vmhost.control.connection import Connection, Limits
+from vmhost.control.server import Server
 from vmhost.control.wire import Request, Response
-from vmhost.server import Limits, Server, _Connection
 
 QUICK: Final = 500
 SOAK: Final = 100_000
@@ -249,7 +250,7 @@ async def feed(
     reading (it does so to let other connections have their turn).
     """
     server = Server(FakeController(), Path("/nonexistent"))
-    conn = _Connection(server)
+    conn = Connection(server)
     transport = RecordingTransport()
     conn.connection_made(transport)
 

@@ -20,9 +20,10 @@ from conftest import FakeController
 
 import vmhost
 from vmhost.control import wire
+from vmhost.control.connection import Limits
+from vmhost.control.server import Server, bind
 from vmhost.control.wire import Request
 from vmhost.errors import AlreadyRunningError
-from vmhost.server import Limits, Server, bind
 from vmhost.vm.state import Change, VMState
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding the .event_loop_policy. fixture")

@@ -23,9 +23,9 @@ from test_server import STATUS, ask
 from vmhost import controller
 from vmhost.cli import vmhostctl_main
 from vmhost.client import AsyncClient, Client
+from vmhost.control.server import Server
 from vmhost.control.wire import Response
 from vmhost.errors import ClientError, TooManyWatchersError
-from vmhost.server import Server
 from vmhost.vm.state import Change, Changes, VMState, Watcher
 
 MARGIN: Final = 3.0

@@ -33,11 +33,11 @@ import msgspec
 
 from . import __version__, systemd
 from .config import Config
+from .control.server import Server
 from .controller import Handover as VMHandover
 from .controller import QemuController
 from .errors import ReloadRefusedError
 from .pidfile import PidFile
-from .server import Server
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from typing import Final
 
 from . import config as vmconfig
 from . import paths, reload, systemd
+from .control.server import Server, bind
 from .controller import QemuController
 from .errors import (
     ActivationError,
@@ -32,7 +33,6 @@ from .errors import (
     VmhostError,
 )
 from .pidfile import PidFile
-from .server import Server, bind
 from .vm.state import VMState
 
 log = logging.getLogger(__name__)
