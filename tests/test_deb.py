@@ -25,7 +25,7 @@ from guest.build import GuestImage
 
 import vmhost
 from vmhost import cli
-from vmhost.systemd import Event
+from vmhost.journal import Event
 
 REPO = container.REPO
 BUILD_DEB = REPO / "packaging" / "build-deb"

@@ -25,7 +25,7 @@ from conftest import VM
 from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
 from guest.build import GuestImage
 
-from vmhost import reload, systemd
+from vmhost import notify, reload
 from vmhost.client import Client
 from vmhost.errors import ClientError
 from vmhost.service import EXIT_FAILURE, EXIT_OK
@@ -264,7 +264,7 @@ async def test_an_unexpected_handover_error_serves_on_with_signals_let_through()
     reloader = reload.Reloader(
         server=server,  # type: ignore[arg-type]
         controller=controller,  # type: ignore[arg-type]
-        notifier=systemd.Notifier(),
+        notifier=notify.Notifier(),
         socket_path=None,
         pid_file=None,
         reexecs=[],

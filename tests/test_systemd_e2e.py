@@ -24,7 +24,7 @@ from conftest import free_port, prerequisite_missing
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
-from vmhost.systemd import Event
+from vmhost.journal import Event
 
 pytestmark = pytest.mark.slow
 

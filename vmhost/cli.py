@@ -302,7 +302,7 @@ def _no_records(name: str) -> str:
     """Says where the records were looked for, and why there may be none."""
     import grp
 
-    from .systemd import FIELD_VM
+    from .journal import FIELD_VM
 
     dirs = [d for d in ("/var/log/journal", "/run/log/journal") if os.path.isdir(d)]
     where = f"the local journal ({', '.join(dirs) or 'none on this host'})"

@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from . import paths, systemd
+from . import paths, systemctl
 from .client import AsyncClient
 from .config import check_name
 from .errors import ClientError, ConfigError, ServerError
@@ -65,7 +65,7 @@ async def survey(timeout: float = ASK_TIMEOUT) -> list[Row]:
     """
     run_dir = paths.run_dir()
     known = _names(paths.config_dir(), run_dir)
-    waiting = systemd.waiting_for_a_connect(known)
+    waiting = systemctl.waiting_for_a_connect(known)
     asked = [name for name in known if name not in waiting]
     rows = await asyncio.gather(*(_ask(n, paths.socket_path(n, run_dir), timeout) for n in asked))
     by_name = {row.name: row for row in rows}

@@ -31,7 +31,7 @@ from typing import Final, NoReturn
 
 import msgspec
 
-from . import __version__, systemd
+from . import __version__, journal, notify
 from .config import Config
 from .control.server import Server
 from .controller import Handover as VMHandover
@@ -109,7 +109,7 @@ class Reloader:
         *,
         server: Server,
         controller: QemuController,
-        notifier: systemd.Notifier,
+        notifier: notify.Notifier,
         socket_path: Path | None,
         pid_file: PidFile | None,
         reexecs: list[float],
@@ -182,8 +182,8 @@ class Reloader:
         """In the new vmhost, once it serves: READY=1 and one log line with the time it took."""
         took = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - handover.since_ns) / 1e9
         self.notifier.ready(self.controller.status_text())
-        systemd.log_event(
-            systemd.Event.RELOADED,
+        journal.log_event(
+            journal.Event.RELOADED,
             f"vmhost reloaded ({handover.reason}): {handover.version} -> {__version__} "
             f"in {took:.3f} s, QEMU pid {self.controller.pid}",
             VMHOST_RELOAD_SECONDS=f"{took:.3f}",

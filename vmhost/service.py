@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
+from . import activation, journal, notify, paths, reload, systemd
 from . import config as vmconfig
-from . import paths, reload, systemd
 from .control.server import Server, bind
 from .controller import QemuController
 from .errors import (
@@ -63,9 +63,9 @@ _FD_HEADROOM: Final = 256
 """Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 
 _EVENTS: Final = {
-    VMState.STOPPING: systemd.Event.STOPPING,
-    VMState.STOPPED: systemd.Event.STOPPED,
-    VMState.CRASHED: systemd.Event.CRASHED,
+    VMState.STOPPING: journal.Event.STOPPING,
+    VMState.STOPPED: journal.Event.STOPPED,
+    VMState.CRASHED: journal.Event.CRASHED,
 }
 
 
@@ -81,11 +81,11 @@ class Options:
 
 def run(options: Options) -> int:
     """Run one VM's service to its end; the return value is the process exit code."""
-    systemd.setup_logging(options.name, verbose=options.verbose)
+    journal.setup_logging(options.name, verbose=options.verbose)
     if not options.verbose:
         # qemu.qmp logs each failure with a traceback; vmhost reports them once, with the cause.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    notifier = systemd.Notifier()
+    notifier = notify.Notifier()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_serve(options, notifier))
@@ -109,13 +109,13 @@ def run(options: Options) -> int:
         return _fail(notifier, EXIT_FAILURE, f"vmhost failed: {e!r}")
 
 
-async def _serve(options: Options, notifier: systemd.Notifier) -> int:
+async def _serve(options: Options, notifier: notify.Notifier) -> int:
     name = vmconfig.check_name(options.name)
     handover = reload.take()
     listen: socket.socket | None
     if handover is None:
         config = vmconfig.load(options.config or paths.config_path(name))
-        listen = systemd.listen_socket()
+        listen = activation.listen_socket()
         path = None if listen else options.socket or paths.socket_path(name)
     else:
         config = handover.config
@@ -168,14 +168,14 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
             try:
                 _install_signals(stop, reloader, fault)
                 if handover is None:
-                    systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
+                    journal.log_event(journal.Event.STARTED, f"starting VM {name}")
                     await controller.start()
                 if controller.state in (VMState.RUNNING, VMState.PAUSED):
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
                     if handover is None:
                         notifier.ready(controller.status_text())
-                        systemd.log_event(
-                            systemd.Event.READY, f"VM {name} is {controller.state.value}"
+                        journal.log_event(
+                            journal.Event.READY, f"VM {name} is {controller.state.value}"
                         )
                     else:
                         reloader.reloaded(handover)
@@ -197,7 +197,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
 
 
 async def _supervise(
-    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
 ) -> None:
     """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
     heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
@@ -228,7 +228,7 @@ class _Stopper:
     """SIGTERM/SIGINT run the graceful stop chain (the config's timeout); a second SIGINT
     forces it."""
 
-    def __init__(self, controller: QemuController, notifier: systemd.Notifier) -> None:
+    def __init__(self, controller: QemuController, notifier: notify.Notifier) -> None:
         self.controller = controller
         self.notifier = notifier
         self.task: asyncio.Task[None] | None = None
@@ -251,7 +251,7 @@ def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.E
 
 def _on_state(
     controller: QemuController,
-    notifier: systemd.Notifier,
+    notifier: notify.Notifier,
     state: VMState,
     message: str,
     qmp_event: str,
@@ -268,22 +268,22 @@ def _on_state(
         fields["QMP_EVENT"] = qmp_event
     event = _EVENTS.get(state)
     if event is not None:
-        systemd.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
+        journal.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
     else:
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
 
 
-def _extend_stop_timeout(controller: QemuController, notifier: systemd.Notifier) -> None:
+def _extend_stop_timeout(controller: QemuController, notifier: notify.Notifier) -> None:
     """Ask systemd for what the running stop chain may still take, whoever started it."""
     notifier.extend_timeout(controller.stop_left() + _STOP_MARGIN)
 
 
 async def _heartbeat(
-    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
 ) -> None:
     """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
     text moves on without a state change (the stop chain's steps and their clocks)."""
-    interval = min(systemd.watchdog_interval() or 1.0, 1.0)
+    interval = min(notify.watchdog_interval() or 1.0, 1.0)
     last = ""
     while True:
         await asyncio.sleep(interval)
@@ -340,10 +340,10 @@ def _state_dir(options: Options, name: str) -> Path:
     return directory
 
 
-def _fail(notifier: systemd.Notifier, code: int, text: str, *, logged: bool = False) -> int:
+def _fail(notifier: notify.Notifier, code: int, text: str, *, logged: bool = False) -> int:
     notifier.status(text)
     if not logged:
-        systemd.log_event(systemd.Event.FAILED, text, VMHOST_EXIT=str(code))
+        journal.log_event(journal.Event.FAILED, text, VMHOST_EXIT=str(code))
     return code
 
 
