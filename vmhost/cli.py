@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import msgspec
 
 from . import __version__
-from .errors import ClientError, NotListeningError, VmhostError
+from .errors import ClientError, NotListeningError, UsageError, VmhostError
 
 if TYPE_CHECKING:
     from .client import Client
@@ -91,7 +91,7 @@ def _ctl(args: argparse.Namespace) -> int:
     sock: Path | None = getattr(args, "socket", None)
     if args.command == "list":
         if sock is not None:
-            raise SystemExit("vmhostctl list: no --socket; $VMHOST_RUN_DIR moves the sockets")
+            raise UsageError("list: no --socket; $VMHOST_RUN_DIR moves the sockets")
         return _list(json_out)
     if args.command == "logs" and sock is None:
         return _local_logs(_name(args), args.lines, args.follow)
@@ -263,7 +263,7 @@ def _list(json_out: bool) -> int:
 
 def _name(args: argparse.Namespace) -> str:
     if not args.name:
-        raise SystemExit(f"vmhostctl {args.command}: give a VM NAME or --socket PATH")
+        raise UsageError(f"{args.command}: give a VM NAME or --socket PATH")
     return str(args.name)
 
 

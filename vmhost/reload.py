@@ -79,10 +79,6 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     """CLOCK_MONOTONIC seconds of the re-execs for internal errors."""
 
 
-class PlantedFault(Exception):
-    """The internal error ``$VMHOST_TEST_FAULT`` plants; nothing raises it otherwise."""
-
-
 def take() -> Handover | None:
     """The handover a previous vmhost of this PID left, if this process is a re-exec."""
     value = os.environ.pop(HANDOVER_ENV, None)

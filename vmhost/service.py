@@ -28,6 +28,8 @@ from .errors import (
     AlreadyRunningError,
     ConfigError,
     ControllerError,
+    InternalError,
+    PlantedFault,
     UsageError,
     VMCrashedError,
     VmhostError,
@@ -181,8 +183,8 @@ async def _serve(options: Options, notifier: notify.Notifier) -> int:
                         reloader.reloaded(handover)
                 await _supervise(controller, notifier, fault)
             except Exception as e:
-                if not isinstance(e, VmhostError):  # a bug: a new vmhost may do better
-                    await reloader.recover(e)
+                if isinstance(e, InternalError) or not isinstance(e, VmhostError):
+                    await reloader.recover(e)  # a bug: a new vmhost may do better
                 await _stop_before_exit(controller, e)
                 raise
             finally:
@@ -288,7 +290,7 @@ async def _heartbeat(
     while True:
         await asyncio.sleep(interval)
         if fault.is_set():
-            raise reload.PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
+            raise PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
         notifier.watchdog()
         text = controller.status_text()
         if text != last:
