@@ -12,15 +12,15 @@ import functools
 import gc
 import logging
 import os
-import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from . import activation, journal, notify, paths, reload, systemd
 from . import config as vmconfig
+from .config import Config
 from .control.server import Server, bind
 from .controller import QemuController
 from .errors import (
@@ -61,8 +61,6 @@ EXIT_CONFIG: Final = 78
 _STOP_MARGIN: Final = 5.0
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
-_FD_HEADROOM: Final = 256
-"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 
 _EVENTS: Final = {
     VMState.STOPPING: journal.Event.STOPPING,
@@ -112,83 +110,17 @@ def run(options: Options) -> int:
 
 
 async def _serve(options: Options, notifier: notify.Notifier) -> int:
+    """Boot or adopt -> serve until the VM ends -> EXIT_OK (failures raise, ``run`` maps them)."""
     name = vmconfig.check_name(options.name)
     handover = reload.take()
-    listen: socket.socket | None
-    if handover is None:
-        config = vmconfig.load(options.config or paths.config_path(name))
-        listen = activation.listen_socket()
-        path = None if listen else options.socket or paths.socket_path(name)
-    else:
-        config = handover.config
-        listen = socket.socket(fileno=handover.listen_fd)
-        path = Path(handover.socket_path) if handover.socket_path else None
-    state_dir = _state_dir(options, name)
+    origin: _Origin = _Adopt(handover) if handover else _Boot(options, name)
+    path = origin.socket_path
     if path is not None and len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise UsageError(f"socket path longer than {_SUN_PATH_MAX} bytes: {path}")
     pid_file = _pid_file(options, path, handover)
-    if listen is None:
-        assert path is not None
-        try:
-            listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
-        except BaseException:
-            if pid_file is not None:
-                pid_file.remove()
-            raise
-
-    controller = QemuController(
-        config,
-        name=name,
-        state_dir=state_dir,
-        on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
-    )
-    controller.on_state = functools.partial(_on_state, controller, notifier)
-    stop = _Stopper(controller, notifier)
-    server = Server(controller, listen, logs=functools.partial(_logs, name))
-    reloader = reload.Reloader(
-        server=server,
-        controller=controller,
-        notifier=notifier,
-        socket_path=path,
-        pid_file=pid_file,
-        reexecs=handover.reexecs if handover else [],
-    )
-    fault = asyncio.Event()
-    _raise_fd_limit(server.limits.max_connections)
-    reload.hold_signals_in_workers()
     try:
-        if handover is not None:
-            # Clients wait in the backlog, and signals stay held, until QEMU is ours.
-            try:
-                await controller.adopt(handover.vm)
-            except BaseException as e:
-                if isinstance(e, Exception):
-                    await _stop_before_exit(controller, e)
-                await controller.close()
-                raise
-        async with server:
-            try:
-                _install_signals(stop, reloader, fault)
-                if handover is None:
-                    journal.log_event(journal.Event.STARTED, f"starting VM {name}")
-                    await controller.start()
-                if controller.state in (VMState.RUNNING, VMState.PAUSED):
-                    gc.freeze()  # what start-up built lives forever: keep it out of collections
-                    if handover is None:
-                        notifier.ready(controller.status_text())
-                        journal.log_event(
-                            journal.Event.READY, f"VM {name} is {controller.state.value}"
-                        )
-                    else:
-                        reloader.reloaded(handover)
-                await _supervise(controller, notifier, fault)
-            except Exception as e:
-                if isinstance(e, InternalError) or not isinstance(e, VmhostError):
-                    await reloader.recover(e)  # a bug: a new vmhost may do better
-                await _stop_before_exit(controller, e)
-                raise
-            finally:
-                await controller.close()
+        listen = origin.listen or bind(path)  # type: ignore[arg-type]  # one of the two is set
+        await _run(options, name, origin, listen, pid_file, notifier)
     finally:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -196,6 +128,123 @@ async def _serve(options: Options, notifier: notify.Notifier) -> int:
         if pid_file is not None:
             pid_file.remove()
     return EXIT_OK
+
+
+async def _run(
+    options: Options,
+    name: str,
+    origin: _Origin,
+    listen: socket.socket,
+    pid_file: PidFile | None,
+    notifier: notify.Notifier,
+) -> None:
+    config = origin.config
+    controller = QemuController(
+        config,
+        name=name,
+        state_dir=_state_dir(options, name),
+        on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
+    )
+    controller.on_state = functools.partial(_on_state, controller, notifier)
+    server = Server(controller, listen, logs=functools.partial(_logs, name))
+    reloader = reload.Reloader(
+        server=server,
+        controller=controller,
+        notifier=notifier,
+        socket_path=origin.socket_path,
+        pid_file=pid_file,
+        reexecs=origin.reexecs,
+    )
+    fault = asyncio.Event()
+    reload.hold_signals_in_workers()
+    try:
+        try:
+            await origin.take_over(controller)  # clients wait in the backlog meanwhile
+        except Exception as e:
+            await _stop_before_exit(controller, e)
+            raise
+        async with server:
+            try:
+                _install_signals(_Stopper(controller, notifier), reloader, fault)
+                await origin.start(controller)
+                if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                    gc.freeze()  # what start-up built lives forever: keep it out of collections
+                    origin.announce(controller, notifier, reloader)
+                await _supervise(controller, notifier, fault)
+            except Exception as e:
+                if isinstance(e, InternalError) or not isinstance(e, VmhostError):
+                    await reloader.recover(e)  # a bug: a new vmhost may do better
+                await _stop_before_exit(controller, e)
+                raise
+    finally:
+        await controller.close()
+
+
+class _Origin(Protocol):
+    """Where the VM comes from: booted here, or handed over by the vmhost before an exec."""
+
+    config: Config
+    listen: socket.socket | None
+    """The control socket already listening (systemd's, or handed over); else it is bound."""
+    socket_path: Path | None
+    """The socket's path when vmhost binds it itself (removed at the end)."""
+    reexecs: list[float]
+
+    async def take_over(self, controller: QemuController) -> None: ...
+
+    async def start(self, controller: QemuController) -> None: ...
+
+    def announce(
+        self, controller: QemuController, notifier: notify.Notifier, reloader: reload.Reloader
+    ) -> None: ...
+
+
+class _Boot:
+    """A fresh start: the config file, systemd's socket or one bound here, QEMU started."""
+
+    def __init__(self, options: Options, name: str) -> None:
+        self.name = name
+        self.config = vmconfig.load(options.config or paths.config_path(name))
+        self.listen = activation.listen_socket()
+        self.socket_path = None if self.listen else options.socket or paths.socket_path(name)
+        self.reexecs: list[float] = []
+
+    async def take_over(self, controller: QemuController) -> None:
+        """Nothing to take over."""
+
+    async def start(self, controller: QemuController) -> None:
+        journal.log_event(journal.Event.STARTED, f"starting VM {self.name}")
+        await controller.start()
+
+    def announce(
+        self, controller: QemuController, notifier: notify.Notifier, reloader: reload.Reloader
+    ) -> None:
+        notifier.ready(controller.status_text())
+        message = f"VM {self.name} is {controller.state.value}"
+        journal.log_event(journal.Event.READY, message)
+
+
+class _Adopt:
+    """After a reload's exec: the previous vmhost's config, socket and running QEMU."""
+
+    def __init__(self, handover: reload.Handover) -> None:
+        self.handover = handover
+        self.config = handover.config
+        self.listen: socket.socket | None = socket.socket(fileno=handover.listen_fd)
+        self.socket_path = Path(handover.socket_path) if handover.socket_path else None
+        self.reexecs = handover.reexecs
+
+    async def take_over(self, controller: QemuController) -> None:
+        """QEMU becomes ours before anyone is served; signals stay held until then."""
+        await controller.adopt(self.handover.vm)
+
+    async def start(self, controller: QemuController) -> None:
+        """QEMU runs already."""
+
+    def announce(
+        self, controller: QemuController, notifier: notify.Notifier, reloader: reload.Reloader
+    ) -> None:
+        reloader.reloaded(self.handover)
 
 
 async def _supervise(
@@ -302,24 +351,6 @@ def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
     from .logs import entries  # cysystemd is loaded only when someone asks for logs
 
     return entries(name, lines=lines, follow=follow)
-
-
-def _raise_fd_limit(connections: int) -> None:
-    """Let the connection cap, not EMFILE, decide who is served.
-
-    systemd gives a service 1024 descriptors (soft) unless the unit says
-    otherwise: a flood of idle connections then stops every accept, good
-    clients included, instead of evicting the idlest.  Go raises its soft
-    limit by itself; we raise it as far as the hard limit allows.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + _FD_HEADROOM
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-    if raised < wanted:
-        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)
 
 
 def _pid_file(

@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import socket
 import stat
 import time
@@ -76,6 +77,8 @@ _TURNS_PER_SLICE: Final = 4
 _BACKLOG: Final = socket.SOMAXCONN
 """The loop calls listen() again: as long a queue as systemd's default ``Backlog=`` gives (the
 kernel caps both at ``net.core.somaxconn``, 4096 by default), and as :func:`bind` asks for."""
+_FD_HEADROOM: Final = 256
+"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 _QUEUED_MAX: Final = 512
 _QUEUED_SECONDS: Final = 0.05
 """At close: how many queued connections are answered, and how long that may take."""
@@ -124,6 +127,7 @@ class Server:
         self._sock = sock
         loop = asyncio.get_running_loop()
         factory = functools.partial(Connection, self)
+        _raise_fd_limit(self.limits.max_connections)
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
         self._sweeper = loop.call_later(1.0, self._sweep)
 
@@ -364,3 +368,21 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise AlreadyRunningError(f"another vmhost is already serving {path}")
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Let the connection cap, not EMFILE, decide who is served.
+
+    systemd gives a service 1024 descriptors (soft) unless the unit says
+    otherwise: a flood of idle connections then stops every accept, good
+    clients included, instead of evicting the idlest.  Go raises its soft
+    limit by itself; we raise it as far as the hard limit allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < wanted:
+        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)
