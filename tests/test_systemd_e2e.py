@@ -546,6 +546,23 @@ def test_list_does_not_wake_a_vm(make_vm: Callable[..., VM]) -> None:
     ]
 
 
+def test_status_and_stop_do_not_wake_a_vm(make_vm: Callable[..., VM]) -> None:
+    """`vmhostctl status NAME` and `stop NAME` on a VM whose socket waits for a connect: it is
+    stopped (exit 3, as systemctl status), stop has nothing to do, and neither starts it."""
+    vm = make_vm("asleep")
+    vm.ct.systemctl("start", f"vmhost@{vm.name}.socket")
+    status = vm.ctl("status", vm.name, check=False)
+    assert (status.returncode, status.stdout) == (3, f"{vm.name}: stopped\n"), status
+    stop = vm.ctl("stop", vm.name, check=False)
+    assert (stop.returncode, stop.stdout) == (0, f"{vm.name}: stopped\n"), stop
+    assert json.loads(vm.ctl("status", vm.name, "--json", check=False).stdout)["state"] == (
+        "stopped"
+    )
+    time.sleep(1)  # a start the connect triggered would show by now
+    assert vm.show("ActiveState")["ActiveState"] == "inactive"
+    assert vm.ct.run("test", "-S", vm.socket, check=False).returncode == 0  # still listening
+
+
 def test_logs_of_a_vm_without_records(make_vm: Callable[..., VM]) -> None:
     """With a real journal: an unknown VM fails; a configured one that never ran says so."""
     quiet = make_vm("logs-quiet")

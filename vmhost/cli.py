@@ -99,6 +99,8 @@ def _ctl(args: argparse.Namespace) -> int:
         return _start(_name(args))
     if sock is None:
         sock = socket_path(_name(args))
+        if args.command in ("status", "stop") and (asleep := _asleep(args.name)) is not None:
+            return _waiting(args.name, args.command, asleep, json_out)
     client = Client(sock, detail=True)
     label = args.name or str(sock)
     if args.command == "is-alive":
@@ -166,6 +168,24 @@ def _down(name: str, command: str, json_out: bool) -> int:
         return EXIT_UNKNOWN
     _show(name, Response(ok=True, state="stopped"), json_out)
     return EXIT_NOT_RUNNING if command == "status" else 0
+
+
+def _asleep(name: str) -> str | None:
+    """The VM's state when systemd would start it at our connect (its socket listens, its
+    service does not run), as ``vmhostctl list`` tells; ``None`` otherwise."""
+    from . import systemctl
+
+    waiting = systemctl.waiting_for_a_connect([name])
+    return systemctl.vm_state(waiting[name]) if name in waiting else None
+
+
+def _waiting(name: str, command: str, state: str, json_out: bool) -> int:
+    """Only the socket listens: a connect would boot the VM, so nothing connects.  ``status``
+    says what systemd says; ``stop`` has nothing to stop (the socket stays, as it was)."""
+    from .control.wire import Response
+
+    _show(name, Response(ok=True, state=state), json_out)
+    return EXIT_NOT_RUNNING if command == "status" and state in ("stopped", "failed") else 0
 
 
 def _known(name: str) -> bool:

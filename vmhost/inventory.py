@@ -23,14 +23,6 @@ from .errors import ClientError, ConfigError, ServerError
 ASK_TIMEOUT: Final = 1.0
 """A vmhost answers from its cache in well under a millisecond; a busy host gets plenty more."""
 
-# What systemd's ActiveState of a service that is not running says about its VM.
-_UNIT_STATES: Final = {
-    "inactive": "stopped",
-    "failed": "failed",
-    "activating": "starting",
-    "deactivating": "stopping",
-}
-
 
 class Row(msgspec.Struct):
     """One VM; ``None`` where it is not known (no answer, or not running)."""
@@ -70,7 +62,7 @@ async def survey(timeout: float = ASK_TIMEOUT) -> list[Row]:
     rows = await asyncio.gather(*(_ask(n, paths.socket_path(n, run_dir), timeout) for n in asked))
     by_name = {row.name: row for row in rows}
     for name, unit_state in waiting.items():
-        by_name[name] = Row(name, _UNIT_STATES.get(unit_state, unit_state or "unknown"))
+        by_name[name] = Row(name, systemctl.vm_state(unit_state))
     return [by_name[name] for name in known]
 
 

@@ -6,10 +6,24 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Collection
+from typing import Final
 
 from systemd import daemon
 
 _log = logging.getLogger(__name__)
+
+UNIT_STATES: Final = {
+    "inactive": "stopped",
+    "failed": "failed",
+    "activating": "starting",
+    "deactivating": "stopping",
+}
+"""What systemd's ActiveState of a service that is not running says about its VM."""
+
+
+def vm_state(unit_state: str) -> str:
+    """The VM's state word for a service's ActiveState (from :func:`waiting_for_a_connect`)."""
+    return UNIT_STATES.get(unit_state, unit_state or "unknown")
 
 
 def waiting_for_a_connect(names: Collection[str]) -> dict[str, str]:
