@@ -364,7 +364,14 @@ def _pid_file(
             return None
         return PidFile(Path(handover.pid_file), handover.pid_file_fd)
     where = options.pid_file or (paths.pid_file_beside(path) if path is not None else None)
-    return None if where is None else PidFile.lock(where)
+    if where is None:
+        return None
+    try:
+        return PidFile.lock(where)
+    except AlreadyRunningError as e:
+        if path is None:
+            raise
+        raise AlreadyRunningError(f"another vmhost is already serving {path} ({e})") from None
 
 
 def _state_dir(options: Options, name: str) -> Path:
