@@ -342,6 +342,37 @@ async def test_connections_made_while_closing_are_answered(
         assert 4 < answered <= 512 and answers[answered:] == [b""] * (len(answers) - answered)
 
 
+async def test_a_final_close_answers_every_accepted_connection(
+    tmp_path: Path, controller: FakeController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket vmhost bound itself (`vmhost serve` by hand) closes for good: clients that never
+    let up (connecting through a second name of the socket, so removing the path does not stop
+    them) are answered until connects are refused; no accepted connection is reset."""
+    path, alias = tmp_path / "s.sock", tmp_path / "alias.sock"
+    srv = Server(controller, path)
+    await srv.start()
+    os.link(path, alias)
+    controller.end()
+    real = srv.answer
+    clients: list[socket.socket] = []
+    refused = 0
+
+    def answer(request: Request) -> bytes | None:
+        nonlocal refused
+        try:  # each answer brings the next client
+            clients.append(_send(alias, b'{"method":"stop"}\n'))
+        except ConnectionRefusedError:
+            refused += 1
+        return real(request)
+
+    monkeypatch.setattr(srv, "answer", answer)
+    clients.extend(_send(alias, b'{"method":"stop"}\n') for _ in range(4))
+    await srv.close()
+    answers = [await _answer(client) for client in clients]
+    assert refused > 0
+    assert answers == [STOPPING] * len(clients)
+
+
 async def test_out_of_descriptors_does_not_spin(
     server: Server, sock_path: Path, event_loop_policy: asyncio.AbstractEventLoopPolicy
 ) -> None:

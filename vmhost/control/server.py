@@ -19,6 +19,7 @@ import os
 import resource
 import socket
 import stat
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -82,6 +83,8 @@ _FD_HEADROOM: Final = 256
 _QUEUED_MAX: Final = 512
 _QUEUED_SECONDS: Final = 0.05
 """At close: how many queued connections are answered, and how long that may take."""
+_FINAL_SECONDS: Final = 2.0
+"""At close of a socket that was shut down: time for clients that do not read their answer."""
 
 
 class Server:
@@ -132,7 +135,11 @@ class Server:
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self) -> None:
-        """Stop listening; answer what the kernel queued meanwhile (bounded); drop the rest."""
+        """Stop listening; answer what the kernel queued meanwhile; drop the rest.
+
+        A socket we bound ourselves is ours alone: it is shut down first, so every later
+        connect is refused and every one queued is answered.  One handed to us (systemd's)
+        may serve again after us (a restart keeps it): answered in bounded rounds."""
         if self._server is None or self._sock is None:
             return
         self.closing = True
@@ -141,10 +148,13 @@ class Server:
         if isinstance(self._listen, Path):
             with contextlib.suppress(FileNotFoundError):
                 self._listen.unlink()
+        final = isinstance(self._listen, Path)
         queue = self._sock.dup()  # the loop closes its socket: the queue lives on in this one
         self._server.close()
+        if final:
+            queue.shutdown(socket.SHUT_RD)  # connects are refused now; the queued stay accepted
         with queue:
-            await self._answer_queued(queue)
+            await self._answer_queued(queue, final)
         if self._turn_runner is not None:
             self._turn_runner.cancel()
         for conn in [*self._connections, *self.streams.logs, *self.streams.watches]:
@@ -153,15 +163,16 @@ class Server:
             task.cancel()  # waits for a VM that is gone, or that outlives us
         self._server = self._sock = None
 
-    async def _answer_queued(self, queue: socket.socket) -> None:
+    async def _answer_queued(self, queue: socket.socket, final: bool) -> None:
         """Connections a client made before we stopped listening get their one answer.
 
         Accepted in rounds until a round finds none, so a client that connects while the
-        last round is being answered is answered too; bounded in count and time all told."""
+        last round is being answered is answered too; bounded in count and time all told,
+        except for a ``final`` (shut down) queue: it cannot grow, so all of it is answered."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _QUEUED_SECONDS
+        deadline = loop.time() + (_FINAL_SECONDS if final else _QUEUED_SECONDS)
         factory = functools.partial(Connection, self)
-        left = _QUEUED_MAX
+        left = sys.maxsize if final else _QUEUED_MAX
         while left and loop.time() < deadline:
             accepted: list[socket.socket] = []
             with contextlib.suppress(OSError):  # BlockingIOError: none left; EMFILE: no room
