@@ -19,13 +19,13 @@ from pathlib import Path
 
 import container
 import pytest
-from conftest import CACHE, free_port
+from conftest import CACHE, free_port, prerequisite_missing
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
 import vmhost
 from vmhost import cli
-from vmhost.systemd import Event
+from vmhost.journal import Event
 
 REPO = container.REPO
 BUILD_DEB = REPO / "packaging" / "build-deb"
@@ -216,7 +216,7 @@ def _overlay(guest: GuestImage, *debs: Path) -> Iterator[Container]:
     try:
         container.require_host()
     except ContainerUnavailable as e:
-        pytest.skip(f"cannot start a systemd container here: {e}")
+        prerequisite_missing(f"cannot start a systemd container here: {e}")
     binds = [f"{d.parent}:/run/deb{i or ''}" for i, d in enumerate(debs)]
     binds.append(f"{guest.kernel.parent}:/run/guest")
     with container.boot(
