@@ -19,7 +19,7 @@ from conftest import VM
 from fixtures import ENV, Vmhost, vmhost_factory, wait_for
 
 from vmhost.client import Client
-from vmhost.protocol import Response
+from vmhost.control.wire import Response
 from vmhost.service import EXIT_NOT_READY, EXIT_OK
 
 pytestmark = pytest.mark.slow
