@@ -21,6 +21,10 @@ UNIT_STATES: Final = {
 """What systemd's ActiveState of a service that is not running says about its VM."""
 
 
+_BOOTING: Final = ("activating", "start")
+"""vmhost runs and waits for the guest before READY=1 (not ``auto-restart``, not pre-start)."""
+
+
 def vm_state(unit_state: str) -> str:
     """The VM's state word for a service's ActiveState (from :func:`waiting_for_a_connect`)."""
     return UNIT_STATES.get(unit_state, unit_state or "unknown")
@@ -31,14 +35,16 @@ def waiting_for_a_connect(names: Collection[str]) -> dict[str, str]:
     ActiveState (inactive, failed, activating, deactivating).
 
     A connect to such a socket starts the VM (socket activation), so whoever
-    only looks must not connect.  Empty when systemd does not run this host.
+    only looks must not connect.  A service starting with its vmhost running
+    (``activating``/``start``: the guest boots, ``[boot] ready``) is not such a
+    one: its vmhost answers.  Empty when systemd does not run this host.
     """
     if not names or not daemon.booted():
         return {}
     units = [f"vmhost@{name}.{kind}" for name in names for kind in ("socket", "service")]
     try:
         shown = subprocess.run(
-            ["systemctl", "show", "--property=Id,ActiveState", "--", *units],
+            ["systemctl", "show", "--property=Id,ActiveState,SubState", "--", *units],
             capture_output=True,
             text=True,
             timeout=10,
@@ -47,13 +53,16 @@ def waiting_for_a_connect(names: Collection[str]) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         _log.warning("cannot ask systemd about the vmhost units: %s", exc)
         return {}
-    state = {}
+    state, serving = {}, set()
     for block in shown.split("\n\n"):
         fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
         state[fields.get("Id", "")] = fields.get("ActiveState", "")
+        unit = (fields.get("ActiveState"), fields.get("SubState"))
+        if unit[0] == "active" or unit == _BOOTING:
+            serving.add(fields.get("Id", ""))
     return {
         name: state.get(f"vmhost@{name}.service", "")
         for name in names
         if state.get(f"vmhost@{name}.socket") == "active"
-        and state.get(f"vmhost@{name}.service") != "active"
+        and f"vmhost@{name}.service" not in serving
     }
