@@ -163,7 +163,7 @@ def test_ready_when_the_guest_says_so(
 def test_never_ready_is_stopped_and_fails(
     make_vm: MakeVM, vmhost_for: Callable[..., tuple[Vmhost, Systemd]]
 ) -> None:
-    """Not ready in ready_timeout_seconds: the graceful chain, exit 7, no READY=1, a clean disk."""
+    """Not ready in ready_timeout_seconds: the graceful chain, exit 8, no READY=1, a clean disk."""
     vm, systemd = vmhost_for(ready_vm(make_vm, "notify", timeout=25, cmdline="guest.never_ready=1"))
     started = time.monotonic()
     vm.start()

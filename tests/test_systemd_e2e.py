@@ -444,7 +444,7 @@ def test_a_boot_longer_than_timeout_start_sec_is_not_cut(make_vm: Callable[..., 
 
 
 def test_guest_never_ready_fails_without_restart(make_vm: Callable[..., VM]) -> None:
-    """No READY=1 in time: the start fails with exit 7 after a graceful stop; no restart loop."""
+    """No READY=1 in time: the start fails with exit 8 after a graceful stop; no restart loop."""
     vm = make_vm(
         "notready",
         boot='ready = "notify"\nready_timeout_seconds = 20',
@@ -464,7 +464,7 @@ def test_guest_never_ready_fails_without_restart(make_vm: Callable[..., VM]) -> 
     time.sleep(3)  # longer than RestartSec=2
     props = vm.show("ActiveState", "Result", "ExecMainStatus", "NRestarts", "StatusText")
     assert (props["ActiveState"], props["Result"]) == ("failed", "exit-code"), props
-    assert (props["ExecMainStatus"], props["NRestarts"]) == ("7", "0"), props
+    assert (props["ExecMainStatus"], props["NRestarts"]) == ("8", "0"), props
     assert "not ready within ready_timeout_seconds (20 s)" in props["StatusText"], props
     assert not vm.records(f"MESSAGE_ID={Event.READY.message_id}")
     assert vm.clean()

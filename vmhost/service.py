@@ -52,7 +52,7 @@ EXIT_ALREADY_RUNNING: Final = 5
 """Another vmhost serves this VM's socket; it is left alone."""
 EXIT_ACTIVATION: Final = 6
 """systemd passed descriptors that cannot be the control socket: the socket unit is wrong."""
-EXIT_NOT_READY: Final = 7
+EXIT_NOT_READY: Final = 8
 """The guest did not get ready within ``[boot] ready_timeout_seconds`` and was stopped:
 not restarted, the same guest would only do the same again (RestartPreventExitStatus)."""
 EXIT_USAGE: Final = 64
