@@ -19,9 +19,11 @@ from conftest import VM, free_port
 from guest.build import GuestImage
 
 from vmhost import config as vmconfig
-from vmhost.controller import _LAST_STEPS, PROBE_INTERVAL, PROBE_TIMEOUT, Ending, QemuController
 from vmhost.errors import ControllerError, VMCrashedError
+from vmhost.vm.controller import PROBE_INTERVAL, PROBE_TIMEOUT, QemuController
+from vmhost.vm.process import ExitCause
 from vmhost.vm.state import VMState
+from vmhost.vm.stopchain import LAST_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +95,7 @@ async def test_acpi_stop_keeps_data(booted: tuple[VM, QemuController]) -> None:
     start = time.monotonic()
     await controller.stop(10)
     assert time.monotonic() - start < 5
-    assert controller.state is VMState.STOPPED and controller.ending is Ending.REQUESTED
+    assert controller.state is VMState.STOPPED and controller.ending is ExitCause.REQUESTED
     await controller.wait()
     assert vm.marker() == vm.token and vm.clean()
 
@@ -109,7 +111,7 @@ async def test_deaf_guest_escalates_within_deadline(
         start = time.monotonic()
         await controller.stop(2)
         elapsed = time.monotonic() - start
-        assert 2 <= elapsed < 2 + 2 * _LAST_STEPS + 2  # the deadline, quit, SIGTERM, slack
+        assert 2 <= elapsed < 2 + 2 * LAST_STEPS + 2  # the deadline, quit, SIGTERM, slack
         assert controller.state is VMState.STOPPED
     finally:
         await controller.close()
@@ -125,17 +127,17 @@ async def test_second_stop_joins_the_first(
     try:
         await vm.wait_for_console("TINYGUEST READY")
         first = controller.stop(30)
-        await until(lambda: controller._step == "ACPI power-down", "the first stop pressed ACPI")
+        await until(lambda: controller.step == "ACPI power-down", "the first stop pressed ACPI")
         left = controller.stop_left()
         second = controller.stop(2)
         assert controller.stop_timeout == 30
         assert 25 < controller.stop_left() <= left, "the second stop moved the deadline"
-        assert controller._step == "ACPI power-down" and controller.state is VMState.STOPPING
+        assert controller.step == "ACPI power-down" and controller.state is VMState.STOPPING
         start = time.monotonic()
         await controller.force_stop()
         assert time.monotonic() - start < 5
         await asyncio.gather(first, second)
-        assert controller.ending is Ending.REQUESTED
+        assert controller.ending is ExitCause.REQUESTED
         assert caplog.text.count("stop: ACPI power-down (") == 1
     finally:
         await controller.close()
@@ -173,7 +175,7 @@ async def test_guest_poweroff_is_clean(make_vm: Callable[..., VM]) -> None:
             await controller.wait()
     finally:
         await controller.close()
-    assert controller.ending is Ending.POWEROFF and controller.state is VMState.STOPPED
+    assert controller.ending is ExitCause.POWEROFF and controller.state is VMState.STOPPED
     assert vm.marker() == vm.token
 
 
@@ -194,7 +196,7 @@ async def test_stop_of_a_paused_vm_resumes_it_first(booted: tuple[VM, QemuContro
     await until(lambda: controller.state is VMState.PAUSED, "paused after QMP stop")
     async with asyncio.timeout(15):  # the deadline is 30 s
         await controller.stop(30)
-    assert controller.ending is Ending.REQUESTED
+    assert controller.ending is ExitCause.REQUESTED
     assert vm.marker() == vm.token and vm.clean()
 
 
@@ -219,7 +221,7 @@ async def test_stop_of_a_vm_paused_on_a_disk_error_quits_at_once(
             await controller.stop(30)
     finally:
         await controller.close()
-    assert controller.ending is Ending.REQUESTED
+    assert controller.ending is ExitCause.REQUESTED
     assert "paused on a disk I/O error" in caplog.text
     assert "stop: QMP quit (paused on a disk I/O error" in caplog.text
     assert "ACPI power-down" not in caplog.text
@@ -251,7 +253,7 @@ async def test_killed_while_starting_is_a_kill_not_a_start_failure(
             await start
     finally:
         await controller.close()
-    assert controller.ending is Ending.KILLED and controller.state is VMState.CRASHED
+    assert controller.ending is ExitCause.KILLED and controller.state is VMState.CRASHED
 
 
 async def test_qmp_closing_during_a_stop_is_not_a_hang(
@@ -265,7 +267,7 @@ async def test_qmp_closing_during_a_stop_is_not_a_hang(
     try:
         await vm.wait_for_console("TINYGUEST READY")
         gone = controller.stop(3)
-        await until(lambda: controller._step == "ACPI power-down", "ACPI pressed")
+        await until(lambda: controller.step == "ACPI power-down", "ACPI pressed")
         await controller._qmp.disconnect()
         async with asyncio.timeout(30):
             await gone
@@ -301,7 +303,7 @@ async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
         start = time.monotonic()
         await controller.stop(10)
         assert time.monotonic() - start < 5
-        assert controller.ending is Ending.REQUESTED
+        assert controller.ending is ExitCause.REQUESTED
     finally:
         await controller.close()
     assert vm.marker() == vm.token and vm.clean()
@@ -321,7 +323,7 @@ async def test_guest_reboot_is_provisioned_again(make_vm: Callable[..., VM]) -> 
             lambda: controller._agent not in (None, first), "provisioned again after the reset"
         )
         await controller.stop(30)
-        assert controller.ending is Ending.REQUESTED
+        assert controller.ending is ExitCause.REQUESTED
     finally:
         await controller.close()
     assert vm.marker("/agent/secrets/token") == "s3cret"
@@ -342,7 +344,7 @@ async def test_qemu_that_cannot_run_leaks_no_descriptor(
     await controller.close()
     # `raised` keeps start()'s frame alive: what it did not close is still open (not collected).
     assert set(os.listdir("/proc/self/fd")) <= before, raised.traceback
-    assert controller.ending is Ending.START_FAILED
+    assert controller.ending is ExitCause.START_FAILED
 
 
 async def test_stop_is_visible_at_once(booted: tuple[VM, QemuController]) -> None:

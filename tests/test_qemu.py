@@ -13,7 +13,6 @@ import pytest
 from conftest import bare_qemu, free_port
 from qemu.qmp import QMPClient
 
-from vmhost import qemu
 from vmhost.config import (
     AgentConfig,
     BootConfig,
@@ -25,6 +24,7 @@ from vmhost.config import (
     ShareConfig,
 )
 from vmhost.errors import ControllerError
+from vmhost.vm import argv as qemu_argv
 
 DISK_ONLY = Config(disks=[DiskConfig(path="/vm/disk.img")])
 
@@ -36,7 +36,7 @@ def option(args: list[str], flag: str) -> list[str]:
 
 def test_argv_minimal_tcg() -> None:
     """A disk-only config gives exactly the expected command line, sandboxed, without -no-reboot."""
-    args = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    args = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
     assert args == [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -76,8 +76,8 @@ def test_argv_minimal_tcg() -> None:
 
 def test_argv_kvm_uses_host_cpu() -> None:
     """With KVM the machine and CPU model change, nothing else."""
-    tcg = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
-    kvm = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=True)
+    tcg = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    kvm = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=True)
     assert option(kvm, "-machine") == ["q35,accel=kvm"] and option(kvm, "-cpu") == ["host"]
     assert [a for a in kvm if a not in ("q35,accel=kvm", "host")] == [
         a for a in tcg if a not in ("q35,accel=tcg", "max")
@@ -106,7 +106,7 @@ def test_argv_full_config() -> None:
         ),
         qemu=QemuConfig(binary="/opt/qemu", sandbox=False, extra_args=["-S", "-d", "guest_errors"]),
     )
-    args = qemu.argv(config, name="web", qmp_fd=3, console_fd=4, kvm=False)
+    args = qemu_argv.argv(config, name="web", qmp_fd=3, console_fd=4, kvm=False)
     assert args[0] == "/opt/qemu"
     assert (option(args, "-m"), option(args, "-smp")) == (["512"], ["2"])
     assert option(args, "-kernel") == ["/vm/vmlinuz"]
@@ -137,7 +137,7 @@ def test_argv_full_config() -> None:
 def test_argv_kernel_without_initrd() -> None:
     """An empty initrd means no -initrd at all, not an empty file name."""
     config = Config(boot=BootConfig(kernel="/vm/vmlinuz"))
-    args = qemu.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
+    args = qemu_argv.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
     assert option(args, "-kernel") == ["/vm/vmlinuz"] and "-initrd" not in args
     assert option(args, "-append") == ["console=ttyS0"] and "-drive" not in args
 
@@ -145,7 +145,7 @@ def test_argv_kernel_without_initrd() -> None:
 def test_argv_agent_port_opens_no_tcp_forward() -> None:
     """ssh_port = 0 forwards nothing to port 22; the agent port forwards nothing either."""
     config = Config(disks=DISK_ONLY.disks, agent=AgentConfig(port=5000))
-    args = qemu.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
+    args = qemu_argv.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
     assert option(args, "-netdev") == ["user,id=net0"]
 
 
@@ -160,15 +160,15 @@ def fake_host(tmp_path: Path) -> tuple[Path, Path]:
 def test_kvm_usable_needs_device_and_hardware_module(fake_host: tuple[Path, Path]) -> None:
     """An openable /dev/kvm counts only with kvm_intel or kvm_amd loaded (kvm_pvm is not enough)."""
     dev, modules = fake_host
-    assert not qemu.kvm_usable(dev, modules)  # no device
+    assert not qemu_argv.kvm_usable(dev, modules)  # no device
     dev.write_bytes(b"")
     (modules / "kvm_pvm").mkdir()
-    assert not qemu.kvm_usable(dev, modules)
+    assert not qemu_argv.kvm_usable(dev, modules)
     (modules / "kvm_amd").mkdir()
-    assert qemu.kvm_usable(dev, modules)
+    assert qemu_argv.kvm_usable(dev, modules)
     dev.unlink()
     dev.mkdir()  # cannot be opened read-write
-    assert not qemu.kvm_usable(dev, modules)
+    assert not qemu_argv.kvm_usable(dev, modules)
 
 
 def test_kvm_usable_on_this_host_matches_modules() -> None:
@@ -176,7 +176,7 @@ def test_kvm_usable_on_this_host_matches_modules() -> None:
     hardware = any(Path("/sys/module", m).exists() for m in ("kvm_intel", "kvm_amd"))
     if hardware:
         pytest.skip("hardware KVM module loaded here")
-    assert not qemu.kvm_usable()
+    assert not qemu_argv.kvm_usable()
 
 
 @pytest.mark.parametrize(
@@ -195,9 +195,9 @@ def test_accel_is_kvm(
     expected: bool,
 ) -> None:
     """An explicit accel is obeyed; auto asks the probe."""
-    monkeypatch.setattr(qemu, "kvm_usable", lambda: usable)
+    monkeypatch.setattr(qemu_argv, "kvm_usable", lambda: usable)
     config = Config(machine=MachineConfig(accel=accel))
-    assert qemu.accel_is_kvm(config) is expected
+    assert qemu_argv.accel_is_kvm(config) is expected
 
 
 def test_environment_is_an_allowlist() -> None:
@@ -227,9 +227,11 @@ def test_environment_is_an_allowlist() -> None:
         "LC_ALL": "C",
         "TZ": "UTC",
     }
-    guard = {"LD_PRELOAD": qemu.slirp_guard()}
-    assert qemu.environment(parent) == {**kept, **guard}
-    assert qemu.environment(parent, host_loopback=True, agent_socket=Path("/s/agent.sock")) == {
+    guard = {"LD_PRELOAD": qemu_argv.slirp_guard()}
+    assert qemu_argv.environment(parent) == {**kept, **guard}
+    assert qemu_argv.environment(
+        parent, host_loopback=True, agent_socket=Path("/s/agent.sock")
+    ) == {
         **kept,
         **guard,
         "VMHOST_SLIRP_HOST_LOOPBACK": "1",
@@ -239,13 +241,16 @@ def test_environment_is_an_allowlist() -> None:
 
 def test_environment_always_has_path() -> None:
     """systemd may start us without PATH; QEMU still gets a sane one."""
-    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH, "LD_PRELOAD": qemu.slirp_guard()}
+    assert qemu_argv.environment({}) == {
+        "PATH": qemu_argv.DEFAULT_PATH,
+        "LD_PRELOAD": qemu_argv.slirp_guard(),
+    }
 
 
 def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
     """The guard QEMU preloads exists and defines slirp_new (nm: a text symbol)."""
     symbols = subprocess.run(
-        ["nm", "-D", "--defined-only", qemu.slirp_guard()], capture_output=True, text=True
+        ["nm", "-D", "--defined-only", qemu_argv.slirp_guard()], capture_output=True, text=True
     ).stdout
     assert re.search(r" T slirp_new$", symbols, re.M), symbols
 
@@ -256,7 +261,7 @@ def test_missing_slirp_guard_refuses_rather_than_runs_open(
     """Without the guard QEMU would run with the loopback open: refused."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ControllerError, match=r"slirp guard .* is missing"):
-        qemu.environment({}, host_loopback=True)
+        qemu_argv.environment({}, host_loopback=True)
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ import msgspec
 
 from . import __version__, systemd
 from .config import Config
-from .controller import Handover as VMHandover
-from .controller import QemuController
 from .errors import ReloadRefusedError
 from .server import Server
+from .vm.controller import QemuController
+from .vm.process import RunningQemu as VMHandover
 
 log = logging.getLogger(__name__)
 

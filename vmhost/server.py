@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 class Controller(Protocol):
-    """What the server needs from the VM; :class:`vmhost.controller.QemuController` is one."""
+    """What the server needs from the VM; :class:`vmhost.vm.controller.QemuController` is one."""
 
     @property
     def state(self) -> VMState: ...

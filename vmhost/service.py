@@ -22,7 +22,6 @@ from typing import Final
 from . import config as vmconfig
 from . import reload, systemd
 from .client import socket_path
-from .controller import QemuController
 from .errors import (
     ActivationError,
     AlreadyRunningError,
@@ -33,6 +32,8 @@ from .errors import (
     VmhostError,
 )
 from .server import Server, bind
+from .vm.console import console_logger
+from .vm.controller import QemuController
 from .vm.state import VMState
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         config,
         name=name,
         state_dir=state_dir,
-        on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
+        on_console=console_logger(name, config.console.journal_lines_per_second),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
