@@ -299,7 +299,9 @@ async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
     vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
     controller = await started(vm)
     try:
-        await until(lambda: controller._agent is not None, "the guest agent provisioned")
+        await until(
+            lambda: controller._connected_agent() is not None, "the guest agent provisioned"
+        )
         start = time.monotonic()
         await controller.stop(10)
         assert time.monotonic() - start < 5
@@ -316,11 +318,14 @@ async def test_guest_reboot_is_provisioned_again(make_vm: Callable[..., VM]) -> 
     vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
     controller = await started(vm)
     try:
-        await until(lambda: controller._agent is not None, "the guest agent provisioned")
-        first = controller._agent
+        await until(
+            lambda: controller._connected_agent() is not None, "the guest agent provisioned"
+        )
+        first = controller._connected_agent()
         await controller._qmp.execute("system_reset")
         await until(
-            lambda: controller._agent not in (None, first), "provisioned again after the reset"
+            lambda: controller._connected_agent() not in (None, first),
+            "provisioned again after the reset",
         )
         await controller.stop(30)
         assert controller.ending is ExitCause.REQUESTED

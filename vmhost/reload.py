@@ -35,7 +35,7 @@ from .config import Config
 from .errors import ReloadRefusedError
 from .server import Server
 from .vm.controller import QemuController
-from .vm.process import RunningQemu as VMHandover
+from .vm.handover import RunningQemu as VMHandover
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,14 @@
-"""One VM's QEMU, supervised: composes the process, the QMP session, the stop chain, the
-console and the agent, and owns every move of the VM's :class:`~vmhost.vm.state.RunState`.
-
-The state changes on three things only: QMP events, the process exit (decided once QMP's
-last bytes are read) and the stop chain.  ``status`` reads the cached state; nothing here
-blocks the event loop on QEMU.
-"""
+"""One VM's QEMU, supervised: composes the process, QMP, the stop chain, the console and
+the agent, and makes every move of the VM's run-state (on QMP events, the process exit and
+the stop chain only).  Nothing here blocks the event loop on QEMU."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
-import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
@@ -25,10 +18,13 @@ from ..config import Config
 from ..errors import ControllerError, ReloadRefusedError, VMCrashedError
 from . import argv as qemu_argv
 from .console import read_console
-from .process import ExitCause, QemuProcess, RunningQemu, classify
-from .qmp import COMMAND_TIMEOUT, QmpSession, pause_at_line
+from .handover import RunningQemu, pause_streams, resume_streams
+from .process import ExitCause, QemuProcess, classify
+from .provisioning import AgentLink
+from .qmp import COMMAND_TIMEOUT, QmpSession
 from .state import Change, Changes, RunState, VMState
-from .stopchain import StopChain, event_name
+from .stopchain import StopChain, event_name, granted
+from .tasks import Background
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -44,8 +40,6 @@ PROBE_INTERVAL: Final = 3.0  # the probe is most of an idle vmhost's CPU
 PROBE_TIMEOUT: Final = 2.0
 EXIT_GRACE: Final = 1.0
 """A wide guard: how long QEMU's streams may take to report its exit after the other did."""
-QUIESCE_TIMEOUT: Final = 1.0
-"""For QEMU's streams to reach a line boundary before a handover."""
 
 
 class QemuController:
@@ -81,12 +75,12 @@ class QemuController:
         self._stop: StopChain | None = None
         self._ending: ExitCause | None = None
         self._ending_detail = ""
-        self._agent: Agent | None = None
-        self._provisioning: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background()
+        self._spawn = self._tasks.spawn
         self._console: IO[bytes] | None = None
         """The console pipe's read end (QEMU has the write end)."""
         self._agent_socket = qemu_argv.agent_socket(state_dir) if config.agent.port else None
+        self._agent = AgentLink(config.agent, self._agent_socket) if self._agent_socket else None
 
     # -- what the server reads ------------------------------------------------
 
@@ -125,9 +119,7 @@ class QemuController:
         state = self._run.state
         if state is VMState.STOPPING and self.step:
             assert self._stop is not None
-            ago = time.monotonic() - self._stop.step_since
-            left = max(self._stop.deadline - time.monotonic(), 0.0)
-            return f"stopping: {self.step} {ago:.0f} s ago, {left:.0f} s left"
+            return self._stop.status_text()
         if self._ending is not None:
             return f"{state.value}: {self._ending.value}{self._ending_detail}"
         return f"{state.value} (QEMU pid {self.pid})" if self.pid else state.value
@@ -143,18 +135,16 @@ class QemuController:
                 host_loopback=self.config.network.host_loopback,
                 agent_socket=self._agent_socket,
             )
-            self._spawn_qemu(env)
+            sock = self._launch(env)
         except Exception as e:
             self._end(ExitCause.START_FAILED, f": {e}")
             if isinstance(e, ControllerError):
                 raise
             raise ControllerError(f"cannot run {self.config.qemu.binary}: {e}") from e
         try:
-            await self._qmp.connect(
-                self._qmp_socket(), budget=self.start_timeout, on_wait=self.on_start_wait
-            )
+            await self._qmp.connect(sock, budget=self.start_timeout, on_wait=self.on_start_wait)
             self._spawn(self._qmp.read_events())
-            self._check_guard(env)
+            self._process.check_guard(self.config, env["LD_PRELOAD"])
             if "-S" not in self.config.qemu.extra_args:  # else the config holds it itself
                 await self._qmp.execute("cont")
             status = await self._qmp.execute("query-status")
@@ -168,74 +158,33 @@ class QemuController:
             self._move(VMState.RUNNING if running else VMState.PAUSED, "QEMU runs")
         self._supervise()
 
-    def _spawn_qemu(self, env: dict[str, str]) -> None:
-        qmp_parent, qmp_child = socket.socketpair()
-        console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            args = qemu_argv.argv(
-                self.config,
-                name=self.name,
-                qmp_fd=qmp_child.fileno(),
-                console_fd=console_write,
-                kvm=qemu_argv.accel_is_kvm(self.config),
-                held=True,
-            )
-            log.info("starting QEMU: %s", " ".join(args), extra={"VMHOST_STATE": "starting"})
-            if self._agent_socket is not None:
-                self._agent_socket.unlink(missing_ok=True)  # a previous run's: QEMU binds it anew
-                log.warning(
-                    "agent.port %d is not used: the agent is reached through %s, which only "
-                    "vmhost may open (no TCP forward that other users or guests could reach)",
-                    self.config.agent.port,
-                    self._agent_socket,
-                )
-            self._process.spawn(args, env, (qmp_child.fileno(), console_write))
-        except BaseException:
-            qmp_parent.close()
-            os.close(console_read)
-            raise
-        finally:
-            qmp_child.close()
-            os.close(console_write)
-        self._qmp.sock = qmp_parent
-        self._console = os.fdopen(console_read, "rb", buffering=0)
+    def _launch(self, env: dict[str, str]) -> socket.socket:
+        if self._agent is not None:
+            self._agent.prepare()
+        sock, self._console = self._process.launch(self.config, name=self.name, env=env)
+        self._read_streams()
+        return sock
+
+    def _read_streams(self) -> None:
+        assert self._console is not None
         self._spawn(self._process.read_stderr())
         self._spawn(
             read_console(self._console, self.config.console, self.state_dir, self.on_console)
         )
-
-    def _qmp_socket(self) -> socket.socket:
-        assert self._qmp.sock is not None
-        return self._qmp.sock
-
-    def _check_guard(self, env: dict[str, str]) -> None:
-        """A static QEMU, or a wrapper that drops LD_PRELOAD, would run without the guard."""
-        if self._process.maps(env["LD_PRELOAD"]):
-            return
-        if not self.config.network.host_loopback:
-            raise ControllerError(
-                f"the slirp guard is not loaded in QEMU (pid {self.pid}): guests would reach "
-                f"the host's loopback; {self.config.qemu.binary} must be a dynamically linked "
-                "QEMU that keeps LD_PRELOAD (no wrapper that drops it), or set "
-                "network.host_loopback = true"
-            )
-        log.warning("the slirp guard is not loaded in QEMU: the agent has no private channel")
 
     async def _fail_start(self, cause: BaseException) -> None:
         """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure,
         and QEMU killed from outside is reported as such, not as a start failure."""
         if not self._process.reaped:
             if isinstance(cause, QMPError | OSError):  # QMP closed: QEMU is likely on its way out
-                await self._until_ended(EXIT_GRACE)
+                await self._run.end(within=EXIT_GRACE)
             self._process.kill(signal.SIGKILL)
         await self._run.end()
         if self._ending is ExitCause.REQUESTED:
             return
         if self._ending is not ExitCause.START_FAILED:
             await self.wait()
-        with contextlib.suppress(TimeoutError):  # QEMU's last words, up to its stderr EOF
-            async with asyncio.timeout(EXIT_GRACE):
-                await self._process.stderr_closed.wait()
+        await self._process.exiting(EXIT_GRACE)  # QEMU's last words, up to its stderr EOF
         detail = "; ".join(self._process.stderr_tail) or str(cause) or repr(cause)
         raise ControllerError(f"QEMU failed to start: {detail}") from cause
 
@@ -256,21 +205,15 @@ class QemuController:
         awaited, so a ``status`` right after already says ``stopping``.
         """
         if self._stop is None and self._run.can_move(VMState.STOPPING):
-            if timeout is None:
-                timeout = self.config.stop.timeout_seconds
-            limit = self.config.stop.max_timeout_seconds
-            if timeout > limit:
-                log.warning("stop timeout %g s clamped to max_timeout_seconds %d", timeout, limit)
-                timeout = limit
             self._stop = StopChain(
-                timeout,
+                granted(self.config.stop, timeout),
                 qmp=self._qmp,
                 process=self._process,
-                agent=lambda: self._agent,
+                agent=self._connected_agent,
                 gone=self._run.end,
                 announce=self._announce_step,
             )
-            self._move(VMState.STOPPING, f"stop requested, {timeout:g} s to finish")
+            self._move(VMState.STOPPING, f"stop requested, {self._stop.timeout:g} s to finish")
             self._spawn(self._stop.run())
         return self._run.end()
 
@@ -286,9 +229,7 @@ class QemuController:
         if not self._run.ended:
             self._process.kill(signal.SIGKILL)
             await self._run.end()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         await self._disconnect()
         self._process.close()
 
@@ -313,35 +254,22 @@ class QemuController:
         """
         if refusal := self.handover_refusal():
             raise ReloadRefusedError(refusal)
-        try:
-            async with asyncio.timeout(QUIESCE_TIMEOUT):
-                if (stderr := self._process.stream) and not stderr[0].is_closing():
-                    await pause_at_line(*stderr)
-                await self._qmp.quiesce()
-        except TimeoutError:
-            self.resume()
-            raise ReloadRefusedError("QEMU's output did not pause at a line boundary") from None
+        await pause_streams(self._process, self._qmp)
         if refusal := self.handover_refusal():  # a stop may have come in meanwhile
             self.resume()
             raise ReloadRefusedError(refusal)
-        assert self._process.stderr is not None and self._console is not None
-        return RunningQemu(
-            pid=self.pid,
-            qmp_fd=self._qmp_socket().fileno(),
-            console_fd=self._console.fileno(),
-            stderr_fd=self._process.stderr.fileno(),
+        assert self._console is not None
+        return RunningQemu.of(
+            self._process,
+            self._qmp,
+            self._console,
             state=self._run.state,
-            vcpus_stopped=self._qmp.vcpus_stopped,
-            shutdown_event=self._qmp.shutdown_event,
-            stderr_tail=list(self._process.stderr_tail),
-            agent=self._agent is not None,
+            agent=self._connected_agent() is not None,
         )
 
     def resume(self) -> None:
         """Read QEMU's streams again: the handover did not happen."""
-        for stream in (self._qmp.stream, self._process.stream):
-            if stream is not None and not stream[0].is_closing():
-                stream[0].resume_reading()
+        resume_streams(self._process, self._qmp)
 
     async def adopt(self, handed: RunningQemu) -> None:
         """Take over the QEMU a previous vmhost of this PID handed over (instead of :meth:`start`).
@@ -357,11 +285,8 @@ class QemuController:
         self._qmp.vcpus_stopped = handed.vcpus_stopped
         self._process.stderr_tail.extend(handed.stderr_tail)
         self._process.adopt(handed.pid, handed.stderr_fd)
-        self._spawn(self._process.read_stderr())
         self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
-        self._spawn(
-            read_console(self._console, self.config.console, self.state_dir, self.on_console)
-        )
+        self._read_streams()
         try:
             sock = socket.socket(fileno=handed.qmp_fd)
             await self._qmp.connect(sock, budget=COMMAND_TIMEOUT, greeting=False)
@@ -381,9 +306,9 @@ class QemuController:
 
     def _supervise(self, *, reconnect_agent: bool = False) -> None:
         self._spawn(self._watch_qmp())
-        self._spawn(self._probe())
-        if self.config.agent.port:
-            self._provisioning = self._spawn(self._provision(reconnect=reconnect_agent))
+        self._spawn(self._qmp.probe(PROBE_INTERVAL, PROBE_TIMEOUT, self._probed))
+        if self._agent is not None:
+            self._agent.start(reconnect=reconnect_agent)
 
     def _exited(self, code: int) -> None:
         """The pidfd says QEMU is gone: decide how, once QMP has said its last."""
@@ -394,13 +319,9 @@ class QemuController:
         unread), and always decide: an error here still ends the VM, as a crash."""
         cause, detail = ExitCause.CRASHED, f", exit code {code}"
         try:
-            if self._qmp.connected:
-                await self._qmp.read_to_end(EXIT_GRACE)
+            await self._qmp.read_to_end(EXIT_GRACE)
             cause, detail = classify(
-                code,
-                state=self._run.state,
-                signalled=self._process.signalled,
-                shutdown=self._qmp.shutdown_event,
+                code, self._run.state, self._process.signalled, self._qmp.shutdown_event
             )
         except Exception:
             log.exception("cannot tell how QEMU ended (exit code %d)", code)
@@ -425,8 +346,8 @@ class QemuController:
             self._move(VMState.RUNNING, "resumed", name)
         elif name == "RESET":
             log.info("guest reset (reboot); the VM keeps running", extra={"QMP_EVENT": name})
-            if self.config.agent.port and state is not VMState.STOPPING:
-                self._reprovision()
+            if self._agent is not None and state is not VMState.STOPPING:
+                self._agent.reprovision()
         elif name == "GUEST_PANICKED":
             log.error("guest kernel panic: %s", data, extra={"QMP_EVENT": name})
         elif name not in ("STOP", "RESUME"):
@@ -440,64 +361,28 @@ class QemuController:
         exiting if its stderr closes too (the kernel closes both at once).
         """
         await self._qmp.lost()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(EXIT_GRACE):
-                await self._process.stderr_closed.wait()
-        if not self._process.stderr_closed.is_set() and self._run.can_move(VMState.UNRESPONSIVE):
+        if not await self._process.exiting(EXIT_GRACE) and self._run.can_move(VMState.UNRESPONSIVE):
             log.error("QMP connection to QEMU lost; only signals can stop it now")
             self._move(VMState.UNRESPONSIVE, "QMP connection lost")
 
-    async def _probe(self) -> None:
-        """A hung QEMU answers nothing, not even an error: time a cheap command."""
-        while not self._run.ended and self._qmp.connected:
-            await asyncio.sleep(PROBE_INTERVAL)
-            answered = await self._qmp.answers(PROBE_TIMEOUT)
-            if answered is None:
-                return
-            state = self._run.state
-            if not answered and state in (VMState.RUNNING, VMState.PAUSED):
-                self._move(VMState.UNRESPONSIVE, f"QMP did not answer in {PROBE_TIMEOUT:g} s")
-            elif answered and state is VMState.UNRESPONSIVE:
-                live = VMState.PAUSED if self._qmp.vcpus_stopped else VMState.RUNNING
-                self._move(live, "QMP answers again")
-
-    def _reprovision(self) -> None:
-        """A rebooted guest forgot its keys, secrets and mounts, and its agent connection."""
-        if self._provisioning is not None:
-            self._provisioning.cancel()
-        if self._agent is not None:
-            self._agent.close()
-            self._agent = None
-        self._provisioning = self._spawn(self._provision())
-
-    async def _provision(self, *, reconnect: bool = False) -> None:
-        """Connect the guest agent and provision the guest (or, after a reload, only
-        connect: it was provisioned); failure only means no agent."""
-        from .agent import Agent, provision  # most VMs have no agent: keep it off the start path
-
-        address = str(self._agent_socket)
-        try:
-            if reconnect:
-                deadline = asyncio.get_running_loop().time() + COMMAND_TIMEOUT
-                self._agent = await Agent.connect(address, deadline=deadline)
-                return
-            self._agent = await provision(self.config.agent, address=address)
-        except ControllerError as e:
-            log.warning("guest agent unavailable, stop will use ACPI: %s", e)
-            return
-        log.info("guest agent connected and provisioned")
+    def _probed(self, answered: bool) -> None:
+        """A hung QEMU answers nothing, not even an error: the probe times a cheap command."""
+        state = self._run.state
+        if not answered and state in (VMState.RUNNING, VMState.PAUSED):
+            self._move(VMState.UNRESPONSIVE, f"QMP did not answer in {PROBE_TIMEOUT:g} s")
+        elif answered and state is VMState.UNRESPONSIVE:
+            live = VMState.PAUSED if self._qmp.vcpus_stopped else VMState.RUNNING
+            self._move(live, "QMP answers again")
 
     async def _disconnect(self) -> None:
         if self._agent is not None:
-            self._agent.close()
+            await self._agent.close()
         await self._qmp.disconnect()
 
     # -- helpers --------------------------------------------------------------
 
-    async def _until_ended(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._run.end()
+    def _connected_agent(self) -> Agent | None:
+        return self._agent.agent if self._agent is not None else None
 
     def _move(self, state: VMState, message: str, qmp_event: str = "") -> None:
         """The one place the VM's state changes (the run-state refuses impossible moves)."""
@@ -509,14 +394,3 @@ class QemuController:
     def _announce_step(self, step: str, message: str) -> None:
         log.info("%s", message, extra={"VMHOST_STATE": "stopping"})
         self.changes.publish(Change(VMState.STOPPING, message, event_name(step)))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("internal task failed: %r", exc, exc_info=exc)

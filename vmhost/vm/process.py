@@ -10,13 +10,15 @@ import enum
 import logging
 import os
 import signal
+import socket
 import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Final
 
-import msgspec
-
+from ..config import Config
+from ..errors import ControllerError
+from . import argv
 from .state import VMState
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ _FINAL: Final = {
 
 
 def classify(
-    code: int, *, state: VMState, signalled: bool, shutdown: Mapping[str, Any] | None
+    code: int, state: VMState, signalled: bool, shutdown: Mapping[str, Any] | None
 ) -> tuple[ExitCause, str]:
     """How QEMU ended, from its exit code, the state it left and its last SHUTDOWN event."""
     shutdown = shutdown or {}
@@ -72,25 +74,6 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-class RunningQemu(msgspec.Struct, frozen=True, kw_only=True):
-    """A running QEMU as one vmhost hands it to the next (the descriptors are inherited)."""
-
-    pid: int
-    qmp_fd: int
-    console_fd: int
-    stderr_fd: int
-    state: VMState
-    vcpus_stopped: bool = False
-    shutdown_event: dict[str, Any] | None = None
-    stderr_tail: list[str] = []
-    agent: bool = False
-    """The guest agent was provisioned: the next vmhost reconnects without provisioning again."""
-
-    @property
-    def fds(self) -> tuple[int, int, int]:
-        return (self.qmp_fd, self.console_fd, self.stderr_fd)
-
-
 class QemuProcess:
     """One QEMU child: its pid, its pidfd while it lives, its stderr's last lines."""
 
@@ -112,10 +95,37 @@ class QemuProcess:
     def reaped(self) -> bool:
         return self.pid != 0 and self._pidfd < 0
 
-    def spawn(self, argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...]) -> None:
+    def launch(
+        self, config: Config, *, name: str, env: dict[str, str]
+    ) -> tuple[socket.socket, IO[bytes]]:
+        """QEMU for ``config``, held before the guest's first instruction (``-S``); returns
+        vmhost's end of QMP and the console pipe's read end.  Leaks nothing if it fails."""
+        qmp_parent, qmp_child = socket.socketpair()
+        console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            args = argv.argv(
+                config,
+                name=name,
+                qmp_fd=qmp_child.fileno(),
+                console_fd=console_write,
+                kvm=argv.accel_is_kvm(config),
+                held=True,
+            )
+            log.info("starting QEMU: %s", " ".join(args), extra={"VMHOST_STATE": "starting"})
+            self._spawn(args, env, (qmp_child.fileno(), console_write))
+        except BaseException:
+            qmp_parent.close()
+            os.close(console_read)
+            raise
+        finally:
+            qmp_child.close()
+            os.close(console_write)
+        return qmp_parent, os.fdopen(console_read, "rb", buffering=0)
+
+    def _spawn(self, args: list[str], env: dict[str, str], pass_fds: tuple[int, ...]) -> None:
         # Popen, not asyncio's: we watch the child through a pidfd, and fork+exec is quick.
         self._popen = subprocess.Popen(
-            argv,
+            args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -154,13 +164,24 @@ class QemuProcess:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
 
-    def maps(self, path: str) -> bool:
-        """Whether the running QEMU has ``path`` mapped (a library it really loaded)."""
+    def check_guard(self, config: Config, guard: str) -> None:
+        """The slirp guard must be loaded in QEMU itself: a static QEMU, or a wrapper that
+        drops LD_PRELOAD, would run without it.  Checked while QEMU is held (``-S``)."""
         try:
             with open(f"/proc/{self.pid}/maps") as maps:
-                return any(line.rstrip("\n").endswith(" " + path) for line in maps)
+                loaded = any(line.rstrip("\n").endswith(" " + guard) for line in maps)
         except OSError:
-            return False
+            loaded = False
+        if loaded:
+            return
+        if not config.network.host_loopback:
+            raise ControllerError(
+                f"the slirp guard is not loaded in QEMU (pid {self.pid}): guests would reach "
+                f"the host's loopback; {config.qemu.binary} must be a dynamically linked QEMU "
+                "that keeps LD_PRELOAD (no wrapper that drops it), or set "
+                "network.host_loopback = true"
+            )
+        log.warning("the slirp guard is not loaded in QEMU: the agent has no private channel")
 
     async def read_stderr(self) -> None:
         assert self.stderr is not None
@@ -176,6 +197,14 @@ class QemuProcess:
             self.stderr_tail.append(text)
             log.warning("qemu: %s", text)
         self.stderr_closed.set()
+
+    async def exiting(self, grace: float) -> bool:
+        """Whether stderr closes within ``grace``: the kernel closes all of QEMU's
+        descriptors as it exits, so one closed stream with stderr open is no exit."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.stderr_closed.wait()
+        return self.stderr_closed.is_set()
 
     def close(self) -> None:
         if self.stderr is not None:

@@ -49,7 +49,7 @@ class QmpSession:
         """Connect within ``budget`` seconds (QEMU greets only once its machine is built:
         a large preallocated guest takes long); ``on_wait(seconds_left)`` runs every few
         seconds meanwhile, so systemd can be asked for more time."""
-        self.sock = sock
+        self.sock = sock  # kept open: a handover passes it on
         self.client.await_greeting = self.client.negotiate = greeting
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -85,6 +85,8 @@ class QmpSession:
         QEMU's descriptors close before its exit is visible, so by then the end of
         the stream is waiting: this takes what it said last (the SHUTDOWN event).
         """
+        if not self.connected:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 while self.client.runstate is Runstate.RUNNING:
@@ -97,16 +99,21 @@ class QmpSession:
         while await self.client.runstate_changed() is not Runstate.DISCONNECTING:
             pass
 
-    async def answers(self, timeout: float) -> bool | None:
-        """A cheap command within ``timeout``: True, False if no answer came (hung),
-        None once the session is gone."""
-        try:
-            await self.execute("query-status", timeout)
-        except TimeoutError:
-            return False
-        except QMPError:
-            return None
-        return True
+    async def probe(
+        self, interval: float, timeout: float, answered: Callable[[bool], None]
+    ) -> None:
+        """Every ``interval``, a cheap command: ``answered`` whether it came back within
+        ``timeout`` (a hung QEMU answers nothing, not even an error), while connected."""
+        while self.connected:
+            await asyncio.sleep(interval)
+            try:
+                await self.execute("query-status", timeout)
+            except TimeoutError:
+                answered(False)
+                continue
+            except QMPError:
+                return
+            answered(True)
 
     async def quiesce(self) -> None:
         """Let the events already read be handled: a handover follows."""
@@ -116,7 +123,8 @@ class QmpSession:
             await asyncio.sleep(0)
 
     async def disconnect(self) -> None:
-        if self.client.runstate is not Runstate.IDLE:  # a failed connect is already idle
+        # A failed connect is already idle; one in progress fails (and cleans up) alone.
+        if self.client.runstate not in (Runstate.IDLE, Runstate.CONNECTING):
             with contextlib.suppress(QMPError, OSError, EOFError):
                 await self.client.disconnect()
 

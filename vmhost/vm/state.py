@@ -4,6 +4,7 @@ changes, which watchers follow in order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections import deque
@@ -114,9 +115,11 @@ class RunState:
         await self._changed.wait()
         return self._state
 
-    async def end(self) -> None:
-        """Until the VM has ended (the ending decided, not only QEMU gone)."""
-        await self._ended.wait()
+    async def end(self, within: float | None = None) -> None:
+        """Until the VM has ended (the ending decided, not only QEMU gone), or ``within``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._ended.wait()
 
 
 class Change(NamedTuple):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from qemu.qmp import QMPError
 
+from ..config import StopConfig
 from ..errors import ControllerError
 from .process import QemuProcess
 from .qmp import QmpSession
@@ -55,6 +56,11 @@ class StopChain:
     def left(self) -> float:
         """Seconds the chain may still take, its last steps included."""
         return max(self.deadline - time.monotonic(), 0.0) + 2 * LAST_STEPS
+
+    def status_text(self) -> str:
+        ago = time.monotonic() - self.step_since
+        left = max(self.deadline - time.monotonic(), 0.0)
+        return f"stopping: {self.step} {ago:.0f} s ago, {left:.0f} s left"
 
     async def run(self) -> None:
         try:
@@ -138,6 +144,17 @@ def _agent_shutdown(agent: Agent) -> Step:
         await agent.shutdown("vmhost stop")
 
     return run
+
+
+def granted(config: StopConfig, timeout: float | None) -> float:
+    """The stop's timeout: None is ``timeout_seconds``; at most ``max_timeout_seconds``."""
+    if timeout is None:
+        timeout = config.timeout_seconds
+    limit = config.max_timeout_seconds
+    if timeout > limit:
+        log.warning("stop timeout %g s clamped to max_timeout_seconds %d", timeout, limit)
+        timeout = limit
+    return timeout
 
 
 def event_name(step: str) -> str:
