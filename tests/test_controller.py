@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -374,3 +375,94 @@ async def test_stop_timeout_is_clamped(booted: tuple[VM, QemuController]) -> Non
     assert 598 < controller.stop_left() <= 602
     await gone
     assert controller.stop_left() == 0
+
+
+def _is_zombie(pid: int) -> bool:
+    """QEMU has exited and nobody reaped it yet."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(") ")[2].startswith("Z")
+
+
+async def test_poweroff_seen_in_one_loop_pass_with_the_exit_is_no_crash(
+    make_vm: Callable[..., VM],
+) -> None:
+    """The loop held while the guest powers off (as a SIGSTOP of vmhost does): the pidfd and
+    QMP's last bytes wake it in one pass, and the ending waits for QMP's SHUTDOWN event."""
+    vm = make_vm(cmdline="guest.autopoweroff=1")
+    controller = await started(vm)
+    try:
+        await vm.wait_for_console("TINYGUEST READY")
+        deadline = time.monotonic() + 60
+        while not _is_zombie(controller.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # noqa: ASYNC251 - holds the loop, as a stopped vmhost would
+        assert _is_zombie(controller.pid), "the guest did not power off"
+        async with asyncio.timeout(30):
+            await controller.wait()
+    finally:
+        await controller.close()
+    assert controller.ending is ExitCause.POWEROFF and controller.state is VMState.STOPPED
+
+
+async def test_qemu_killed_by_a_realtime_signal_is_a_crash(
+    booted: tuple[VM, QemuController],
+) -> None:
+    """Any signal number is reported (real-time ones have no name) and ends as crashed."""
+    _, controller = booted
+    os.kill(controller.pid, signal.SIGRTMIN + 1)
+    with pytest.raises(VMCrashedError, match=f"by signal {signal.SIGRTMIN + 1}"):
+        async with asyncio.timeout(30):
+            await controller.wait()
+    assert controller.state is VMState.CRASHED and controller.ending is ExitCause.KILLED
+
+
+async def test_an_error_telling_how_qemu_ended_still_ends_the_vm(
+    booted: tuple[VM, QemuController], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No exception on the exit path leaves the state undecided: the VM ends as crashed."""
+    _, controller = booted
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr("vmhost.vm.controller.classify", broken)
+    os.kill(controller.pid, signal.SIGKILL)
+    with pytest.raises(VMCrashedError, match="exit code -9"):
+        async with asyncio.timeout(30):
+            await controller.wait()
+    assert controller.state is VMState.CRASHED
+
+
+async def test_a_start_failure_that_is_no_oserror_fails_at_once_and_leaks_nothing(
+    make_vm: Callable[..., VM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slirp guard missing (raised while QEMU's environment is built): a start error
+    with the reason, the VM in error, and close() returns with no descriptor left open."""
+    vm = make_vm()
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if "_slirp_guard" in name else find(name, *a),
+    )
+    before = set(os.listdir("/proc/self/fd"))
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    with pytest.raises(ControllerError, match=r"slirp guard .* is missing") as raised:
+        async with asyncio.timeout(10):
+            await controller.start()
+    async with asyncio.timeout(10):
+        await controller.close()
+    assert set(os.listdir("/proc/self/fd")) <= before, raised.traceback
+    assert controller.ending is ExitCause.START_FAILED and controller.state is VMState.ERROR
+
+
+async def test_stop_without_a_timeout_takes_the_configs(make_vm: Callable[..., VM]) -> None:
+    """stop() naming no timeout (the Go client's Stop(0), SIGTERM) gets [stop] timeout_seconds."""
+    vm = make_vm(timeout=7)
+    controller = await started(vm)
+    try:
+        gone = controller.stop()
+        assert controller.stop_timeout == 7
+        await gone
+    finally:
+        await controller.close()
+    assert controller.ending is ExitCause.REQUESTED

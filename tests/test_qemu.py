@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
+import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import pytest
-from conftest import bare_qemu, free_port
+from conftest import VM, bare_qemu, free_port
+from fixtures import ENV
 from qemu.qmp import QMPClient
 
+from vmhost import config as vmconfig
 from vmhost.config import (
     AgentConfig,
     BootConfig,
@@ -25,6 +30,8 @@ from vmhost.config import (
 )
 from vmhost.errors import ControllerError
 from vmhost.vm import argv as qemu_argv
+from vmhost.vm.controller import QemuController
+from vmhost.vm.state import VMState
 
 DISK_ONLY = Config(disks=[DiskConfig(path="/vm/disk.img")])
 
@@ -255,13 +262,118 @@ def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
     assert re.search(r" T slirp_new$", symbols, re.M), symbols
 
 
-def test_missing_slirp_guard_refuses_rather_than_runs_open(
-    monkeypatch: pytest.MonkeyPatch,
+_NO_GUARD: Final = """
+import importlib.util, sys
+find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if "_slirp_guard" in name else find(name, *a)
+from vmhost.cli import vmhost_main
+vmhost_main(sys.argv[1:])
+"""
+
+
+def serve(vm: VM, *python: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``vmhost serve`` for ``vm`` as the service runs it, to its exit."""
+    return subprocess.run(
+        [sys.executable, *(python or ("-m", "vmhost")), "serve", "t", *vm.args()],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_missing_slirp_guard_refuses_rather_than_runs_open(make_vm: Callable[..., VM]) -> None:
+    """The service's own path: without the guard QEMU would run with the loopback open, so
+    vmhost exits 4 at once, saying why (it used to hang until TimeoutStartSec)."""
+    start = time.monotonic()
+    done = serve(make_vm(), "-c", _NO_GUARD, timeout=30)
+    assert done.returncode == 4, done.stderr
+    assert re.search(r"slirp guard .* is missing", done.stderr), done.stderr
+    assert time.monotonic() - start < 20
+
+
+def _wrapper(tmp_path: Path, body: str) -> Path:
+    """A ``qemu.binary`` script that runs the real QEMU after ``body``."""
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    script = tmp_path / "qemu-wrapper"
+    script.write_text(f'#!/bin/sh\n{body}\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.slow
+def test_qemu_without_the_guard_loaded_is_refused(
+    make_vm: Callable[..., VM], tmp_path: Path
 ) -> None:
-    """Without the guard QEMU would run with the loopback open: refused."""
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ControllerError, match=r"slirp guard .* is missing"):
-        qemu_argv.environment({}, host_loopback=True)
+    """A wrapper that drops LD_PRELOAD runs QEMU without the guard: vmhost checks QEMU
+    itself, held before the guest's first instruction, and exits 4 with the reason."""
+    binary = _wrapper(tmp_path, "unset LD_PRELOAD")
+    done = serve(make_vm(toml=f'[qemu]\nbinary = "{binary}"'))
+    assert done.returncode == 4, done.stderr
+    assert "the slirp guard is not loaded in QEMU" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+async def test_qemu_without_the_guard_runs_when_the_loopback_is_allowed(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """With ``host_loopback = true`` there is nothing to defend: the VM runs, with a warning."""
+    binary = _wrapper(tmp_path, "unset LD_PRELOAD")
+    vm = make_vm(toml=f'[qemu]\nbinary = "{binary}"')
+    vm.config.write_text(
+        vm.config.read_text().replace("[network]", "[network]\nhost_loopback = true")
+    )
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    try:
+        await controller.start()
+        assert controller.state is VMState.RUNNING
+    finally:
+        await controller.close()
+
+
+@pytest.mark.slow
+async def test_a_slow_qemu_greeting_is_waited_for_within_the_start_budget(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """QEMU greets on QMP only once its machine is built (-mem-prealloc of a big guest):
+    past 5 s is fine within the start budget, and the service is told while it waits."""
+    vm = make_vm(toml=f'[qemu]\nbinary = "{_wrapper(tmp_path, "sleep 7")}"')
+    waits: list[float] = []
+    controller = QemuController(
+        vmconfig.load(vm.config),
+        name="t",
+        state_dir=vm.dir,
+        start_timeout=60,
+        on_start_wait=waits.append,
+    )
+    try:
+        await controller.start()
+        assert controller.state is VMState.RUNNING
+    finally:
+        await controller.close()
+    assert len(waits) >= 2 and all(0 < left < 60 for left in waits), waits
+
+
+@pytest.mark.slow
+async def test_a_qemu_greeting_past_the_start_budget_fails_the_start(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """The start budget bounds the wait: past it the start fails, QEMU is gone."""
+    vm = make_vm(toml=f'[qemu]\nbinary = "{_wrapper(tmp_path, "sleep 30")}"')
+    controller = QemuController(
+        vmconfig.load(vm.config), name="t", state_dir=vm.dir, start_timeout=2
+    )
+    start = time.monotonic()
+    try:
+        with pytest.raises(ControllerError, match="QEMU failed to start"):
+            await controller.start()
+    finally:
+        await controller.close()
+    assert time.monotonic() - start < 10
+    assert controller.state is VMState.ERROR
 
 
 @pytest.fixture
