@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from .config import Config
-from .errors import ControllerError
+from ..config import Config
+from ..errors import ControllerError
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
@@ -26,7 +26,9 @@ DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 _KEPT_ENV: Final = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ"})
 
 
-def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) -> list[str]:
+def argv(
+    config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool, held: bool = False
+) -> list[str]:
     """The full QEMU command line; ``qmp_fd`` and ``console_fd`` must be passed to the child.
 
     The console is a pipe's write end, not a socket: QEMU writes the serial
@@ -35,6 +37,7 @@ def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) 
     vmhost's CPU for a chatty guest.  Set non-blocking, it holds QEMU back
     (losslessly) when full.  QEMU takes it as a file from an fd set.
 
+    ``held`` starts QEMU with its vCPUs stopped (``-S``) until a QMP ``cont``.
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
     """
     machine = config.machine
@@ -91,6 +94,8 @@ def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) 
     ]
     if config.qemu.sandbox:
         args += ["-sandbox", SANDBOX]
+    if held:
+        args.append("-S")
     return args + list(config.qemu.extra_args)
 
 
@@ -144,7 +149,7 @@ def agent_socket(state_dir: Path) -> Path:
 
 def slirp_guard() -> str:
     """The guard library's path; missing, QEMU would run without it, so that is an error."""
-    spec = importlib.util.find_spec(f"{__package__}._slirp_guard")
+    spec = importlib.util.find_spec("vmhost._slirp_guard")
     if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
         raise ControllerError(
             "the slirp guard (vmhost/_slirp_guard*.so, built with vmhost from slirp_guard.c) "
