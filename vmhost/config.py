@@ -17,6 +17,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
+from uuid import UUID
 
 import msgspec
 
@@ -35,6 +36,8 @@ class MachineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cpus: Annotated[int, msgspec.Meta(ge=1)] = 1
     memory_mib: Annotated[int, msgspec.Meta(ge=MIN_MEMORY_MIB)] = 256
     accel: Literal["kvm", "tcg", "auto"] = "auto"
+    uuid: UUID | None = None
+    """The SMBIOS UUID, also machined's; None: derived from the name (vmhost.machined)."""
 
 
 class BootConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -118,6 +121,11 @@ class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     extra_args: list[str] = []
 
 
+class SystemdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    register_machine: bool = True
+    """Register the VM with systemd-machined (``machinectl``) when run as a systemd service."""
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One VM. File paths in a loaded Config are absolute."""
 
@@ -129,6 +137,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     console: ConsoleConfig = ConsoleConfig()
     stop: StopConfig = StopConfig()
     qemu: QemuConfig = QemuConfig()
+    systemd: SystemdConfig = SystemdConfig()
 
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_:@][A-Za-z0-9_.:@-]{0,63}")

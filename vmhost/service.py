@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Final
 
 from . import config as vmconfig
-from . import reload, systemd
+from . import machined, reload, systemd
 from .client import socket_path
 from .controller import QemuController
 from .errors import (
@@ -49,6 +49,8 @@ EXIT_ALREADY_RUNNING: Final = 5
 """Another vmhost serves this VM's socket; it is left alone."""
 EXIT_ACTIVATION: Final = 6
 """systemd passed descriptors that cannot be the control socket: the socket unit is wrong."""
+EXIT_REBOOT: Final = 7
+"""``machinectl reboot``: the guest is off; systemd starts it again (RestartForceExitStatus=)."""
 EXIT_USAGE: Final = 64
 """EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
 EXIT_INTERRUPTED: Final = 130
@@ -140,6 +142,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
+    stop.reboots = config.systemd.register_machine and machined.is_service()
     server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(
         server=server,
@@ -161,9 +164,11 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         async with server:
             try:
                 _install_signals(stop, reloader, fault)
+                machine = asyncio.ensure_future(machined.register(name, config))  # beside the start
                 if handover is None:
                     systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
                     await controller.start()
+                await machine  # bounded, never raises: machinectl lists the VM once it is ready
                 if controller.state in (VMState.RUNNING, VMState.PAUSED):
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
                     if handover is None:
@@ -184,7 +189,7 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    return EXIT_OK
+    return EXIT_REBOOT if stop.rebooting else EXIT_OK
 
 
 async def _supervise(
@@ -203,7 +208,9 @@ async def _supervise(
 
 
 class _Stopper:
-    """SIGTERM/SIGINT run the graceful stop chain; a second SIGINT forces it."""
+    """SIGTERM/SIGINT (and machined's SIGRTMIN+4) run the graceful stop chain; a second SIGINT
+    forces it.  As a machine (``reboots``), SIGINT is ``machinectl reboot``: the same chain, then
+    EXIT_REBOOT; a stop asked meanwhile wins, and no SIGINT forces anything."""
 
     def __init__(
         self, controller: QemuController, notifier: systemd.Notifier, timeout: float
@@ -212,19 +219,29 @@ class _Stopper:
         self.notifier = notifier
         self.timeout = timeout
         self.task: asyncio.Task[None] | None = None
+        self.reboots = False
+        self.rebooting = False
 
-    def __call__(self, signum: signal.Signals) -> None:
-        log.info("%s received", signum.name)
+    def __call__(self, signum: int) -> None:
+        reboot = self.reboots and signum == machined.REBOOT
+        log.info("%s received%s", _signal_name(signum), ": reboot" if reboot else "")
         if self.task is None:
+            self.rebooting = reboot and self.controller.state is not VMState.STOPPING
             self.task = asyncio.ensure_future(self.controller.stop(self.timeout))
             _extend_stop_timeout(self.controller, self.notifier)  # the running chain's, if joined
-        elif signum is signal.SIGINT:
-            asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
+        elif not reboot:
+            self.rebooting = False
+            if signum == signal.SIGINT:
+                asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
+
+
+def _signal_name(signum: int) -> str:
+    return "SIGRTMIN+4" if signum == machined.POWEROFF else signal.Signals(signum).name
 
 
 def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, machined.POWEROFF):
         loop.add_signal_handler(signum, stop, signum)
     reload.install_signals(reloader, fault.set)
 
