@@ -54,7 +54,7 @@ def test_argv_minimal_tcg() -> None:
         "-smp",
         "1",
         "-uuid",
-        "c2fc1deb-03d4-5ce5-9e02-0d906229289b",  # uuid5(vmhost.machined.NAMESPACE, "demo"): stable across releases
+        "c2fc1deb-03d4-5ce5-9e02-0d906229289b",  # uuid5(machined.NAMESPACE, "demo"), never changes
         "-drive",
         "file=/vm/disk.img,format=raw,if=virtio",
         "-netdev",

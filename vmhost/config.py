@@ -323,9 +323,11 @@ def _explain(message: str, raw: dict[str, Any]) -> str:
     if text.startswith("Invalid enum value"):
         choices = ", ".join(_toml(v) for v in _choices(segments))
         return f"{field}: expected one of {choices}, got {_toml(value)}"
-    if m := re.fullmatch(r"Expected `(\w+)`, got `(\w+)`", text):
+    if m := re.fullmatch(r"Expected `(\w+)(?: \| null)?`, got `(\w+)`", text):  # null: optional
         expected = "table" if m[1] == "object" else m[1]
         return f"{field}: expected {expected}, got {m[2] if value is None else _toml(value)}"
+    if m := re.fullmatch(r"Invalid (\w+)", text):  # a string of a typed format: "Invalid UUID"
+        return f"{field}: expected a {m[1]}, got {_toml(value)}"
     if m := re.fullmatch(r"Expected `\w+` (.+)", text):  # a constraint: ">= 1"
         return f"{field}: expected {m[1]}, got {_toml(value)}"
     return f"{field}: {text}"

@@ -80,7 +80,7 @@ async def register(name: str, config: Config) -> bool:
         async with asyncio.timeout(TIMEOUT):
             done = await _register(name, machine_uuid(config.machine, name), os.getpid())
     except TimeoutError:
-        log.warning("not registered with systemd-machined: no answer within %.0f s", TIMEOUT)
+        log.warning("not registered with systemd-machined: no answer within %g s", TIMEOUT)
     except OSError as e:
         log.warning("not registered with systemd-machined: no system bus: %s", e)
     except Exception as e:  # a registration must never stop a VM from starting
