@@ -224,7 +224,7 @@ def test_restart_after_a_crash_registers_the_new_vmhost(make_vm: Callable[..., V
     wait_for("active again", lambda: vm.active() == "active")
     main = vm.show("MainPID")["MainPID"]
     wait_for("the new leader", lambda: machine(vm).get("Leader") == main)
-    assert messages(vm, "registered again")
+    assert messages(vm, "registered again (in place of PID")
     assert not messages(vm, NOT_REGISTERED)
 
 
@@ -255,6 +255,26 @@ def test_vm_starts_without_machined(make_vm: Callable[..., VM], why: str) -> Non
     finally:
         if why == "masked":
             vm.ct.systemctl("unmask", "--runtime", "systemd-machined.service")
+
+
+def test_a_name_taken_by_another_machine_is_left_alone(make_vm: Callable[..., VM]) -> None:
+    """Another unit's machine has the name: one warning, the VM starts, the other keeps it."""
+    vm = make_vm("taken")
+    vm.ct.run("systemd-run", "--unit=squatter", "sleep", "infinity")
+    try:
+        leader = vm.ct.show("squatter.service", "MainPID")["MainPID"]
+        register = ("org.freedesktop.machine1.Manager", "RegisterMachine", "sayssus")
+        path = ("org.freedesktop.machine1", "/org/freedesktop/machine1")
+        vm.ct.run("busctl", "call", *path, *register, vm.name, "0", "", "container", leader, "")
+        vm.ct.systemctl("start", vm.unit)
+        vm.wait_console()
+        assert vm.active() == "active"
+        assert (machine(vm)["Unit"], machine(vm)["Leader"]) == ("squatter.service", leader)
+        assert messages(vm, NOT_REGISTERED) == [
+            f"{NOT_REGISTERED}: the name '{vm.name}' is another machine's"
+        ]
+    finally:
+        vm.ct.systemctl("stop", "squatter.service")
 
 
 def test_exposure_stays_at_most_1_5(ct: Container) -> None:

@@ -119,7 +119,7 @@ async def _register(name: str, uuid: UUID, pid: int) -> str:
             return "kept"
         await _call(router, _PATH, _MANAGER, "UnregisterMachine", "s", name)
         await _call(router, _PATH, _MANAGER, "RegisterMachine", "sayssus", *machine)
-        return f"registered again (leader {props.get('Leader')} is gone)"
+        return f"registered again (in place of PID {props.get('Leader')}, gone)"
 
 
 async def _call(
