@@ -26,8 +26,7 @@ NOT_REGISTERED = "not registered with systemd-machined"
 
 
 def test_uuid_is_derived_from_the_name_unless_configured() -> None:
-    """The default is uuid5 of the name (fixed for good), the same on every host; a configured
-    one wins."""
+    """The default is uuid5 of the name, fixed, host-independent; a configured one wins."""
     assert machined.machine_uuid(MachineConfig(), "demo") == UUID(
         "c2fc1deb-03d4-5ce5-9e02-0d906229289b"
     )

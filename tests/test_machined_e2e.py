@@ -79,8 +79,7 @@ def started(vm: VM) -> dict[str, str]:
 
 
 def test_machinectl_lists_and_shows_the_vm(make_vm: Callable[..., VM]) -> None:
-    """machinectl list: class vm, service vmhost; show: leader = MainPID, the unit, and the UUID
-    the guest reads from SMBIOS, derived from the name."""
+    """list: class vm, service vmhost; show: leader = MainPID, the unit, the guest's SMBIOS UUID."""
     vm = make_vm("shown")
     shown = started(vm)
 
@@ -111,8 +110,7 @@ def test_configured_uuid_is_the_guests_and_machineds(make_vm: Callable[..., VM])
 
 
 def test_machinectl_poweroff_stops_the_guest_cleanly(make_vm: Callable[..., VM]) -> None:
-    """machinectl poweroff: SIGRTMIN+4 to vmhost, the graceful stop chain, a clean disk; the unit
-    ends as a success and the machine is gone."""
+    """poweroff: SIGRTMIN+4, the graceful chain, a clean disk, a success; the machine is gone."""
     vm = make_vm("poweroff")
     started(vm)
     vm.ct.run("machinectl", "poweroff", vm.name)
@@ -129,8 +127,7 @@ def test_machinectl_poweroff_stops_the_guest_cleanly(make_vm: Callable[..., VM])
 
 
 def test_machinectl_terminate_stops_the_unit_gracefully(make_vm: Callable[..., VM]) -> None:
-    """machinectl terminate: machined stops vmhost@NAME.service, so SIGTERM and the graceful
-    stop chain; the disk is clean and the socket goes down with it."""
+    """terminate: machined stops the unit, so SIGTERM, the graceful chain, a clean disk."""
     vm = make_vm("terminate")
     started(vm)
     vm.ct.run("machinectl", "terminate", vm.name)
@@ -146,8 +143,7 @@ def test_machinectl_terminate_stops_the_unit_gracefully(make_vm: Callable[..., V
 
 
 def test_machinectl_reboot_powers_off_and_boots_again(make_vm: Callable[..., VM]) -> None:
-    """machinectl reboot (SIGINT): the guest powers off gracefully, vmhost exits 7, systemd starts
-    the VM again as a success; the new vmhost is the machine's leader, with the same UUID."""
+    """reboot (SIGINT): graceful power-off, exit 7, a successful restart, same UUID, new leader."""
     vm = make_vm("reboot")
     before = started(vm)
     first = vm.show("MainPID")["MainPID"]
@@ -176,8 +172,7 @@ def test_machinectl_reboot_powers_off_and_boots_again(make_vm: Callable[..., VM]
 
 
 def test_foreground_ctrl_c_still_stops(ct: Container, venv: Path, guest: GuestImage) -> None:
-    """Not a systemd service (a shell's vmhost serve): SIGINT stops the VM, exit 0, and the one
-    warning says why there is no registration."""
+    """A shell's vmhost serve: SIGINT stops the VM (exit 0); one warning says why not registered."""
     name = "fg"
     vm_dir = f"/var/lib/vmhost/{name}"
     ct.run("mkdir", "-p", vm_dir)
@@ -215,8 +210,7 @@ def test_reload_keeps_the_registration(make_vm: Callable[..., VM]) -> None:
 
 
 def test_restart_after_a_crash_registers_the_new_vmhost(make_vm: Callable[..., VM]) -> None:
-    """QEMU killed, vmhost exits 3, systemd restarts it: the unit never stopped, so machined still
-    has the old registration, with a dead leader; the new vmhost replaces it."""
+    """After a crash's restart machined still has the dead leader: the new vmhost replaces it."""
     vm = make_vm("crash")
     started(vm)
     vm.ct.run("kill", "-KILL", str(vm.qemu_pid()))
@@ -230,8 +224,7 @@ def test_restart_after_a_crash_registers_the_new_vmhost(make_vm: Callable[..., V
 
 @pytest.mark.parametrize("why", ["masked", "register_machine = false"])
 def test_vm_starts_without_machined(make_vm: Callable[..., VM], why: str) -> None:
-    """machined masked: the VM starts all the same, with one warning; register_machine = false:
-    no registration asked, no warning."""
+    """machined masked: the VM starts, with one warning; register_machine = false: no warning."""
     vm = make_vm("nomachined" if why == "masked" else "optout")
     if why == "masked":
         vm.ct.systemctl("mask", "--runtime", "--now", "systemd-machined.service")

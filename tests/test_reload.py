@@ -175,8 +175,7 @@ def test_reloads_while_the_guest_boots(make_vm: MakeVM, vmhost_for: VmhostFor) -
 def test_sigterm_right_after_sighup_still_stops_gracefully(
     make_vm: MakeVM, vmhost_for: VmhostFor, delay: float, stop: int
 ) -> None:
-    """SIGTERM (or machinectl poweroff's SIGRTMIN+4) before, during or after the exec (held
-    blocked across it): one graceful stop."""
+    """SIGTERM or SIGRTMIN+4 before, during or after the exec (held across it): a graceful stop."""
     vm = vmhost_for(make_vm())
     vm.boot()
     vm.signal(signal.SIGHUP)
