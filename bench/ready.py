@@ -35,7 +35,7 @@ from typing import Final
 import msgspec
 
 from vmhost import config as vmconfig
-from vmhost import qemu
+from vmhost.vm import argv as qemu
 
 from . import proc
 from .lifecycle import BOOT_TIMEOUT, GUEST_CACHE, _guest_builder, _notify_socket

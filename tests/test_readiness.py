@@ -26,12 +26,13 @@ class Seen:
 
     def readiness(self, ready: str = "notify", timeout: int = 60, ssh_port: int = 0) -> Readiness:
         boot = config.BootConfig(ready=ready, ready_timeout_seconds=timeout)  # type: ignore[arg-type]
+        vm = config.Config(boot=boot, network=config.NetworkConfig(ssh_port=ssh_port))
         return Readiness(
-            boot,
-            ssh_port=ssh_port,
+            vm,
             spawn=self.spawn,
             on_ready=self.ready.append,
             on_not_ready=self.not_ready.append,
+            stop_seconds=10,
         )
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

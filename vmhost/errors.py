@@ -43,6 +43,10 @@ class ControllerError(VmhostError):
     """The VM could not be started or controlled."""
 
 
+class TransitionError(ControllerError):
+    """The VM was asked to move between two states it cannot move between (a bug)."""
+
+
 class VMCrashedError(ControllerError):
     """QEMU ended without a requested stop or a guest power-off (crash, outside kill)."""
 
@@ -53,6 +57,10 @@ class GuestNotReadyError(ControllerError):
 
 class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
+
+
+class MachinedError(VmhostError):
+    """systemd-machined cannot register the VM under its name (another machine has it)."""
 
 
 class ReloadRefusedError(VmhostError):

@@ -12,17 +12,15 @@ import functools
 import gc
 import logging
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
-from . import activation, journal, notify, paths, reload, systemd
+from . import activation, journal, machined, notify, paths, reload, stopsignals
 from . import config as vmconfig
 from .config import Config
 from .control.server import Server, bind
-from .controller import QemuController
 from .errors import (
     ActivationError,
     AlreadyRunningError,
@@ -36,6 +34,8 @@ from .errors import (
     VmhostError,
 )
 from .pidfile import PidFile
+from .vm.console import console_logger
+from .vm.controller import QemuController
 from .vm.state import VMState
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ EXIT_ALREADY_RUNNING: Final = 5
 """Another vmhost serves this VM's socket; it is left alone."""
 EXIT_ACTIVATION: Final = 6
 """systemd passed descriptors that cannot be the control socket: the socket unit is wrong."""
+EXIT_REBOOT: Final = 7
+"""``machinectl reboot``: the guest is off; systemd starts it again (RestartForceExitStatus=)."""
 EXIT_NOT_READY: Final = 8
-"""The guest did not get ready within ``[boot] ready_timeout_seconds`` and was stopped:
-not restarted, the same guest would only do the same again (RestartPreventExitStatus)."""
+"""The guest was not ready within ``[boot] ready_timeout_seconds`` and was stopped: not
+restarted, the same guest would only do the same again (RestartPreventExitStatus=)."""
 EXIT_USAGE: Final = 64
 """EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
 EXIT_INTERRUPTED: Final = 130
@@ -62,7 +64,6 @@ EXIT_INTERRUPTED: Final = 130
 EXIT_CONFIG: Final = 78
 """EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
 
-_STOP_MARGIN: Final = 5.0
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
 
@@ -126,14 +127,13 @@ async def _serve(options: Options, notifier: notify.Notifier) -> int:
     pid_file = _pid_file(options, path, handover)
     try:
         listen = origin.listen or bind(path)  # type: ignore[arg-type]  # one of the two is set
-        await _run(options, name, origin, listen, pid_file, notifier)
+        return await _run(options, name, origin, listen, pid_file, notifier)
     finally:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if pid_file is not None:
             pid_file.remove()
-    return EXIT_OK
 
 
 async def _run(
@@ -143,16 +143,19 @@ async def _run(
     listen: socket.socket,
     pid_file: PidFile | None,
     notifier: notify.Notifier,
-) -> None:
+) -> int:
+    """Serve until the VM ends; EXIT_OK, or EXIT_REBOOT for ``machinectl reboot``."""
     config = origin.config
     controller = QemuController(
         config,
         name=name,
         state_dir=_state_dir(options, name),
-        on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
+        on_console=console_logger(name, config.console.journal_lines_per_second),
+        start_timeout=config.qemu.start_timeout_seconds,
+        on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
-    controller.on_status = notifier.status
+    controller.readiness.on_status = lambda: notifier.status(controller.status_text())
     server = Server(controller, listen, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(
         server=server,
@@ -162,6 +165,8 @@ async def _run(
         pid_file=pid_file,
         reexecs=origin.reexecs,
     )
+    stop = stopsignals.Stopper(controller, notifier)
+    stop.reboots = config.systemd.register_machine and machined.is_service()
     fault = asyncio.Event()
     reload.hold_signals_in_workers()
     try:
@@ -172,22 +177,17 @@ async def _run(
             raise
         async with server:
             try:
-                _install_signals(_Stopper(controller, notifier), reloader, fault)
+                stopsignals.install(stop, reloader, fault)
+                machine = asyncio.ensure_future(machined.register(name, config))  # beside the start
                 await origin.start(controller)
+                await machine  # bounded, never raises: machinectl lists the VM once it is ready
                 if controller.state is VMState.BOOTING:  # systemd waits for the guest too
-                    notifier.extend_timeout(controller.start_left() + _STOP_MARGIN)
-                announced = asyncio.Event()
-                announcing = asyncio.create_task(
-                    _announce(origin, controller, notifier, reloader, announced)
-                )
-                try:
-                    await _supervise(controller, notifier, fault)
-                finally:
-                    announcing.cancel()
-                if not announced.is_set():
-                    # Stopped while booting: a Type=notify service that exits before READY=1
-                    # is failed by systemd ("protocol") and restarted; it did what was asked.
-                    notifier.ready(controller.status_text())
+                    left = controller.readiness.start_left()
+                    notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN)
+                announce = functools.partial(origin.announce, controller, notifier, reloader)
+                await _supervise(controller, notifier, fault, announce)
+                if not controller.readiness.first_ready.is_set():  # stopped while booting:
+                    notifier.ready(controller.status_text())  # else systemd fails and restarts
             except Exception as e:
                 if isinstance(e, InternalError) or not isinstance(e, VmhostError):
                     await reloader.recover(e)  # a bug: a new vmhost may do better
@@ -195,6 +195,7 @@ async def _run(
                 raise
     finally:
         await controller.close()
+    return EXIT_REBOOT if stop.rebooting else EXIT_OK
 
 
 class _Origin(Protocol):
@@ -238,8 +239,7 @@ class _Boot:
     ) -> None:
         notifier.ready(controller.status_text())
         note = f": {controller.step}" if controller.step else ""  # how long the guest took
-        message = f"VM {self.name} is {controller.state.value}{note}"
-        journal.log_event(journal.Event.READY, message)
+        journal.log_event(journal.Event.READY, f"VM {self.name} is {controller.state.value}{note}")
 
 
 class _Adopt:
@@ -265,29 +265,18 @@ class _Adopt:
         reloader.reloaded(self.handover)
 
 
-async def _announce(
-    origin: _Origin,
+async def _supervise(
     controller: QemuController,
     notifier: notify.Notifier,
-    reloader: reload.Reloader,
-    announced: asyncio.Event,
+    fault: asyncio.Event,
+    announce: Callable[[], None],
 ) -> None:
-    """READY=1 once the guest is first ready (``[boot] ready``: at once, unless it waits for
-    the guest); a reboot's readiness is not told again."""
-    await controller.readiness.first_ready.wait()
-    state = controller.state
-    if not state.ended and state is not VMState.STOPPING:
-        gc.freeze()  # what start-up built lives forever: keep it out of collections
-        origin.announce(controller, notifier, reloader)
-        announced.set()
-
-
-async def _supervise(
-    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
-) -> None:
-    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
+    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too.
+    ``announce`` (READY=1) once the guest is first ready (``[boot] ready``), never again."""
     heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
     ended = asyncio.create_task(controller.wait())
+    ready = asyncio.create_task(controller.readiness.first_ready.wait())
+    ready.add_done_callback(functools.partial(_ready, controller, announce))
     try:
         done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -295,6 +284,15 @@ async def _supervise(
     finally:
         heartbeat.cancel()
         ended.cancel()
+        ready.cancel()
+
+
+def _ready(
+    controller: QemuController, announce: Callable[[], None], waited: asyncio.Task[Any]
+) -> None:
+    if not waited.cancelled() and not controller.state.ended:
+        gc.freeze()  # what start-up built lives forever: keep it out of collections
+        announce()
 
 
 async def _stop_before_exit(controller: QemuController, error: Exception) -> None:
@@ -310,31 +308,6 @@ async def _stop_before_exit(controller: QemuController, error: Exception) -> Non
         log.warning("VM %s after the stop: %s", controller.name, e)
 
 
-class _Stopper:
-    """SIGTERM/SIGINT run the graceful stop chain (the config's timeout); a second SIGINT
-    forces it."""
-
-    def __init__(self, controller: QemuController, notifier: notify.Notifier) -> None:
-        self.controller = controller
-        self.notifier = notifier
-        self.task: asyncio.Task[None] | None = None
-
-    def __call__(self, signum: signal.Signals) -> None:
-        log.info("%s received", signum.name)
-        if self.task is None:
-            self.task = asyncio.ensure_future(self.controller.stop())
-            _extend_stop_timeout(self.controller, self.notifier)  # the running chain's, if joined
-        elif signum is signal.SIGINT:
-            asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
-
-
-def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop, signum)
-    reload.install_signals(reloader, fault.set)
-
-
 def _on_state(
     controller: QemuController,
     notifier: notify.Notifier,
@@ -346,7 +319,7 @@ def _on_state(
     text = controller.status_text()
     if state is VMState.STOPPING:
         notifier.stopping(text)  # systemd starts counting TimeoutStopSec= here
-        _extend_stop_timeout(controller, notifier)
+        stopsignals.extend_stop_timeout(controller, notifier)
     else:
         notifier.status(text)
     fields = {"VMHOST_STATE": state.value}
@@ -357,11 +330,6 @@ def _on_state(
         journal.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
     else:
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
-
-
-def _extend_stop_timeout(controller: QemuController, notifier: notify.Notifier) -> None:
-    """Ask systemd for what the running stop chain may still take, whoever started it."""
-    notifier.extend_timeout(controller.stop_left() + _STOP_MARGIN)
 
 
 async def _heartbeat(

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
-from ..config import BootConfig, ReadyMode
+from ..config import BootConfig, Config, ReadyMode
+from .state import VMState
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,21 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 class Readiness:
     """One VM's readiness across its boots; ``on_ready(message)`` once per boot,
-    ``on_not_ready(reason)`` when the first boot's wait ends without it, ``on_status()``
-    when the guest's STATUS= text changes while it boots."""
+    ``on_not_ready(reason)`` when the first boot's wait ends without it (the controller
+    stops the VM: ``stop_seconds`` is what that may take), ``on_status()`` when the
+    guest's STATUS= text changes while it boots."""
 
     def __init__(
         self,
-        boot: BootConfig | None,
+        config: Config,
         *,
-        ssh_port: int,
         spawn: Spawn,
         on_ready: Callable[[str], None],
         on_not_ready: Callable[[str], None],
-        on_status: Callable[[], None] = lambda: None,
+        stop_seconds: float,
     ) -> None:
-        boot = boot or BootConfig()
+        boot = config.boot or BootConfig()
+        ssh_port = config.network.ssh_port
         self.mode: ReadyMode = boot.ready
         self.timeout = float(boot.ready_timeout_seconds)
         self.guest_status = ""
@@ -74,7 +76,10 @@ class Readiness:
         self._spawn = spawn
         self._on_ready = on_ready
         self._on_not_ready = on_not_ready
-        self._on_status = on_status
+        self.on_status: Callable[[], None] = lambda: None
+        self._stop_seconds = stop_seconds
+        self.failure = ""
+        """Why the first boot's wait ended without the guest ("" if it did not)."""
         self._since = 0.0
         """When this boot began (monotonic): QEMU's start, or the guest's last reset."""
         self._deadline = 0.0
@@ -86,6 +91,8 @@ class Readiness:
         """This boot's: the SSH probe, the first boot's timer."""
         self._sock: socket.socket | None = None
         """vmhost's end of the notify port's channel (notify mode)."""
+        self.stream: tuple[asyncio.ReadTransport, asyncio.StreamReader] | None = None
+        """The notify port as read through a transport: paused at a handover."""
         self.first_ready = asyncio.Event()
         """Set once the guest is first ready: when systemd is told READY=1."""
 
@@ -103,6 +110,21 @@ class Readiness:
         if not (self._waiting and self._first):
             return 0.0
         return max(self._deadline - time.monotonic(), 0.0)
+
+    def start_left(self) -> float:
+        """Seconds the start may still take (EXTEND_TIMEOUT_USEC): the wait, then a stop."""
+        left = self.left()
+        return left + self._stop_seconds if left else 0.0
+
+    def live(self) -> VMState:
+        """The state of a VM whose vCPUs run: booting until the guest is ready."""
+        return VMState.BOOTING if self._waiting else VMState.RUNNING
+
+    def reset(self) -> bool:
+        """The guest was reset: whether it now boots again (is waited for)."""
+        if self.waits:
+            self.begin(time.monotonic())
+        return self.waits
 
     def started(self, since: float) -> bool:
         """QEMU runs the guest since ``since``: whether it now boots (else it is ready)."""
@@ -150,6 +172,8 @@ class Readiness:
         if self._waiting and self._first:
             self._end()
             self.note = f"guest not ready: {reason}"
+            self.failure = reason
+            log.error("guest not ready: %s; stopping it", reason)
             self._on_not_ready(reason)
         elif self._waiting:
             log.warning("guest not ready after its reset: %s", reason)
@@ -209,14 +233,11 @@ class Readiness:
         """vmhost's end of the notify port, to hand over at a reload; -1 without one."""
         return self._sock.fileno() if self._sock is not None else -1
 
-    async def listen(self) -> tuple[asyncio.ReadTransport, asyncio.StreamReader] | None:
-        """Read the notify port from now on, for the VM's life; returns its stream (for a
-        handover to pause at a line boundary), None without a port."""
-        if self._sock is None:
-            return None
-        stream = await open_notify(self._sock)
-        self._spawn(self.read_notify(stream[1]))
-        return stream
+    async def listen(self) -> None:
+        """Read the notify port (if there is one) from now on, for the VM's life."""
+        if self._sock is not None:
+            self.stream = await open_notify(self._sock)
+            self._spawn(self.read_notify(self.stream[1]))
 
     async def read_notify(self, reader: asyncio.StreamReader) -> None:
         """The guest's notify lines for the VM's whole life (each boot writes again), until EOF.
@@ -255,7 +276,7 @@ class Readiness:
             self.guest_status = "".join(c if c.isprintable() else "?" for c in text)[:MAX_STATUS]
             log.info("guest status: %s", self.guest_status, extra={"VMHOST_GUEST_STATUS": "1"})
             if self._waiting:
-                self._on_status()
+                self.on_status()
 
     def _garbage_line(self, what: str) -> None:
         self._garbage += 1

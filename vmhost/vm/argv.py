@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from .config import Config
-from .errors import ControllerError
-from .vm.readiness import NOTIFY_PORT
+from ..config import Config
+from ..errors import ControllerError
+from ..machined import machine_uuid
+from .readiness import NOTIFY_PORT
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
@@ -34,6 +35,7 @@ def argv(
     qmp_fd: int,
     console_fd: int,
     kvm: bool,
+    held: bool = False,
     notify_fd: int | None = None,
 ) -> list[str]:
     """The full QEMU command line; ``qmp_fd``, ``console_fd`` and ``notify_fd`` (if given)
@@ -45,6 +47,7 @@ def argv(
     vmhost's CPU for a chatty guest.  Set non-blocking, it holds QEMU back
     (losslessly) when full.  QEMU takes it as a file from an fd set.
 
+    ``held`` starts QEMU with its vCPUs stopped (``-S``) until a QMP ``cont``.
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
     """
     machine = config.machine
@@ -65,6 +68,8 @@ def argv(
         str(machine.memory_mib),
         "-smp",
         str(machine.cpus),
+        "-uuid",  # SMBIOS: the guest's product_uuid is machinectl's Id
+        str(machine_uuid(machine, name)),
     ]
     if config.boot is not None and config.boot.kernel:
         args += ["-kernel", config.boot.kernel, "-append", config.boot.cmdline]
@@ -103,6 +108,8 @@ def argv(
         args += notify_args(notify_fd)
     if config.qemu.sandbox:
         args += ["-sandbox", SANDBOX]
+    if held:
+        args.append("-S")
     return args + list(config.qemu.extra_args)
 
 
@@ -169,7 +176,7 @@ def agent_socket(state_dir: Path) -> Path:
 
 def slirp_guard() -> str:
     """The guard library's path; missing, QEMU would run without it, so that is an error."""
-    spec = importlib.util.find_spec(f"{__package__}._slirp_guard")
+    spec = importlib.util.find_spec("vmhost._slirp_guard")
     if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
         raise ControllerError(
             "the slirp guard (vmhost/_slirp_guard*.so, built with vmhost from slirp_guard.c) "
