@@ -27,13 +27,11 @@ class Seen:
     def readiness(self, ready: str = "notify", timeout: int = 60, ssh_port: int = 0) -> Readiness:
         boot = config.BootConfig(ready=ready, ready_timeout_seconds=timeout)  # type: ignore[arg-type]
         vm = config.Config(boot=boot, network=config.NetworkConfig(ssh_port=ssh_port))
-        return Readiness(
-            vm,
-            spawn=self.spawn,
-            on_ready=self.ready.append,
-            on_not_ready=self.not_ready.append,
-            stop_seconds=10,
-        )
+        return Readiness(vm, self.spawn, self.ready.append, self.stopped, 10)
+
+    async def stopped(self) -> None:
+        """What the controller's graceful stop stands for."""
+        self.not_ready.append("stopped")
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -91,7 +89,8 @@ async def test_first_boot_is_bounded() -> None:
     await feed(r, b"STATUS=still going\n")
     assert r.status_text().endswith("s left); guest: still going")
     await asyncio.sleep(1.2)
-    assert seen.not_ready == ["not ready within ready_timeout_seconds (1 s)"]
+    assert r.failure == "not ready within ready_timeout_seconds (1 s)"
+    assert seen.not_ready == ["stopped"]
     assert not r.waiting and seen.ready == []
     await feed(r, b"READY=1\n")  # too late: the controller is stopping the VM
     assert seen.ready == []

@@ -15,16 +15,16 @@ from typing import IO, TYPE_CHECKING, Any, Final
 from qemu.qmp import QMPError
 
 from ..config import Config
-from ..errors import ControllerError, GuestNotReadyError, ReloadRefusedError, VMCrashedError
+from ..errors import ControllerError, GuestNotReadyError, VMCrashedError
 from . import argv as qemu_argv
 from .console import read_console
-from .handover import RunningQemu, pause_streams, resume_streams
+from .handover import RunningQemu, hand_over, refusal, resume_streams
 from .process import ExitCause, QemuProcess, classify
 from .provisioning import AgentLink
 from .qmp import COMMAND_TIMEOUT, QmpSession
 from .readiness import Readiness
 from .state import Change, Changes, RunState, VMState
-from .stopchain import LAST_STEPS, StopChain, event_name, granted
+from .stopchain import StopChain, budget, event_name, granted
 from .tasks import Background
 
 if TYPE_CHECKING:
@@ -80,17 +80,11 @@ class QemuController:
         self._spawn = self._tasks.spawn
         self._console: IO[bytes] | None = None
         """The console pipe's read end (QEMU has the write end)."""
-        self.readiness = Readiness(
-            config,
-            spawn=self._spawn,
-            on_ready=self._guest_ready,
-            on_not_ready=self._stop_now,
-            stop_seconds=granted(config.stop, None) + 2 * LAST_STEPS,
-        )
+        self.readiness = Readiness(config, self._spawn, self._ready, self.stop, budget(config))
         self._agent_socket = qemu_argv.agent_socket(state_dir) if config.agent.port else None
-        self._agent = None
-        if self._agent_socket:
-            self._agent = AgentLink(config.agent, self._agent_socket, self.readiness.provisioned)
+        self._agent = AgentLink(config.agent, self._agent_socket) if self._agent_socket else None
+        if self._agent is not None:
+            self._agent.on_done = self.readiness.provisioned
 
     # -- what the server reads ------------------------------------------------
 
@@ -121,9 +115,8 @@ class QemuController:
 
     @property
     def step(self) -> str:
-        """The stop chain's step running now, else what a booting guest is waited for or how
-        long it took (``[boot] ready``): ``message`` in ``status`` with detail."""
-        if self._stop is not None or self._run.ended or self._run.state is VMState.STARTING:
+        """The stop chain's step, else what booting waits for or took: a detail ``message``."""
+        if self._stop is not None or self._run.ended:
             return self._stop.step if self._stop is not None and not self._run.ended else ""
         return self.readiness.note
 
@@ -170,8 +163,7 @@ class QemuController:
         if self._run.state is VMState.STARTING:
             running = isinstance(status, dict) and status.get("status") != "paused"
             self._qmp.vcpus_stopped = not running
-            waits = self.readiness.started(self._process.started)
-            note = f"; {self.readiness.note}" if waits else ""
+            note = self.readiness.started(self._process.started)
             self._move(self.readiness.live() if running else VMState.PAUSED, f"QEMU runs{note}")
         self._supervise()
 
@@ -179,9 +171,7 @@ class QemuController:
         if self._agent is not None:
             self._agent.prepare()
         notify = self.readiness.guest_end()
-        sock, self._console = self._process.launch(
-            self.config, name=self.name, env=env, notify=notify
-        )
+        sock, self._console = self._process.launch(self.config, self.name, env, notify)
         self._read_streams()
         return sock
 
@@ -254,7 +244,6 @@ class QemuController:
         if not self._run.ended:
             self._process.kill(signal.SIGKILL)
             await self._run.end()
-        self.readiness.stop_waiting()
         await self._tasks.cancel()
         await self._disconnect()
         self._process.close()
@@ -264,36 +253,14 @@ class QemuController:
 
     def handover_refusal(self) -> str:
         """Why QEMU cannot be handed over right now; empty when it can."""
-        if self._run.ended or self._process.reaped:
-            return "QEMU is gone"
-        if self._run.state is VMState.STOPPING:
-            return "a stop is running (it goes on)"
-        if self._run.state not in (VMState.RUNNING, VMState.PAUSED):
-            return f"the VM is {self._run.state.value}"
-        return ""
+        return refusal(self._run, self._process)
 
     async def handover(self) -> RunningQemu:
-        """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over.
-
-        What was read is consumed here first (QMP events included); the rest
-        stays in the kernel for the next reader.  The caller execs next without
-        yielding to the loop, or calls :meth:`resume` if it cannot.
-        """
-        if refusal := self.handover_refusal():
-            raise ReloadRefusedError(refusal)
-        await pause_streams(self._process, self._qmp, self.readiness)
-        if refusal := self.handover_refusal():  # a stop may have come in meanwhile
-            self.resume()
-            raise ReloadRefusedError(refusal)
+        """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over
+        (:func:`.handover.hand_over`); the caller execs next, or calls :meth:`resume`."""
         assert self._console is not None
-        return RunningQemu.of(
-            self._process,
-            self._qmp,
-            self._console,
-            state=self._run.state,
-            agent=self._connected_agent() is not None,
-            readiness=self.readiness,
-        )
+        parts = (self._run, self._process, self._qmp, self._console, self.readiness)
+        return await hand_over(*parts, agent=self._connected_agent() is not None)
 
     def resume(self) -> None:
         """Read QEMU's streams again: the handover did not happen."""
@@ -309,12 +276,7 @@ class QemuController:
         """
         self._run = RunState(handed.state)
         self.changes.publish(Change(handed.state, "taken over by the reloaded vmhost"))
-        self._qmp.shutdown_event = handed.shutdown_event
-        self._qmp.vcpus_stopped = handed.vcpus_stopped
-        self._process.stderr_tail.extend(handed.stderr_tail)
-        self._process.adopt(handed.pid, handed.stderr_fd)
-        self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
-        self.readiness.adopt(handed.ready_note, handed.notify_fd)  # only a ready VM is handed
+        self._console = handed.restore(self._process, self._qmp, self.readiness)
         self._read_streams()
         try:
             sock = socket.socket(fileno=handed.qmp_fd)
@@ -349,11 +311,10 @@ class QemuController:
         cause, detail = ExitCause.CRASHED, f", exit code {code}"
         try:
             await self._qmp.read_to_end(EXIT_GRACE)
+            state, failure = self._run.state, self.readiness.failure
             cause, detail = classify(
-                code, self._run.state, self._process.signalled, self._qmp.shutdown_event
+                code, state, self._process.signalled, self._qmp.shutdown_event, failure
             )
-            if self.readiness.failure and cause is ExitCause.REQUESTED:
-                cause, detail = ExitCause.NOT_READY, f": {self.readiness.failure}"
         except Exception:
             log.exception("cannot tell how QEMU ended (exit code %d)", code)
         finally:
@@ -377,8 +338,7 @@ class QemuController:
             self._move(self.readiness.live(), "resumed", name)
         elif name == "RESET":
             log.info("guest reset (reboot); the VM keeps running", extra={"QMP_EVENT": name})
-            booting = state is not VMState.STOPPING and self.readiness.reset()
-            if booting and state is VMState.RUNNING:  # QEMU may report one reboot twice
+            if self.readiness.reset(state):
                 self._move(VMState.BOOTING, f"guest reset; {self.readiness.note}", name)
             if self._agent is not None and state is not VMState.STOPPING:
                 self._agent.reprovision()
@@ -413,20 +373,14 @@ class QemuController:
             await self._agent.close()
         await self._qmp.disconnect()
 
-    # -- readiness ([boot] ready) ----------------------------------------------
+    # -- helpers --------------------------------------------------------------
 
-    def _guest_ready(self, message: str) -> None:
-        """A ``guest-ready`` change; systemd's READY=1 is the service's (``first_ready``)."""
+    def _ready(self, message: str) -> None:
+        """A ``guest-ready`` change (systemd's READY=1 is the service's, on ``first_ready``)."""
         if self._run.state is VMState.BOOTING:
             self._move(VMState.RUNNING, message, "guest-ready")
         else:  # paused or unresponsive meanwhile: it comes back as running
-            log.info("VM %s: %s", self.name, message)
             self.changes.publish(Change(self._run.state, message, "guest-ready"))
-
-    def _stop_now(self, _reason: str) -> None:
-        self._spawn(_awaited(self.stop()))
-
-    # -- helpers --------------------------------------------------------------
 
     def _connected_agent(self) -> Agent | None:
         return self._agent.agent if self._agent is not None else None
@@ -441,7 +395,3 @@ class QemuController:
     def _announce_step(self, step: str, message: str) -> None:
         log.info("%s", message, extra={"VMHOST_STATE": "stopping"})
         self.changes.publish(Change(VMState.STOPPING, message, event_name(step)))
-
-
-async def _awaited(awaitable: Awaitable[None]) -> None:
-    await awaitable

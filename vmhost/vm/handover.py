@@ -4,6 +4,7 @@ QEMU's streams at a line boundary so no message is cut between the two."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import IO, Any, Final
 
 import msgspec
@@ -12,7 +13,7 @@ from ..errors import ReloadRefusedError
 from .process import QemuProcess
 from .qmp import QmpSession, pause_at_line
 from .readiness import Readiness
-from .state import VMState
+from .state import RunState, VMState
 
 QUIESCE_TIMEOUT: Final = 1.0
 """For QEMU's streams to reach a line boundary before a handover."""
@@ -62,10 +63,53 @@ class RunningQemu(msgspec.Struct, frozen=True, kw_only=True):
             ready_note=readiness.note,
         )
 
+    def restore(self, process: QemuProcess, qmp: QmpSession, readiness: Readiness) -> IO[bytes]:
+        """In the new vmhost: what the parts knew, and the console's read end."""
+        qmp.shutdown_event, qmp.vcpus_stopped = self.shutdown_event, self.vcpus_stopped
+        process.stderr_tail.extend(self.stderr_tail)
+        process.adopt(self.pid, self.stderr_fd)
+        readiness.adopt(self.ready_note, self.notify_fd)  # only a ready guest is handed over
+        return os.fdopen(self.console_fd, "rb", buffering=0)
+
     @property
     def fds(self) -> tuple[int, ...]:
         fds = (self.qmp_fd, self.console_fd, self.stderr_fd)
         return (*fds, self.notify_fd) if self.notify_fd >= 0 else fds
+
+
+def refusal(run: RunState, process: QemuProcess) -> str:
+    """Why QEMU cannot be handed over right now; empty when it can."""
+    if run.ended or process.reaped:
+        return "QEMU is gone"
+    if run.state is VMState.STOPPING:
+        return "a stop is running (it goes on)"
+    if run.state not in (VMState.RUNNING, VMState.PAUSED):
+        return f"the VM is {run.state.value}"
+    return ""
+
+
+async def hand_over(
+    run: RunState,
+    process: QemuProcess,
+    qmp: QmpSession,
+    console: IO[bytes],
+    readiness: Readiness,
+    *,
+    agent: bool,
+) -> RunningQemu:
+    """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over.
+
+    What was read is consumed here first (QMP events included); the rest stays
+    in the kernel for the next reader.  The caller execs next without yielding
+    to the loop, or resumes the streams if it cannot.
+    """
+    if reason := refusal(run, process):
+        raise ReloadRefusedError(reason)
+    await pause_streams(process, qmp, readiness)
+    if reason := refusal(run, process):  # a stop may have come in meanwhile
+        resume_streams(process, qmp, readiness)
+        raise ReloadRefusedError(reason)
+    return RunningQemu.of(process, qmp, console, state=run.state, agent=agent, readiness=readiness)
 
 
 async def pause_streams(process: QemuProcess, qmp: QmpSession, readiness: Readiness) -> None:

@@ -53,13 +53,20 @@ _FINAL: Final = {
 
 
 def classify(
-    code: int, state: VMState, signalled: bool, shutdown: Mapping[str, Any] | None
+    code: int,
+    state: VMState,
+    signalled: bool,
+    shutdown: Mapping[str, Any] | None,
+    not_ready: str = "",
 ) -> tuple[ExitCause, str]:
-    """How QEMU ended, from its exit code, the state it left and its last SHUTDOWN event."""
+    """How QEMU ended, from its exit code, the state it left, its last SHUTDOWN event and
+    why its guest was stopped for not getting ready (``[boot] ready``), if it was."""
     shutdown = shutdown or {}
     how = f" by {signal_name(-code)}" if code < 0 else f", exit status {code}"
     if state is VMState.STARTING and (code >= 0 or signalled):
         return ExitCause.START_FAILED, how
+    if state is VMState.STOPPING and not_ready:
+        return ExitCause.NOT_READY, f": {not_ready}"
     if state is VMState.STOPPING:
         return ExitCause.REQUESTED, how if code else ""
     if code == 0 and shutdown.get("guest"):
@@ -103,7 +110,6 @@ class QemuProcess:
     def launch(
         self,
         config: Config,
-        *,
         name: str,
         env: dict[str, str],
         notify: socket.socket | None = None,

@@ -23,12 +23,10 @@ log = logging.getLogger(__name__)
 class AgentLink:
     """The connected agent, if any, and the one task that connects it."""
 
-    def __init__(
-        self, config: AgentConfig, socket: Path, on_done: Callable[[str], None] = lambda _: None
-    ) -> None:
+    def __init__(self, config: AgentConfig, socket: Path) -> None:
         self.config = config
         self.socket = socket
-        self.on_done = on_done
+        self.on_done: Callable[[str], None] = lambda _: None
         """Told when a provisioning ends: the error, or "" (``[boot] ready = "agent"``)."""
         self.agent: Agent | None = None
         self._task: asyncio.Task[None] | None = None

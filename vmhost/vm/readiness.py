@@ -16,7 +16,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 from ..config import BootConfig, Config, ReadyMode
@@ -51,17 +51,16 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 class Readiness:
     """One VM's readiness across its boots; ``on_ready(message)`` once per boot,
-    ``on_not_ready(reason)`` when the first boot's wait ends without it (the controller
-    stops the VM: ``stop_seconds`` is what that may take), ``on_status()`` when the
-    guest's STATUS= text changes while it boots."""
+    ``on_not_ready()`` (the VM's graceful stop, which may take ``stop_seconds``) when
+    the first boot's wait ends without it (``failure`` says why), ``on_status()`` when
+    the guest's STATUS= text changes while it boots."""
 
     def __init__(
         self,
         config: Config,
-        *,
         spawn: Spawn,
         on_ready: Callable[[str], None],
-        on_not_ready: Callable[[str], None],
+        on_not_ready: Callable[[], Awaitable[None]],
         stop_seconds: float,
     ) -> None:
         boot = config.boot or BootConfig()
@@ -120,19 +119,22 @@ class Readiness:
         """The state of a VM whose vCPUs run: booting until the guest is ready."""
         return VMState.BOOTING if self._waiting else VMState.RUNNING
 
-    def reset(self) -> bool:
-        """The guest was reset: whether it now boots again (is waited for)."""
-        if self.waits:
-            self.begin(time.monotonic())
-        return self.waits
+    def reset(self, state: VMState) -> bool:
+        """The guest was reset: wait for it again (unless it is being stopped); whether the
+        VM in ``state`` goes back to booting (a running one: QEMU may report a reset twice)."""
+        if not self.waits or state is VMState.STOPPING:
+            return False
+        self.begin(time.monotonic())
+        return state is VMState.RUNNING
 
-    def started(self, since: float) -> bool:
-        """QEMU runs the guest since ``since``: whether it now boots (else it is ready)."""
+    def started(self, since: float) -> str:
+        """QEMU runs the guest since ``since``: it boots now (and the start's message gets
+        ``; waiting for ...``), or it is ready (the message gets nothing)."""
         if not self.waits:
             self.first_ready.set()
-            return False
+            return ""
         self.begin(since)
-        return True
+        return f"; {self.note}"
 
     def begin(self, since: float) -> None:
         """The guest boots from ``since`` (monotonic: QEMU's start, or its reset): wait for it."""
@@ -174,7 +176,7 @@ class Readiness:
             self.note = f"guest not ready: {reason}"
             self.failure = reason
             log.error("guest not ready: %s; stopping it", reason)
-            self._on_not_ready(reason)
+            self._spawn(_awaited(self._on_not_ready()))
         elif self._waiting:
             log.warning("guest not ready after its reset: %s", reason)
 
@@ -319,3 +321,7 @@ async def open_notify(
         lambda: asyncio.StreamReaderProtocol(reader), sock
     )
     return cast(asyncio.ReadTransport, transport), reader
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from qemu.qmp import QMPError
 
-from ..config import StopConfig
+from ..config import Config, StopConfig
 from ..errors import ControllerError
 from .process import QemuProcess
 from .qmp import QmpSession
@@ -144,6 +144,11 @@ def _agent_shutdown(agent: Agent) -> Step:
         await agent.shutdown("vmhost stop")
 
     return run
+
+
+def budget(config: Config) -> float:
+    """The longest a stop with the config's timeout may take, its last steps included."""
+    return granted(config.stop, None) + 2 * LAST_STEPS
 
 
 def granted(config: StopConfig, timeout: float | None) -> float:
