@@ -4,7 +4,7 @@ QEMU command line alone, whose notify port the bench reads itself.
 ``python3 -m bench.ready [--runs N]`` boots the tiny guest N times each way, alternating, a
 fresh disk each time, and prints the medians (and writes them to ``bench/ready.md``).
 
-- **alone**: the bench execs QEMU with ``vmhost.qemu.argv`` (same config, same devices)
+- **alone**: the bench execs QEMU with ``vmhost.vm.argv.argv`` (same config, same devices)
   and reads its end of the notify socketpair until ``READY=1``: QEMU exec → READY=1.
 - **vmhost**: the bench execs ``vmhost serve`` with ``NOTIFY_SOCKET`` on a datagram socket
   it binds, as systemd would, until the ``READY=1`` datagram.  QEMU exec is the
