@@ -5,8 +5,10 @@ controller's provisioning to finish; ``"notify"`` for ``READY=1`` on the
 guest's notify port; ``"ssh"`` for an ``SSH-`` banner on the forwarded port.
 Only the first boot's wait is bounded (it is what ``systemctl start`` waits
 for): a guest that reboots later is ``booting`` again until it says so, but is
-not stopped for taking long.  The controller owns the run-state; this module
-only tells it ``ready`` (once per boot, with how long it took) or ``not ready``.
+not stopped for taking long.  The controller makes every move of the run-state;
+this module answers its questions (booting or running? does a reset boot again?),
+tells it ``ready`` (once per boot, with how long it took), and stops the VM when
+the first boot's wait ends without the guest.
 """
 
 from __future__ import annotations
