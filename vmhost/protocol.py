@@ -29,8 +29,9 @@ STOP: Final = "stop"
 FORCE_STOP: Final = "force_stop"
 LOGS: Final = "logs"
 WATCH: Final = "watch"
-METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH})
-STREAMS: Final = frozenset({LOGS, WATCH})
+CONSOLE: Final = "console"
+METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH, CONSOLE})
+STREAMS: Final = frozenset({LOGS, WATCH, CONSOLE})
 """Methods answered with many lines, until the server closes."""
 
 Buffer = bytes | bytearray | memoryview
@@ -41,7 +42,8 @@ class Request(msgspec.Struct, omit_defaults=True):
     """``{"method": ..., "timeout_seconds": ...}``; the rest are vmhost extensions.
 
     ``detail`` asks for the extension fields of :class:`Response`; ``lines`` and
-    ``follow`` belong to the ``logs`` extension method.  A Go peer sends none.
+    ``follow`` belong to the ``logs`` extension method, ``lines``, ``read_only``,
+    ``force`` and ``since`` to ``console`` (:mod:`vmhost.attach`).  A Go peer sends none.
     """
 
     method: str = ""
@@ -49,6 +51,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     detail: bool = False
     lines: _GoInt = 0
     follow: bool = False
+    read_only: bool = False
+    force: bool = False
+    since: str = ""
 
 
 class Response(msgspec.Struct, omit_defaults=True):
@@ -395,7 +400,11 @@ _FOLD: Final = str.maketrans(
 )
 """Go's simple case folding where it can meet an ASCII field name: U+017F is s, U+212A k."""
 _GO_FIELDS: Final = {"method": ("vmhost.Method", _str), "timeout_seconds": ("int", _int)}
-_FIELDS: Final = frozenset({*_GO_FIELDS, "detail", "lines", "follow"})
+_FIELDS: Final = frozenset(
+    {*_GO_FIELDS, "detail", "lines", "follow", "read_only", "force", "since"}
+)
+_EXTENSIONS: Final = {"lines": _int, "since": _str}
+"""Extension fields that are not booleans, with their decoders."""
 
 
 def _go_field(name: str, value: Buffer) -> object:
@@ -416,7 +425,7 @@ def _go_field(name: str, value: Buffer) -> object:
 
 def _extension(name: str, value: Buffer) -> object:
     try:
-        return (_int if name == "lines" else _bool).decode(value)
+        return _EXTENSIONS.get(name, _bool).decode(value)
     except msgspec.DecodeError:
         return None
 
