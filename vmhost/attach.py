@@ -32,9 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, cast
 
-import msgspec
-
-from .protocol import Request
+from .protocol import READ_ONLY, READ_WRITE, ConsoleLine, Request, encode_console
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +46,6 @@ INPUT_RATE: Final = 32 * 1024
 """Bytes per second the writer may type; a paste is paced to it."""
 INPUT_HELD: Final = 4096
 """Input waiting for the guest before the writer is not read from any more."""
-READ_WRITE: Final = "read-write"
-READ_ONLY: Final = "read-only"
-RELOADED_MESSAGE: Final = "vmhost reloaded"
-
-
-class ConsoleLine(msgspec.Struct, omit_defaults=True):
-    """What vmhost sends an attached console, one JSON line each (``ok`` first, as in
-    :class:`~vmhost.protocol.Response`, so an error reads the same)."""
-
-    ok: bool
-    error: str = ""
-    message: str = ""
-    """For the person: who has the input, a takeover, why the console ended."""
-    mode: str = ""
-    """``read-write`` or ``read-only``: on the first line, and whenever it changes."""
-    output: bytes = b""
-    """The console's bytes as the guest wrote them."""
-    resume: str = ""
-    """On the last line of a reload: where the next attach's ``since`` picks up."""
-
-
-_encode: Final = msgspec.json.Encoder().encode
-
-
-def encode(line: ConsoleLine) -> bytes:
-    return _encode(line) + b"\n"
 
 
 class ConsoleLog:
@@ -186,9 +158,9 @@ class Consoles:
         self.sessions.add(session)
         transport.set_protocol(session)
         transport.resume_reading()  # the control connection may have paused it
-        session.send(encode(ConsoleLine(ok=True, mode=session.mode, message=message)))
+        session.send(encode_console(ConsoleLine(ok=True, mode=session.mode, message=message)))
         if history:
-            session.send(encode(ConsoleLine(ok=True, output=history)))
+            session.send(encode_console(ConsoleLine(ok=True, output=history)))
         log.info("console attached %s by %s", session.mode, session.peer)
 
     def _history(self, request: Request) -> bytes:
@@ -201,12 +173,12 @@ class Consoles:
         previous, self.writer = self.writer, None
         self._input.drop()
         if previous is not None:
-            previous.send(encode(ConsoleLine(ok=True, mode=READ_ONLY, message=why)))
+            previous.send(encode_console(ConsoleLine(ok=True, mode=READ_ONLY, message=why)))
 
     def publish(self, chunk: bytes) -> None:
         """New console output, for every attached reader; encoded once."""
         if self.sessions:
-            line = encode(ConsoleLine(ok=True, output=chunk))
+            line = encode_console(ConsoleLine(ok=True, output=chunk))
             for session in list(self.sessions):
                 session.send(line)
 
@@ -225,7 +197,7 @@ class Consoles:
         """Send every attached console a last line and close it (a reload, vmhost exiting);
         with ``resume`` the line says where a new attach picks up, so nothing is lost."""
         last = ConsoleLine(ok=True, message=message, resume=self.log.position() if resume else "")
-        data = encode(last)
+        data = encode_console(last)
         for session in list(self.sessions):
             session.send(data)
             session.transport.close()
@@ -279,7 +251,6 @@ class _Input:
         self._allowance = float(INPUT_HELD)
         self._stamp = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
-        self._waiting_fd = -1
 
     def add(self, session: Session, data: bytes) -> None:
         self.source = session
@@ -292,7 +263,9 @@ class _Input:
         self._flush()
 
     def _flush(self) -> None:
-        self._cancel_waits()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         fd = self.consoles.input_fd()
         now = time.monotonic()
         self._allowance = min(self._allowance + (now - self._stamp) * INPUT_RATE, INPUT_HELD)
@@ -301,10 +274,9 @@ class _Input:
             allowed = min(len(self.pending), int(self._allowance))
             try:
                 written = os.write(fd, self.pending[:allowed]) if allowed else 0
-            except BlockingIOError:
+            except BlockingIOError:  # the guest reads slower than this: try again soon
                 written = 0
-                self._waiting_fd = fd
-                asyncio.get_running_loop().add_writer(fd, self._flush)
+                self._allowance = 0.0
             except OSError as e:  # QEMU gone: its exit ends everything soon
                 if e.errno != errno.EPIPE:
                     log.warning("console input: %s", e)
@@ -312,7 +284,7 @@ class _Input:
                 written = 0
             del self.pending[:written]
             self._allowance -= written
-            if self.pending and self._waiting_fd < 0:
+            if self.pending:
                 delay = max(min(len(self.pending), INPUT_HELD) - self._allowance, 1) / INPUT_RATE
                 self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
         source = self.source
@@ -321,14 +293,6 @@ class _Input:
                 source.transport.pause_reading()
             else:
                 source.transport.resume_reading()
-
-    def _cancel_waits(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._waiting_fd >= 0:
-            asyncio.get_running_loop().remove_writer(self._waiting_fd)
-            self._waiting_fd = -1
 
 
 def _peer(transport: asyncio.Transport) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -114,6 +115,8 @@ class QemuController:
         self._qmp_sock: socket.socket | None = None
         self._console: IO[bytes] | None = None
         """The console pipe's read end (QEMU has the write end)."""
+        self.console_input = -1
+        """The console input pipe's write end (QEMU reads the other); -1 when there is none."""
         self._agent_socket = qemu.agent_socket(state_dir) if config.agent.port else None
 
     # -- what the server reads ------------------------------------------------
@@ -167,12 +170,14 @@ class QemuController:
         qmp_parent, qmp_child = socket.socketpair()
         console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._console = os.fdopen(console_read, "rb", buffering=0)
+        input_read, self.console_input = _input_pipe()
         try:
             argv = qemu.argv(
                 self.config,
                 name=self.name,
                 qmp_fd=qmp_child.fileno(),
                 console_fd=console_write,
+                console_input_fd=input_read,
                 kvm=qemu.accel_is_kvm(self.config),
             )
             log.info("starting QEMU: %s", " ".join(argv), extra={"VMHOST_STATE": "starting"})
@@ -190,7 +195,7 @@ class QemuController:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(qmp_child.fileno(), console_write),
+                pass_fds=(qmp_child.fileno(), console_write, input_read),
                 env=qemu.environment(
                     os.environ,
                     host_loopback=self.config.network.host_loopback,
@@ -204,11 +209,13 @@ class QemuController:
         except OSError as e:
             qmp_parent.close()
             self._console.close()
+            self._close_input()
             self._end(Ending.START_FAILED, f": {e}")
             raise ControllerError(f"cannot run {self.config.qemu.binary}: {e}") from e
         finally:
             qmp_child.close()
             os.close(console_write)
+            os.close(input_read)
         self._watch_exit()
         assert self._proc.stderr is not None
         self._spawn(self._read_stderr(self._proc.stderr.fileno()))
@@ -218,6 +225,7 @@ class QemuController:
         except (QMPError, OSError, TimeoutError) as e:
             await self._fail_start(e)
             return
+        await self._console_takes_input(console_write, input_read)
         log.info("QEMU runs (pid %d): %s", self.pid, argv[argv.index("-machine") + 1])
         if self._state is VMState.STARTING:
             running = isinstance(status, dict) and status.get("status") != "paused"
@@ -238,6 +246,18 @@ class QemuController:
             self._streams.append((_read_side(self._qmp._writer), self._qmp._reader))
             self._spawn(self._read_events())
             return await self._qmp.execute("query-status")
+
+    async def _console_takes_input(self, console_fd: int, input_fd: int) -> None:
+        """Give the serial console its input pipe (QEMU's numbers for both); without it the
+        console is still read, only nobody can type to it."""
+        try:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                await self._qmp.execute(
+                    "chardev-change", qemu.console_with_input(console_fd, input_fd)
+                )
+        except (QMPError, OSError, TimeoutError) as e:
+            log.warning("the serial console takes no input: %s", e)
+            self._close_input()
 
     async def _fail_start(self, cause: BaseException) -> None:
         """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure,
@@ -309,6 +329,12 @@ class QemuController:
         await self._disconnect()
         if self._proc is not None and self._proc.stderr is not None:
             self._proc.stderr.close()
+        self._close_input()
+
+    def _close_input(self) -> None:
+        if self.console_input >= 0:
+            os.close(self.console_input)
+            self.console_input = -1
 
     # -- reload: handing QEMU over to a re-executed vmhost ---------------------
 
@@ -356,6 +382,7 @@ class QemuController:
             shutdown_event=self._shutdown_event,
             stderr_tail=list(self._stderr_tail),
             agent=self._agent is not None,
+            console_input_fd=self.console_input,
         )
 
     def resume(self) -> None:
@@ -380,6 +407,7 @@ class QemuController:
         self._watch_exit()
         self._spawn(self._read_stderr(handed.stderr_fd))
         self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
+        self.console_input = handed.console_input_fd
         self._spawn(self._read_console(self._console))
         self._qmp.await_greeting = self._qmp.negotiate = False
         try:
@@ -738,10 +766,13 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     stderr_tail: list[str] = []
     agent: bool = False
     """The guest agent was provisioned: the next vmhost reconnects without provisioning again."""
+    console_input_fd: int = -1
+    """The console input pipe's write end; -1 when there is none (an older vmhost's QEMU)."""
 
     @property
-    def fds(self) -> tuple[int, int, int]:
-        return (self.qmp_fd, self.console_fd, self.stderr_fd)
+    def fds(self) -> tuple[int, ...]:
+        extra = (self.console_input_fd,) if self.console_input_fd >= 0 else ()
+        return (self.qmp_fd, self.console_fd, self.stderr_fd, *extra)
 
 
 class _Adopted:
@@ -753,6 +784,14 @@ class _Adopted:
 
     def wait(self) -> int:
         return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+
+def _input_pipe() -> tuple[int, int]:
+    """The console's input pipe, one page (a guest that reads no input holds 4 KiB of it,
+    not 64 KiB of stale keys); vmhost writes without blocking, QEMU reads as it can."""
+    read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    return read, write
 
 
 def _read_side(writer: asyncio.StreamWriter) -> asyncio.ReadTransport:

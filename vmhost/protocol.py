@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -33,6 +33,8 @@ CONSOLE: Final = "console"
 METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH, CONSOLE})
 STREAMS: Final = frozenset({LOGS, WATCH, CONSOLE})
 """Methods answered with many lines, until the server closes."""
+READ_WRITE: Final = "read-write"
+READ_ONLY: Final = "read-only"
 
 Buffer = bytes | bytearray | memoryview
 _GoInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -75,6 +77,22 @@ class Response(msgspec.Struct, omit_defaults=True):
     event: str = ""
 
 
+class ConsoleLine(msgspec.Struct, omit_defaults=True):
+    """What vmhost sends an attached console (the ``console`` extension), one JSON line
+    each; ``ok`` and ``error`` as in :class:`Response`, so a refusal reads the same."""
+
+    ok: bool
+    error: str = ""
+    message: str = ""
+    """For the person: who has the input, a takeover, why the console ended."""
+    mode: str = ""
+    """``read-write`` or ``read-only``: on the first line, and whenever it changes."""
+    output: bytes = b""
+    """The console's bytes as the guest wrote them."""
+    resume: str = ""
+    """On the last line of a reload: where the next attach's ``since`` picks up."""
+
+
 _encoder: Final = msgspec.json.Encoder()
 _request_decoder: Final = msgspec.json.Decoder(Request)
 _str: Final = msgspec.json.Decoder(str)
@@ -107,6 +125,10 @@ def encode_response(response: Response) -> bytes:
     if response.error or response.message:  # only free text can need Go's escapes
         data = _GO_ESCAPE.sub(lambda m: _GO_FORM[m.group()], data)
     return data + b"\n"
+
+
+def encode_console(line: ConsoleLine) -> bytes:
+    return _encoder.encode(line) + b"\n"
 
 
 def error_response(text: str) -> bytes:
@@ -403,7 +425,7 @@ _GO_FIELDS: Final = {"method": ("vmhost.Method", _str), "timeout_seconds": ("int
 _FIELDS: Final = frozenset(
     {*_GO_FIELDS, "detail", "lines", "follow", "read_only", "force", "since"}
 )
-_EXTENSIONS: Final = {"lines": _int, "since": _str}
+_EXTENSIONS: Final[dict[str, msgspec.json.Decoder[Any]]] = {"lines": _int, "since": _str}
 """Extension fields that are not booleans, with their decoders."""
 
 

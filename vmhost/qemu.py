@@ -26,14 +26,25 @@ DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 _KEPT_ENV: Final = frozenset({"PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "TZ"})
 
 
-def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) -> list[str]:
-    """The full QEMU command line; ``qmp_fd`` and ``console_fd`` must be passed to the child.
+def argv(
+    config: Config,
+    *,
+    name: str,
+    qmp_fd: int,
+    console_fd: int,
+    kvm: bool,
+    console_input_fd: int = -1,
+) -> list[str]:
+    """The full QEMU command line; ``qmp_fd``, ``console_fd`` and ``console_input_fd`` (if
+    given) must be passed to the child.
 
     The console is a pipe's write end, not a socket: QEMU writes the serial
     port a byte at a time, and a pipe packs those bytes into pages where a
     socket queues one buffer per byte, which made reading them most of
     vmhost's CPU for a chatty guest.  Set non-blocking, it holds QEMU back
-    (losslessly) when full.  QEMU takes it as a file from an fd set.
+    (losslessly) when full.  QEMU takes it as a file from an fd set.  The
+    console's input, another pipe's read end, joins it once QMP is up
+    (:func:`console_with_input`): QEMU 7.2 has no command-line syntax for it.
 
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
     """
@@ -77,6 +88,8 @@ def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) 
             "-device",
             f"virtio-9p-pci,fsdev=fs{i},mount_tag=share{i}",
         ]
+    if console_input_fd >= 0:
+        args += ["-add-fd", f"fd={console_input_fd},set={console_input_fd}"]
     args += [
         "-add-fd",
         f"fd={console_fd},set={console_fd}",
@@ -92,6 +105,17 @@ def argv(config: Config, *, name: str, qmp_fd: int, console_fd: int, kvm: bool) 
     if config.qemu.sandbox:
         args += ["-sandbox", SANDBOX]
     return args + list(config.qemu.extra_args)
+
+
+def console_with_input(console_fd: int, console_input_fd: int) -> dict[str, object]:
+    """QMP ``chardev-change`` arguments that give the serial console its input pipe as well.
+
+    The ``file`` backend reads ``in`` (``input-path=`` on the command line only
+    from QEMU 8.1) and still writes ``out``, the same output pipe: the serial
+    port keeps its chardev, the guest notices nothing.
+    """
+    data = {"in": f"/dev/fdset/{console_input_fd}", "out": f"/dev/fdset/{console_fd}"}
+    return {"id": "serial0", "backend": {"type": "file", "data": {**data, "append": True}}}
 
 
 def _opt(value: str) -> str:

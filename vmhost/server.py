@@ -40,6 +40,7 @@ from .streams import LogSource, Streams, Watch
 from .vm.state import VMState
 
 if TYPE_CHECKING:
+    from .attach import Consoles
     from .vm.state import Changes
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Server:
         pid_file: Path | None = None,
         limits: Limits = Limits(),  # noqa: B008 - frozen
         logs: LogSource | None = None,
+        consoles: Consoles | None = None,
     ) -> None:
         self.controller = controller
         self.limits = limits
@@ -139,7 +141,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: dict[_Connection, None] = {}
-        self.streams = Streams(controller, logs, limits.max_log_streams)
+        self.streams = Streams(controller, logs, limits.max_log_streams, consoles)
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool], bytes] = {}
         self._cached_for: tuple[VMState | None, str] = (None, "")
@@ -183,6 +185,8 @@ class Server:
             self._turn_runner.cancel()
         for conn in [*self._connections, *self.streams.logs, *self.streams.watches]:
             conn.transport.abort()
+        if self.streams.consoles is not None:
+            self.streams.consoles.end("vmhost is exiting")
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
         self._server = self._sock = None
@@ -228,6 +232,8 @@ class Server:
         farewell = protocol.encode_response(Response(ok=True, message=last_line))
         for conn in [*self.streams.logs, *self.streams.watches]:
             conn.finish(farewell)
+        if self.streams.consoles is not None:
+            self.streams.consoles.end(last_line, resume=True)
         await self._wait_closed([*self._connections, *self.streams.logs], timeout)
         for conn in [*self._connections, *self.streams.logs]:
             conn.transport.abort()

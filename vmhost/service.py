@@ -21,6 +21,7 @@ from typing import Final
 
 from . import config as vmconfig
 from . import reload, systemd
+from .attach import Consoles
 from .client import socket_path
 from .controller import QemuController
 from .errors import (
@@ -132,15 +133,23 @@ async def _serve(options: Options, notifier: systemd.Notifier) -> int:
         assert path is not None
         listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
 
-    controller = QemuController(
-        config,
-        name=name,
-        state_dir=state_dir,
-        on_console=systemd.console_logger(name, config.console.journal_lines_per_second),
-    )
+    consoles = Consoles(state_dir / "console.log", lambda: controller.console_input)
+    journal = systemd.console_logger(name, config.console.journal_lines_per_second)
+
+    def on_console(chunk: bytes) -> None:
+        journal(chunk)
+        consoles.publish(chunk)
+
+    controller = QemuController(config, name=name, state_dir=state_dir, on_console=on_console)
     controller.on_state = functools.partial(_on_state, controller, notifier)
     stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
-    server = Server(controller, listen, pid_file=pid_file, logs=functools.partial(_logs, name))
+    server = Server(
+        controller,
+        listen,
+        pid_file=pid_file,
+        logs=functools.partial(_logs, name),
+        consoles=consoles,
+    )
     reloader = reload.Reloader(
         server=server,
         controller=controller,

@@ -18,6 +18,7 @@ from .errors import TooManyWatchersError, VmhostError
 from .protocol import Request, Response
 
 if TYPE_CHECKING:
+    from .attach import Consoles
     from .server import Controller, _Connection
     from .vm.state import Change, Watcher
 
@@ -33,8 +34,15 @@ _WATCH_SNDBUF: Final = 8 * 1024
 class Streams:
     """The server's open streams; ``logs`` is served only with a source, and capped."""
 
-    def __init__(self, controller: Controller, source: LogSource | None, max_logs: int) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        source: LogSource | None,
+        max_logs: int,
+        consoles: Consoles | None = None,
+    ) -> None:
         self.controller = controller
+        self.consoles = consoles
         self._source = source
         self._max_logs = max_logs
         self.logs: set[_Connection] = set()
@@ -42,11 +50,16 @@ class Streams:
         self._change_line: tuple[Change | None, bytes] = (None, b"")
 
     def serves(self, method: str) -> bool:
+        if method == protocol.CONSOLE:
+            return self.consoles is not None
         return method == protocol.WATCH or (method == protocol.LOGS and self._source is not None)
 
     def start(self, conn: _Connection, request: Request) -> None:
         """Hand ``conn`` to the stream ``request`` asks for (one :meth:`serves`)."""
-        if request.method == protocol.WATCH:
+        if request.method == protocol.CONSOLE:
+            assert self.consoles is not None
+            self.consoles.attach(conn.transport, request)  # the connection is the console's now
+        elif request.method == protocol.WATCH:
             self._watch(conn)
         else:
             self._stream_logs(conn, request)
