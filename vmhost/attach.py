@@ -186,11 +186,14 @@ class Consoles:
         if session is self.writer:
             self._input.add(session, data)
 
-    def detach(self, session: Session) -> None:
-        self.sessions.discard(session)
+    def release(self, session: Session) -> None:
         if session is self.writer:
             self.writer = None
             self._input.drop()
+
+    def detach(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.release(session)
         log.info("console detached (%s)", session.peer)
 
     def end(self, message: str, *, resume: bool = False) -> None:
@@ -233,7 +236,10 @@ class Session(asyncio.Protocol):
         self.consoles.typed(self, data)
 
     def eof_received(self) -> bool:
-        return True  # the input ended (a script's stdin); the output goes on
+        """No more input (a script's stdin ended, or the client is gone): the input is free
+        for another; the output goes on until a write finds nobody there."""
+        self.consoles.release(self)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.consoles.detach(self)
