@@ -36,7 +36,6 @@ from .protocol import READ_ONLY, READ_WRITE, ConsoleLine, Request, encode_consol
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LINES: Final = 100
 MAX_LINES: Final = 10_000
 MAX_HISTORY: Final = 1024 * 1024
 """Bytes of history sent on an attach at most, however many lines were asked for."""
@@ -166,8 +165,7 @@ class Consoles:
     def _history(self, request: Request) -> bytes:
         if request.since and (following := self.log.since(request.since)) is not None:
             return following
-        lines = request.lines if request.lines > 0 else DEFAULT_LINES
-        return self.log.tail(min(lines, MAX_LINES))
+        return self.log.tail(min(request.lines, MAX_LINES)) if request.lines > 0 else b""
 
     def _demote(self, why: str) -> None:
         previous, self.writer = self.writer, None

@@ -32,6 +32,8 @@ from .errors import ClientError, NotListeningError, ServerError, UsageError
 from .protocol import READ_WRITE, ConsoleLine
 
 DEFAULT_ESCAPE: Final = "^]"
+DEFAULT_LINES: Final = 100
+"""Of history on attach: a panic's trace, or the end of the boot."""
 _MAX_LINE: Final = 4 * 1024 * 1024
 _UNSENT_MAX: Final = 64 * 1024
 """Typed bytes waiting for vmhost to take them; beyond this the guest is not reading."""
@@ -41,7 +43,11 @@ _decode: Final = msgspec.json.Decoder(ConsoleLine).decode
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-n", "--lines", type=int, default=0, help="lines of history first (default 100)"
+        "-n",
+        "--lines",
+        type=int,
+        default=DEFAULT_LINES,
+        help=f"lines of history shown first (default {DEFAULT_LINES})",
     )
     parser.add_argument("--read-only", action="store_true", help="never type to the guest")
     parser.add_argument(
@@ -72,7 +78,7 @@ def console(path: Path, label: str, args: argparse.Namespace) -> int:
     request = protocol.Request(
         method=protocol.CONSOLE, lines=args.lines, read_only=args.read_only, force=args.force
     )
-    session = _Session(path, request, typing=not args.read_only)
+    session = _Session(path, request, typing=interactive or not args.read_only)
     first = session.attach()
     if interactive:
         key = args.escape if args.escape != DEFAULT_ESCAPE else "Ctrl-]"
@@ -93,7 +99,8 @@ class _Session:
         self.path = path
         self.request = request
         self.typing = typing
-        """Whether stdin is read and sent on: not with --read-only, not after stdin's EOF."""
+        """Whether stdin is read: on a terminal for the escape key, else for the guest unless
+        --read-only; not after its EOF.  What is read is sent only while we have the input."""
         self.writing = False
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buffer = bytearray()
