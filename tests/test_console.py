@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from conftest import FakeController
+from fixtures import ENV
 
 from vmhost import attach, protocol
 from vmhost.attach import ConsoleLog, Consoles
@@ -26,6 +28,7 @@ from vmhost.server import Limits, Server
 from vmhost.terminal import escape_byte
 
 STATUS = b'{"ok":true,"state":"running"}\n'
+VMHOSTCTL = "import sys; from vmhost.cli import vmhostctl_main; sys.exit(vmhostctl_main())"
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -275,6 +278,25 @@ async def test_reader_that_does_not_keep_up_is_dropped_alone(
     assert len(consoles.sessions) == 1, "the deaf reader is still attached"
     deaf.close()
     writer.close()
+
+
+async def test_others_are_refused_by_the_kernel(consoles: Consoles, sock_path: Path) -> None:
+    """The console is reached through the control socket (0660): a user outside its owner
+    and group is refused at the connect, before vmhost reads a byte."""
+    for directory in sock_path.parents:  # only the socket's own mode stands in the way
+        directory.chmod(directory.stat().st_mode | 0o005)
+    proc = await asyncio.create_subprocess_exec(
+        *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"),
+        *(sys.executable, "-c", VMHOSTCTL, "--socket", str(sock_path), "console"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ENV,
+    )
+    out, err = await proc.communicate()
+    assert (proc.returncode, out) == (1, b"")
+    assert b"Permission denied" in err
+    assert not consoles.sessions
 
 
 async def test_reload_ends_with_where_to_resume(
