@@ -12,6 +12,7 @@ flooding within 2x of quiet.  Exits 1 if it is not met.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -30,8 +31,6 @@ from .targets import SERVE, STATUS, environment, free_port
 
 CTL: Final = "import sys; from vmhost.cli import vmhostctl_main; sys.exit(vmhostctl_main())"
 PAUSE: Final = 0.005
-LOOK_EVERY: Final = 50
-"""Status calls between two looks at console.log (reading it costs what we measure)."""
 
 
 class Phase(msgspec.Struct, kw_only=True):
@@ -81,7 +80,7 @@ def run(work: Path, guest_cache: Path, seconds: int) -> Result:
         vmhost = subprocess.Popen(serve, env=environment(), stdout=log, stderr=log)
     attached: subprocess.Popen[bytes] | None = None
     try:
-        proc.wait_for(lambda: _printed(console, b"TINYGUEST READY"), BOOT_TIMEOUT, "the boot")
+        proc.wait_for(_Follow(console).__call__, BOOT_TIMEOUT, "the boot")
         attached = subprocess.Popen(
             [sys.executable, "-c", CTL, "--socket", str(sock), "console", "--read-only"],
             env=environment(),
@@ -124,7 +123,8 @@ def _phase(
     received, cpu = counter.total, proc.cpu_seconds(pid)
     started = time.monotonic()
     deadline = started + seconds + BOOT_TIMEOUT
-    while len(latencies) % LOOK_EVERY or not _printed(console, end):
+    printed = _Follow(console)
+    while not printed(end):
         before = time.perf_counter()
         answer = _ask(sock)
         latencies.append(time.perf_counter() - before)
@@ -152,15 +152,33 @@ def _ask(sock: Path) -> bytes:
         return s.makefile("rb").readline()
 
 
-def _printed(console: Path, text: bytes) -> bool:
-    """Whether the guest printed ``text``: console.log or, once rotated, console.log.1."""
-    for path in (console, console.with_name(console.name + ".1")):
+class _Follow:
+    """What the guest prints from now on, read as it is appended to console.log (only the
+    new bytes: reading the file whole would cost what is measured); a rotation starts the
+    new file from its beginning."""
+
+    def __init__(self, console: Path) -> None:
+        self.console = console
+        self.inode = self.offset = 0
+        with contextlib.suppress(FileNotFoundError):
+            st = console.stat()
+            self.inode, self.offset = st.st_ino, st.st_size
+        self.tail = b""
+
+    def __call__(self, text: bytes = b"TINYGUEST READY") -> bool:
         try:
-            if text in path.read_bytes():
-                return True
+            f = self.console.open("rb")
         except FileNotFoundError:
-            pass
-    return False
+            return False
+        with f:
+            inode = os.fstat(f.fileno()).st_ino
+            if inode != self.inode:
+                self.inode, self.offset = inode, 0
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        self.tail = self.tail[-len(text) :] + data
+        return text in self.tail
 
 
 if __name__ == "__main__":
