@@ -13,12 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import importlib
 import itertools
 import signal
 from pathlib import Path
+from typing import Any
 
-from vmhost.server import Server
 from vmhost.vm.state import Change, Changes, VMState
+
+
+def _server_module() -> Any:
+    """The server of the revision on PYTHONPATH: ``--compare`` runs older ones, from before
+    it moved into ``vmhost.control``."""
+    try:
+        return importlib.import_module("vmhost.control.server")
+    except ModuleNotFoundError:
+        return importlib.import_module("vmhost.server")
 
 
 class StandIn:
@@ -37,7 +47,7 @@ class StandIn:
         self.changes = Changes()
         self.changes.publish(Change(self.state))
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         self.stops += 1
 
     async def force_stop(self) -> None:
@@ -53,7 +63,7 @@ async def serve(path: Path, changes_per_second: float = 0.0) -> None:
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     stand_in = StandIn()
-    async with Server(stand_in, path):
+    async with _server_module().Server(stand_in, path):
         ticker = (
             asyncio.create_task(_tick(stand_in, 1 / changes_per_second))
             if changes_per_second

@@ -32,6 +32,9 @@ VENV_CACHE: Final = Path(os.environ.get("VMHOST_TEST_VENV_CACHE", "/var/cache/vm
 _PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV: Final = {"PATH": _PATH, "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
 _HIERARCHIES: Final = ("systemd", "unified")
+CLUSTER_UNITS: Final = ("corosync.service", "pacemaker.service", "logd.service")
+"""Enabled by presets once the cluster packages are installed (scripts/setup): they would
+fail in every container that is not a node of tests/cluster.py's cluster, so they are masked."""
 
 
 class ContainerUnavailable(Exception):
@@ -216,6 +219,12 @@ def _procs(cgroup_dir: Path) -> set[int]:
     }
 
 
+def machine_name(name: str) -> str:
+    """The machine name, and hostname, ``boot(name)`` gives its container: nspawn keys its
+    /run state by machine name, so it is unique per test session."""
+    return f"{name}-{os.getpid()}"
+
+
 @contextlib.contextmanager
 def boot(
     name: str,
@@ -224,6 +233,7 @@ def boot(
     ro_binds: Sequence[str] = (),
     overlay: bool = False,
     masks: Sequence[str] = (),
+    cluster_node: bool = False,
     timeout: float = 60,
 ) -> Iterator[Container]:
     """Boot the host's own OS in a container; yield it once booted; always tear it down.
@@ -233,10 +243,12 @@ def boot(
     (``dpkg -i`` inside leaves the host alone), bound in a private mount
     namespace because nspawn refuses ``--volatile=overlay`` on ``-D /``.
     ``binds``/``ro_binds`` take nspawn's ``SRC[:DST]``; ``masks`` are units
-    masked at boot.
+    masked at boot, :data:`CLUSTER_UNITS` too unless ``cluster_node``.
     """
     require_host()
-    name = f"{name}-{os.getpid()}"  # nspawn keys its /run state by machine name
+    name = machine_name(name)
+    if not cluster_node:
+        masks = [*masks, *CLUSTER_UNITS]
     cgroup = f"vmhost-test-{name}"
     cgroup_dirs = _cgroup_dirs(cgroup)
     for d in cgroup_dirs:

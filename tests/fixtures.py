@@ -23,8 +23,8 @@ from typing import Final, TypeVar
 from conftest import VM
 
 from vmhost.client import Client
+from vmhost.control.wire import Response
 from vmhost.errors import ClientError
-from vmhost.protocol import Response
 
 REPO: Final = Path(__file__).resolve().parent.parent
 ENV: Final = {**os.environ, "PYTHONPATH": str(REPO)}

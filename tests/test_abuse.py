@@ -34,10 +34,12 @@ import pytest
 from conftest import VM
 from fixtures import ENV, Vmhost, vmhost_factory
 
-from vmhost import protocol
-from vmhost.client import RUN_DIR, Client
-from vmhost.server import Limits, Server
-from vmhost.service import EXIT_CONFIG, EXIT_OK, STATE_ROOT
+from vmhost.client import Client
+from vmhost.control import wire
+from vmhost.control.connection import Limits
+from vmhost.control.server import Server
+from vmhost.paths import RUN_DIR, STATE_ROOT
+from vmhost.service import EXIT_CONFIG, EXIT_OK
 
 MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
@@ -52,11 +54,11 @@ TIMEOUT: Final = Limits().request_timeout
 SWEEP: Final = 1.0
 """The server looks for expired connections once a second."""
 FLOOD: Final = 1000
-_STATUS: Final = protocol.encode_request(protocol.Request(method="status"))
+_STATUS: Final = wire.encode_request(wire.Request(method="status"))
 
 GOOD_CLIENT: Final = """
 import json, sys, time
-from vmhost.client import RUN_DIR, Client
+from vmhost.client import Client
 from vmhost.errors import VmhostError
 path, seconds = sys.argv[1], float(sys.argv[2])
 client = Client(path, deadline=5.0)
@@ -235,7 +237,7 @@ async def slowloris(path: Path, clients: int = 100) -> str:
         answer = await read_to_eof(sock, TIMEOUT + SWEEP + 5)
         dripping.cancel()
         sock.close()
-        assert answer == protocol.invalid_request("timed out waiting for the rest of the request")
+        assert answer == wire.invalid_request("timed out waiting for the rest of the request")
         return time.monotonic() - started
 
     cut_after = await asyncio.gather(*(one() for _ in range(clients)))
@@ -277,8 +279,8 @@ async def half_closed(path: Path, rounds: int = 200) -> str:
             answered(_STATUS), answered(b""), answered(_STATUS[:10]), vanish()
         )
         assert full == ok_line
-        assert bare == protocol.invalid_request("EOF")  # as Go answers nothing at all
-        assert protocol.decode_response(cut).error.startswith("invalid request: ")
+        assert bare == wire.invalid_request("EOF")  # as Go answers nothing at all
+        assert wire.decode_response(cut).error.startswith("invalid request: ")
     return f"half-closed: {rounds} x (request+EOF, bare EOF, cut request+EOF, vanished)"
 
 
@@ -305,7 +307,7 @@ async def never_read(path: Path, clients: int = 100) -> str:
 
 async def oversized(path: Path, clients: int = 50) -> str:
     """Lines past 64 KiB, with and without newline: 'request too large', then closed."""
-    too_large = protocol.invalid_request("request too large")
+    too_large = wire.invalid_request("request too large")
 
     async def one(data: bytes) -> None:
         sock = await connect(path)
@@ -496,7 +498,7 @@ def test_socket_mode_and_other_users(
     assert outsider.returncode == 13, outsider
     member = as_user(nobody.pw_uid, st.st_gid, vm.socket)
     assert member.returncode == 0, member
-    assert protocol.decode_response(member.stdout.encode()).state == "running"
+    assert wire.decode_response(member.stdout.encode()).state == "running"
     assert vm.status().vm_state == "running"
 
 

@@ -15,9 +15,9 @@ from conftest import FakeController
 import vmhost
 from vmhost import AsyncClient, Client, ClientError, ServerError, VMState
 from vmhost.cli import vmhostctl_main
-from vmhost.client import socket_path
+from vmhost.control.server import Server
 from vmhost.errors import ConfigError
-from vmhost.server import Server
+from vmhost.paths import socket_path
 from vmhost.vm.state import Change
 
 
@@ -85,7 +85,7 @@ async def test_stop_waits_until_gone_showing_the_steps(
     await server.close()  # vmhost exits: the socket goes
     assert await asyncio.wait_for(stop, 5) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "web: stopping (stop timeout 30 s)",
+        "web: stopping (stop timeout 20 s)",
         "web: stopping (stop requested, 30 s to finish)",
         "web: stopping (stop: ACPI power-down (30.0 s for it))",
         "web: stopping (stop: QMP quit (1.0 s for it))",
@@ -165,7 +165,7 @@ async def test_ok_false_raises_with_server_text(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
     """An ok:false answer raises ServerError carrying the server's text."""
-    from vmhost.protocol import Request
+    from vmhost.control.wire import Request
 
     with pytest.raises(ServerError, match="unknown method: reboot"):
         await AsyncClient(sock_path).call(Request(method="reboot"))

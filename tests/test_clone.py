@@ -18,6 +18,7 @@ from pathlib import Path
 
 import container
 import pytest
+from conftest import prerequisite_missing
 from container import ContainerUnavailable
 
 pytestmark = pytest.mark.slow
@@ -36,9 +37,9 @@ def test_e2e_passes_from_a_clone_under(parent: str) -> None:
     try:
         container.require_host()
     except ContainerUnavailable as e:
-        pytest.skip(f"cannot start a systemd container here: {e}")
+        prerequisite_missing(f"cannot start a systemd container here: {e}")
     if shutil.which("git") is None or not (container.REPO / ".git").exists():
-        pytest.skip("not a git checkout")
+        prerequisite_missing("not a git checkout")
     # The working tree as it is (tracked files, uncommitted changes included), else HEAD.
     tree = _git("stash", "create") or _git("rev-parse", "HEAD")
     clone = Path(tempfile.mkdtemp(prefix="vmhost-clone-", dir=parent))

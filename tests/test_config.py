@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vmhost import config
+from vmhost import config, paths
 from vmhost.config import (
     AgentConfig,
     BootConfig,
@@ -274,7 +274,7 @@ def test_example_config_is_complete() -> None:
 def test_check_name_accepts(name: str) -> None:
     """Ordinary instance names pass unchanged and map to /etc/vmhost/NAME.toml."""
     assert config.check_name(name) == name
-    assert config.path_for(name) == Path(f"/etc/vmhost/{name}.toml")
+    assert paths.config_path(name, paths.CONFIG_DIR) == Path(f"/etc/vmhost/{name}.toml")
 
 
 @pytest.mark.parametrize(
@@ -286,7 +286,7 @@ def test_check_name_refuses_escapes(name: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid VM name"):
         config.check_name(name)
     with pytest.raises(ConfigError, match="invalid VM name"):
-        config.path_for(name, tmp_path)
+        paths.config_path(name, tmp_path)
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import container
 import pytest
-from conftest import CACHE, free_port
+from conftest import CACHE, free_port, prerequisite_missing
 from container import Container, ContainerUnavailable
 from guest.build import GuestImage
 
 import vmhost
 from vmhost import cli
-from vmhost.systemd import Event
+from vmhost.journal import Event
 
 REPO = container.REPO
 BUILD_DEB = REPO / "packaging" / "build-deb"
@@ -33,6 +33,7 @@ MAN = REPO / "docs" / "man"
 DEB_CACHE = CACHE / "deb"
 VENV = "/opt/venvs/vmhost"
 UNITS = ("/lib/systemd/system/vmhost@.service", "/lib/systemd/system/vmhost@.socket")
+OCF_AGENT = "/usr/lib/ocf/resource.d/vmhost/vm"
 
 
 def _help(
@@ -198,6 +199,9 @@ def test_package_metadata_and_layout(deb: Path) -> None:
         assert path in entries, path
     for command in ("vmhost", "vmhostctl"):
         assert entries[f"/usr/bin/{command}"] == f"{VENV}/bin/{command}"
+    agent = next(line for line in listing.splitlines() if line.endswith(f" .{OCF_AGENT}"))
+    assert agent.startswith("-rwxr-xr-x"), agent  # Pacemaker runs it
+    assert {"pacemaker", "resource-agents"} <= set(_field(deb, "Suggests").split(", "))
     assert not [p for p in entries if "__pycache__" in p or p.endswith(".pyc")]
     assert not [p for p in entries if ".libs/" in p], "a wheel's bundled shared libraries"
     assert not [p for p in entries if re.search(r"/site-packages/(pip|setuptools)/", p)]
@@ -212,7 +216,7 @@ def _overlay(guest: GuestImage, *debs: Path) -> Iterator[Container]:
     try:
         container.require_host()
     except ContainerUnavailable as e:
-        pytest.skip(f"cannot start a systemd container here: {e}")
+        prerequisite_missing(f"cannot start a systemd container here: {e}")
     binds = [f"{d.parent}:/run/deb{i or ''}" for i, d in enumerate(debs)]
     binds.append(f"{guest.kernel.parent}:/run/guest")
     with container.boot(

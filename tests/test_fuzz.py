@@ -27,13 +27,14 @@ from typing import Any, Final
 import msgspec
 import pytest
 import uvloop
-from conftest import CACHE, FakeController
+from conftest import CACHE, FakeController, prerequisite_missing
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from vmhost import protocol
-from vmhost.protocol import Request, Response
-from vmhost.server import Limits, Server, _Connection
+from vmhost.control import goscan, wire
+from vmhost.control.connection import Connection, Limits
+from vmhost.control.server import Server
+from vmhost.control.wire import Request, Response
 
 QUICK: Final = 500
 SOAK: Final = 100_000
@@ -159,7 +160,7 @@ streams = (
 def decodes_or_rejects(data: bytes) -> Request | None:
     """``decode_request``'s contract: a Request, or ``msgspec.DecodeError``, nothing else."""
     try:
-        return protocol.decode_request(data)
+        return goscan.decode_request(data)
     except msgspec.DecodeError:
         return None
 
@@ -231,7 +232,7 @@ class RecordingTransport(asyncio.Transport):
 def responses(raw: bytes | bytearray) -> list[Response]:
     """Parse the server's output: complete lines, each a valid Response of the known shapes."""
     assert not raw or raw.endswith(b"\n"), f"partial answer {bytes(raw[-80:])!r}"
-    answers = [protocol.decode_response(line) for line in bytes(raw).splitlines()]
+    answers = [wire.decode_response(line) for line in bytes(raw).splitlines()]
     for answer in answers:
         if answer.ok:
             assert answer.state in _KNOWN_STATES and not answer.error
@@ -249,7 +250,7 @@ async def feed(
     reading (it does so to let other connections have their turn).
     """
     server = Server(FakeController(), Path("/nonexistent"))
-    conn = _Connection(server)
+    conn = Connection(server)
     transport = RecordingTransport()
     conn.connection_made(transport)
 
@@ -313,11 +314,11 @@ def test_split_request_gets_the_same_answer(
     loop: asyncio.AbstractEventLoop, method: str, data: st.DataObject
 ) -> None:
     """A valid request answers the same however its bytes are split into reads."""
-    wire = protocol.encode_request(Request(method=method))
-    cuts = sorted(data.draw(st.lists(st.integers(1, len(wire) - 1), max_size=len(wire))))
-    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    line = wire.encode_request(Request(method=method))
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(line) - 1), max_size=len(line))))
+    chunks = [line[a:b] for a, b in zip([0, *cuts], [*cuts, len(line)], strict=True)]
 
-    whole, _ = loop.run_until_complete(feed([wire]))
+    whole, _ = loop.run_until_complete(feed([line]))
     split, _ = loop.run_until_complete(feed(chunks))
     assert len(whole) == 1 and whole[0].ok
     assert split == whole
@@ -329,16 +330,16 @@ def test_pipelined_requests_are_all_answered_in_order(
     loop: asyncio.AbstractEventLoop, methods: list[str], data: st.DataObject
 ) -> None:
     """Hundreds of pipelined requests, split anywhere: one answer each, in order, none lost."""
-    wire = b"".join(protocol.encode_request(Request(method=m)) for m in methods)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
-    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    line = b"".join(wire.encode_request(Request(method=m)) for m in methods)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(line)), max_size=6)))
+    chunks = [line[a:b] for a, b in zip([0, *cuts], [*cuts, len(line)], strict=True)]
     answers, _ = loop.run_until_complete(feed(chunks))
     assert [a.backend == "qemu" for a in answers] == [m == "info" for m in methods]
 
 
 def test_oversized_line_is_refused(loop: asyncio.AbstractEventLoop) -> None:
     """A value not complete within 64 KiB is answered 'request too large' and closed."""
-    for data in (b" " * (protocol.MAX_REQUEST_BYTES + 1) + b"\n", b'"' + b"x" * 200_000):
+    for data in (b" " * (wire.MAX_REQUEST_BYTES + 1) + b"\n", b'"' + b"x" * 200_000):
         answers, transport = loop.run_until_complete(feed([data], eof=False))
         assert answers == [Response(ok=False, error="invalid request: request too large")]
         assert transport.closed
@@ -421,7 +422,7 @@ def exchange_live(path: Path, data: bytes, *, timeout: float = 3.0) -> bytes:
 
 def check_live(path: Path, data: bytes) -> None:
     answers = responses(exchange_live(path, data))
-    if data.strip() and len(data) <= protocol.MAX_REQUEST_BYTES:
+    if data.strip() and len(data) <= wire.MAX_REQUEST_BYTES:
         assert answers, f"no answer to {data[:80]!r}"
 
 
@@ -437,7 +438,7 @@ def fuzz_live(path: Path, examples: int) -> int:
         check_live(path, data)
 
     one()
-    assert protocol.decode_response(exchange_live(path, b'{"method":"status"}\n')).ok
+    assert wire.decode_response(exchange_live(path, b'{"method":"status"}\n')).ok
     return seen
 
 
@@ -459,7 +460,7 @@ def test_soak_live_server(live_socket: Path) -> None:
 GO_QUICK: Final = 300
 GO_SOAK: Final = 20_000
 GORACLE: Final = Path(__file__).with_name("goracle")
-_SIZE_LIMIT: Final = protocol.MAX_REQUEST_BYTES // 2
+_SIZE_LIMIT: Final = wire.MAX_REQUEST_BYTES // 2
 """Inputs stay well inside the size limit: past it vmhost refuses on purpose (README)."""
 
 
@@ -468,7 +469,9 @@ def goracle() -> Path:
     """tests/goracle built once (standard library only, no network), cached by source hash."""
     go = shutil.which("go")
     if go is None:
-        pytest.skip("no `go` on PATH: the Go oracle needs golang-go (scripts/setup installs it)")
+        prerequisite_missing(
+            "no `go` on PATH: the Go oracle needs golang-go (scripts/setup installs it)"
+        )
     sources = [*sorted(GORACLE.rglob("*.go")), GORACLE / "go.mod"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     build = CACHE / "goracle"
@@ -489,7 +492,7 @@ def goracle() -> Path:
 class StaysRunning(FakeController):
     """The oracle's VM never changes state, so neither may vmhost's: stops are only counted."""
 
-    def stop(self, timeout: float) -> Awaitable[None]:
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
         self.stops.append(timeout)
         return self.wait()
 
@@ -680,7 +683,7 @@ class _Exchange:
 
 
 def _as_go_client_sees(line: bytes) -> tuple[object, ...]:
-    r = protocol.decode_response(line)
+    r = wire.decode_response(line)
     return r.ok, bool(r.error), r.state, r.ssh_port, r.backend
 
 

@@ -24,7 +24,7 @@ from fixtures import Vmhost, vmhost_factory, wait_for
 
 from vmhost import controller, inventory
 from vmhost.cli import vmhostctl_main
-from vmhost.server import Server
+from vmhost.control.server import Server
 
 
 def _socket_file(run_dir: Path, name: str, *, listening: bool) -> socket.socket:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from vmhost import protocol
-from vmhost.protocol import Request, Response
+from vmhost.control import goscan, wire
+from vmhost.control.wire import Request, Response
 from vmhost.vm.state import VMState
 
 GOLDEN_RESPONSES = [
@@ -31,22 +31,22 @@ GOLDEN_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("response", "wire"), GOLDEN_RESPONSES)
-def test_response_bytes(response: Response, wire: bytes) -> None:
+@pytest.mark.parametrize(("response", "line"), GOLDEN_RESPONSES)
+def test_response_bytes(response: Response, line: bytes) -> None:
     """Responses encode byte for byte as the Go server writes them."""
-    assert protocol.encode_response(response) == wire
-    assert protocol.decode_response(wire) == response
+    assert wire.encode_response(response) == line
+    assert wire.decode_response(line) == response
 
 
-@pytest.mark.parametrize(("request_", "wire"), GOLDEN_REQUESTS)
-def test_request_bytes(request_: Request, wire: bytes) -> None:
+@pytest.mark.parametrize(("request_", "line"), GOLDEN_REQUESTS)
+def test_request_bytes(request_: Request, line: bytes) -> None:
     """Requests encode as the Go client writes them and decode back."""
-    assert protocol.encode_request(request_) == wire
-    assert protocol.decode_request(wire.rstrip(b"\n")) == request_
+    assert wire.encode_request(request_) == line
+    assert goscan.decode_request(line.rstrip(b"\n")) == request_
 
 
 @pytest.mark.parametrize(
-    ("wire", "method", "timeout"),
+    ("line", "method", "timeout"),
     [
         (b'{"Method":"status"}', "status", 0),
         (b'{"METHOD":"stop","Timeout_Seconds":5}', "stop", 5),
@@ -67,15 +67,15 @@ def test_request_bytes(request_: Request, wire: bytes) -> None:
         (b'{"method":"info","timeout_seconds":-0,"detail":"yes"}', "info", 0),
     ],
 )
-def test_go_decoder_compatibility(wire: bytes, method: str, timeout: int) -> None:
+def test_go_decoder_compatibility(line: bytes, method: str, timeout: int) -> None:
     """What Go's decoder accepts (folded keys, unknown keys, null, last key wins, U+FFFD for
     bad UTF-8, deep nesting, trailing bytes) decodes as it does there."""
-    request = protocol.decode_request(wire)
+    request = goscan.decode_request(line)
     assert (request.method, request.timeout_seconds) == (method, timeout)
 
 
 @pytest.mark.parametrize(
-    ("wire", "reason"),
+    ("line", "reason"),
     [
         (b"{bad", "invalid character 'b' looking for beginning of object key string"),
         (b"\xff\xfe", "invalid character '\xff' looking for beginning of value"),
@@ -109,26 +109,26 @@ def test_go_decoder_compatibility(wire: bytes, method: str, timeout: int) -> Non
         (b"{'a':1}", "invalid character '\\'' looking for beginning of object key string"),
     ],
 )
-def test_undecodable_requests(wire: bytes, reason: str) -> None:
+def test_undecodable_requests(line: bytes, reason: str) -> None:
     """Requests Go rejects are rejected here too, in the words of Go's decoder."""
     with pytest.raises(msgspec.DecodeError) as raised:
-        protocol.decode_request(wire)
+        goscan.decode_request(line)
     assert str(raised.value) == reason
 
 
 @pytest.mark.parametrize("cut", range(1, 40))
 def test_scanner_resumes_between_reads(cut: int) -> None:
     """However a value is split into reads, the scanner ends it at the same byte."""
-    wire = b'{"method":"stop","x":[1.5e3,"\\u00e9",true,null],"timeout_seconds":10} '
-    scanner = protocol.Scanner()
-    assert scanner.scan(wire, min(cut, len(wire))) == -1 or cut >= len(wire) - 1
-    assert scanner.scan(wire, len(wire)) == len(wire) - 1
-    assert scanner.request(wire) == Request(method="stop", timeout_seconds=10)
+    line = b'{"method":"stop","x":[1.5e3,"\\u00e9",true,null],"timeout_seconds":10} '
+    scanner = goscan.Scanner()
+    assert scanner.scan(line, min(cut, len(line))) == -1 or cut >= len(line) - 1
+    assert scanner.scan(line, len(line)) == len(line) - 1
+    assert scanner.request(line) == Request(method="stop", timeout_seconds=10)
 
 
 def test_go_escapes_in_answers() -> None:
     """An echoed method comes out as Go's encoder writes it: <, >, &, U+2028/9, \\b, \\f."""
-    answer = protocol.error_response("unknown method: <a&b>\u2028\u2029\b\f\\b")
+    answer = wire.error_response("unknown method: <a&b>\u2028\u2029\b\f\\b")
     assert answer == (
         b'{"ok":false,"error":"unknown method: \\u003ca\\u0026b\\u003e'
         b'\\u2028\\u2029\\u0008\\u000c\\\\b"}\n'
@@ -137,7 +137,7 @@ def test_go_escapes_in_answers() -> None:
 
 def test_invalid_request_text() -> None:
     """Decoder errors travel as `invalid request: ...`."""
-    assert protocol.invalid_request("x") == b'{"ok":false,"error":"invalid request: x"}\n'
+    assert wire.invalid_request("x") == b'{"ok":false,"error":"invalid request: x"}\n'
 
 
 def test_wire_states_are_the_go_vocabulary() -> None:
@@ -149,4 +149,4 @@ def test_wire_states_are_the_go_vocabulary() -> None:
 def test_extensions_are_invisible_unless_set() -> None:
     """Extension fields are omitted when empty, so a Go peer never sees them."""
     response = Response(ok=True, state="running", vm_state="", pid=0, message="")
-    assert protocol.encode_response(response) == b'{"ok":true,"state":"running"}\n'
+    assert wire.encode_response(response) == b'{"ok":true,"state":"running"}\n'

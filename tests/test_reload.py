@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 from conftest import VM
-from fixtures import ENV, Vmhost, vmhost_factory, wait_for
+from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
 from guest.build import GuestImage
 
-from vmhost import reload
+from vmhost import notify, reload
 from vmhost.client import Client
 from vmhost.errors import ClientError
 from vmhost.service import EXIT_FAILURE, EXIT_OK
@@ -203,7 +203,8 @@ def test_reload_during_a_stop_is_refused(
 def test_internal_errors_reexec_three_times_then_fail(
     make_vm: MakeVM, vmhost_for: VmhostFor
 ) -> None:
-    """The planted internal error re-execs (the guest keeps running); the fourth in 5 min fails."""
+    """The planted internal error re-execs (the guest keeps running); the fourth in 5 min fails,
+    and vmhost stops the guest as a stop would (its disk clean) before it exits 1."""
     vm = vmhost_for(make_vm())
     vm.env = {**ENV, reload.FAULT_ENV: "1"}
     qemu_pid = vm.boot().pid
@@ -214,5 +215,84 @@ def test_internal_errors_reexec_three_times_then_fail(
         assert (status.vm_state, status.pid) == ("running", qemu_pid)
     assert all(reason.startswith("internal error: PlantedFault") for reason, _ in reloaded(vm))
     vm.signal(signal.SIGUSR2)
-    assert vm.wait(20) == EXIT_FAILURE
+    assert vm.wait(30) == EXIT_FAILURE
     assert "internal error again: 3 re-execs in 300 s" in vm.output()
+    assert "stopped: stop requested" in vm.output(), vm.output()
+    assert not qemu_alive(qemu_pid)
+    assert vm.vm.marker() == vm.vm.token
+    assert vm.vm.clean(), "the guest's file system needs recovery: its power was cut"
+
+
+class _Drained:
+    """A server whose drain and resume are only recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def drain(self, timeout: float, last_line: str) -> socket.socket:
+        self.calls.append("drain")
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+
+class _FailingHandover:
+    """A controller whose handover fails with an error no one expects."""
+
+    name = "t"
+    config = None
+    resumed = False
+
+    def handover_refusal(self) -> str:
+        return ""
+
+    async def handover(self) -> object:
+        raise RuntimeError("unexpected")
+
+    def resume(self) -> None:
+        self.resumed = True
+
+    def status_text(self) -> str:
+        return "running"
+
+
+async def test_an_unexpected_handover_error_serves_on_with_signals_let_through() -> None:
+    """Any exception in the handover: this vmhost resumes QEMU and the server, and the
+    signals the reload held are let through again."""
+    server, controller = _Drained(), _FailingHandover()
+    reloader = reload.Reloader(
+        server=server,  # type: ignore[arg-type]
+        controller=controller,  # type: ignore[arg-type]
+        notifier=notify.Notifier(),
+        socket_path=None,
+        pid_file=None,
+        reexecs=[],
+    )
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with contextlib.suppress(RuntimeError):  # 4c097e2 let it out
+        await reloader._reload("test", [])
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert blocked == before
+    assert server.calls == ["drain", "resume"] and controller.resumed
+
+
+def test_worker_threads_never_take_the_held_signals(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
+    """Every thread of `vmhost serve` but the loop's blocks SIGHUP, SIGTERM and SIGINT, so none
+    can take (and lose) one while a reload holds them (a logs request starts the readers)."""
+    vm = vmhost_for(make_vm())
+    vm.boot()
+    with contextlib.suppress(ClientError):
+        list(Client(vm.socket, deadline=5).logs(5))
+    held = sum(1 << (s - 1) for s in reload.HELD_SIGNALS)
+    workers = {}
+    for task in Path(f"/proc/{vm.pid}/task").iterdir():
+        if int(task.name) == vm.pid:
+            continue
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines())
+        workers[status["Name"].strip()] = int(status["SigBlk"], 16) & held
+    assert workers, "no worker thread to look at"
+    assert all(mask == held for mask in workers.values()), workers
+    Client(vm.socket).stop(10)
+    assert vm.wait(20) == EXIT_OK

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import VM
+from conftest import VM, prerequisite_missing
 from fixtures import ENV, Vmhost, vmhost_factory, wait_for
 from guest.build import GuestImage
 
@@ -151,7 +151,7 @@ class Netns:
 @pytest.fixture
 def netns() -> Iterator[Netns]:
     if os.geteuid() != 0:
-        pytest.skip("creating a network namespace needs root")
+        prerequisite_missing("creating a network namespace needs root")
     ns = Netns()
     yield ns
     ns.close()

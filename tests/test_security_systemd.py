@@ -18,7 +18,7 @@ from container import Container
 from guest.build import GuestImage
 from test_systemd_e2e import SYSUSERS, UNITS, VM, make_vm, venv, wait_for
 
-from vmhost.systemd import Event
+from vmhost.journal import Event
 
 __all__ = ["make_vm", "venv"]  # fixtures, used by name
 pytestmark = pytest.mark.slow

@@ -19,11 +19,12 @@ import uvloop
 from conftest import FakeController
 
 import vmhost
-from vmhost import protocol
+from vmhost.control import wire
+from vmhost.control.connection import Limits
+from vmhost.control.server import Server, bind
+from vmhost.control.wire import Request
 from vmhost.errors import AlreadyRunningError
-from vmhost.protocol import Request
-from vmhost.server import Limits, Server, bind
-from vmhost.vm.state import VMState
+from vmhost.vm.state import Change, VMState
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding the .event_loop_policy. fixture")
 
@@ -102,13 +103,15 @@ async def test_state_changes_are_seen(
 async def test_stop_and_force_stop(
     server: Server, sock_path: Path, controller: FakeController
 ) -> None:
-    """stop answers stopping and has started when the answer arrives; no timeout means 30 s."""
+    """stop answers stopping and has started when the answer arrives; no timeout (or 0) leaves
+    it to the controller: the config's [stop] timeout_seconds."""
     assert await ask(sock_path, b'{"method":"stop","timeout_seconds":10}\n') == STOPPING
     assert controller.stops == [10]
     assert await ask(sock_path) == b'{"ok":true,"state":"stopping"}\n'
     assert await ask(sock_path, b'{"method":"stop"}\n') == STOPPING
+    assert await ask(sock_path, b'{"method":"stop","timeout_seconds":0}\n') == STOPPING
     assert await ask(sock_path, b'{"method":"force_stop"}\n') == STOPPING
-    assert controller.stops == [10, 30]
+    assert controller.stops == [10, None, None]
     assert controller.force_stops == 1
 
 
@@ -240,7 +243,7 @@ async def test_a_failing_turn_does_not_wedge_the_others(
     server: Server, sock_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An exception in one pipelining client's turn costs that client, not the others'."""
-    lines = protocol.encode_request(Request(method="stop", timeout_seconds=5)) * 200
+    lines = wire.encode_request(Request(method="stop", timeout_seconds=5)) * 200
     real = server.answer
     calls = 0
 
@@ -253,7 +256,8 @@ async def test_a_failing_turn_does_not_wedge_the_others(
 
     monkeypatch.setattr(server, "answer", answer)
     first = await exchange(sock_path, lines, close_write=True)
-    assert first.count(b"\n") < 200
+    answered = first.count(b"\n")  # its first turn at least; never the failed one's
+    assert first == STOPPING * answered and 64 <= answered < 100
     second = await exchange(sock_path, lines, close_write=True)
     assert second == STOPPING * 200
 
@@ -338,6 +342,37 @@ async def test_connections_made_while_closing_are_answered(
         assert 4 < answered <= 512 and answers[answered:] == [b""] * (len(answers) - answered)
 
 
+async def test_a_final_close_answers_every_accepted_connection(
+    tmp_path: Path, controller: FakeController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket vmhost bound itself (`vmhost serve` by hand) closes for good: clients that never
+    let up (connecting through a second name of the socket, so removing the path does not stop
+    them) are answered until connects are refused; no accepted connection is reset."""
+    path, alias = tmp_path / "s.sock", tmp_path / "alias.sock"
+    srv = Server(controller, path)
+    await srv.start()
+    os.link(path, alias)
+    controller.end()
+    real = srv.answer
+    clients: list[socket.socket] = []
+    refused = 0
+
+    def answer(request: Request) -> bytes | None:
+        nonlocal refused
+        try:  # each answer brings the next client
+            clients.append(_send(alias, b'{"method":"stop"}\n'))
+        except ConnectionRefusedError:
+            refused += 1
+        return real(request)
+
+    monkeypatch.setattr(srv, "answer", answer)
+    clients.extend(_send(alias, b'{"method":"stop"}\n') for _ in range(4))
+    await srv.close()
+    answers = [await _answer(client) for client in clients]
+    assert refused > 0
+    assert answers == [STOPPING] * len(clients)
+
+
 async def test_out_of_descriptors_does_not_spin(
     server: Server, sock_path: Path, event_loop_policy: asyncio.AbstractEventLoopPolicy
 ) -> None:
@@ -371,13 +406,12 @@ async def test_out_of_descriptors_does_not_spin(
                 await asyncio.sleep(0.1)
 
 
-async def test_pid_file_and_socket_cleaned_up(tmp_path: Path, controller: FakeController) -> None:
-    """The PID file exists while serving; socket and PID file are gone after close."""
-    path, pid_file = tmp_path / "s.sock", tmp_path / "vmhost.pid"
-    async with Server(controller, path, pid_file=pid_file):
-        assert pid_file.read_text() == f"{os.getpid()}\n"
+async def test_socket_cleaned_up(tmp_path: Path, controller: FakeController) -> None:
+    """The socket is group-writable while serving, and gone after close."""
+    path = tmp_path / "s.sock"
+    async with Server(controller, path):
         assert oct(path.stat().st_mode & 0o777) == "0o660"
-    assert not path.exists() and not pid_file.exists()
+    assert not path.exists()
 
 
 async def test_activated_socket_is_left_in_place(
@@ -422,12 +456,12 @@ def test_regular_file_not_replaced(tmp_path: Path) -> None:
 async def test_default_request_limit(tmp_path: Path, controller: FakeController) -> None:
     """With the default limits, a 64 KiB request is served and one byte more is refused."""
     path = tmp_path / "s.sock"
-    request = b'{"method":"status"' + b" " * (protocol.MAX_REQUEST_BYTES - 19) + b"}"
+    request = b'{"method":"status"' + b" " * (wire.MAX_REQUEST_BYTES - 19) + b"}"
     assert len(request) == Limits().max_request
     async with Server(controller, path):
         assert await ask(path, request) == STATUS
         refused = await exchange(path, b" " + request)
-    assert refused == protocol.invalid_request("request too large")
+    assert refused == wire.invalid_request("request too large")
 
 
 async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeController) -> None:
@@ -451,7 +485,45 @@ async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeControll
             assert await reader.readline() == b'{"ok":true,"message":"second"}\n'
             assert await reader.read() == b""
         writer.close()
-    assert asked == [(protocol.MAX_LOG_LINES, True)]
+    assert asked == [(wire.MAX_LOG_LINES, True)]
+
+
+@pytest.mark.parametrize("method", [b"logs", b"watch"])
+async def test_nothing_runs_after_a_stream(
+    sock_path: Path, controller: FakeController, method: bytes
+) -> None:
+    """Requests pipelined after `logs` or `watch` are not run, however often the stream's
+    writes pause and resume: no stop, no second journal reader."""
+    asked: list[int] = []
+
+    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+        asked.append(lines)
+        for i in range(lines):
+            yield f"{i:04d}" + "x" * 1000  # far past the transport's high-water mark
+
+    loop = asyncio.get_running_loop()
+    pipelined = b'{"method":"%s","lines":300}\n{"method":"stop"}\n{"method":"logs"}\n' % method
+    async with Server(controller, sock_path, logs=journal):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.setblocking(False)
+            await loop.sock_connect(client, str(sock_path))
+            await loop.sock_sendall(client, pipelined)
+            if method == b"watch":
+                await asyncio.sleep(0.1)  # subscribed: the snapshot is out
+                for i in range(25):  # past the watcher's send buffer, within its backlog
+                    controller.changes.publish(Change(VMState.PAUSED, f"{i:02d}" + "x" * 2000))
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # unread: the server's writes paused
+            received = b""
+            async with asyncio.timeout(10):
+                while received.count(b"\n") < (300 if method == b"logs" else 26):
+                    chunk = await loop.sock_recv(client, 1 << 16)
+                    assert chunk
+                    received += chunk
+            await asyncio.sleep(0.2)  # the writes resumed: time for what must not happen
+    assert controller.stops == [] and controller.state is not VMState.STOPPING
+    assert asked == ([300] if method == b"logs" else [])
+    assert received.count(b"\n") == (300 if method == b"logs" else 26)
 
 
 async def test_log_streams_past_the_cap_are_refused(
@@ -475,7 +547,7 @@ async def test_log_streams_past_the_cap_are_refused(
             for reader, writer in streams:
                 writer.write(follow)
                 assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
-            assert await ask(sock_path, follow) == protocol.error_response("too many log streams")
+            assert await ask(sock_path, follow) == wire.error_response("too many log streams")
             assert await ask(sock_path) == STATUS
             streams.pop()[1].close()
             more.set()  # writing it to the closed client fails: the server forgets it
@@ -517,11 +589,38 @@ async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
         assert await waiting == STATUS
 
 
+@pytest.mark.parametrize("end", ["drain", "close"])
+async def test_a_slow_client_at_drain_or_close_is_no_loop_error(
+    tmp_path: Path, controller: FakeController, end: str
+) -> None:
+    """A client that outlasts the drain's or close's wait is dropped without a loop error."""
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    path = tmp_path / "s.sock"
+    server = Server(controller, path)
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(b'{"method":')  # half a request: it is waited for, then dropped
+    await asyncio.sleep(0.05)
+    if end == "drain":
+        (await server.drain(0.05, "vmhost reloaded")).close()
+    else:
+        controller.end()
+        queued = _send(path, b'{"method":')  # queued at close, never completes
+        await server.close()
+        queued.close()
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert errors == []
+
+
 async def test_stop_detail_says_what_was_granted(server: Server, sock_path: Path) -> None:
     """A stop asking for detail learns its timeout and that it was clamped; a Go one does not."""
     plain = await ask(sock_path, b'{"method":"stop","timeout_seconds":900}\n')
     assert plain == STOPPING
-    detailed = protocol.decode_response(
+    detailed = wire.decode_response(
         await ask(sock_path, b'{"method":"stop","timeout_seconds":900,"detail":true}\n')
     )
     assert (detailed.state, detailed.vm_state) == ("stopping", "stopping")

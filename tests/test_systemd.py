@@ -1,4 +1,4 @@
-"""vmhost.systemd and vmhost.logs on the host, with real parts where the host has them.
+"""vmhost.activation, .notify, .journal and .logs on the host, with the host's real parts.
 
 Activation through systemd-socket-activate, sd_notify into a real datagram
 socket, the catalog compiled by journalctl.  The same code under a real
@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import prerequisite_missing
 
-from vmhost import systemd
+from vmhost import activation, journal, notify
 from vmhost.logs import format_entry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ _ACTIVATED = textwrap.dedent(
     """
     import json, os, socket
     from vmhost.errors import ActivationError
-    from vmhost.systemd import listen_socket
+    from vmhost.activation import listen_socket
     try:
         sock = listen_socket()
     except ActivationError as e:
@@ -53,7 +54,7 @@ _ACTIVATED = textwrap.dedent(
 def activate(*paths: Path, names: str = "", datagram: bool = False) -> dict[str, object]:
     """Run _ACTIVATED on sockets at ``paths``, passed as systemd would; a connect starts it."""
     if shutil.which("systemd-socket-activate") is None:
-        pytest.skip("systemd-socket-activate is not installed (apt: systemd)")
+        prerequisite_missing("systemd-socket-activate is not installed (apt: systemd)")
     argv = ["systemd-socket-activate", *(f"--listen={p}" for p in paths)]
     if names:
         argv.append(f"--fdname={names}")
@@ -113,7 +114,7 @@ def test_listen_socket_is_none_when_not_activated(monkeypatch: pytest.MonkeyPatc
     """LISTEN_FDS meant for another process (LISTEN_PID) is not ours."""
     monkeypatch.setenv("LISTEN_FDS", "1")
     monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
-    assert systemd.listen_socket() is None
+    assert activation.listen_socket() is None
 
 
 @pytest.fixture
@@ -129,7 +130,7 @@ def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
 def test_notifier_sends_each_message(notify_socket: socket.socket) -> None:
     """Each call is one datagram with the assignments systemd expects."""
-    n = systemd.Notifier()
+    n = notify.Notifier()
     n.ready("running (QEMU pid 7)")
     n.status("stopping: ACPI sent 4 s ago\nsecond line")
     n.stopping("stopping")
@@ -152,7 +153,7 @@ def test_notifier_is_silent_outside_systemd(
 ) -> None:
     """Created without NOTIFY_SOCKET, a Notifier sends nothing."""
     monkeypatch.delenv("NOTIFY_SOCKET")
-    n = systemd.Notifier()
+    n = notify.Notifier()
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.getsockname())
     n.ready("running")
     notify_socket.settimeout(0.2)
@@ -165,7 +166,7 @@ def test_notifier_failure_is_logged_not_raised(
 ) -> None:
     """A notify socket that went away must not take the VM down with it."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
-    systemd.Notifier().status("running")
+    notify.Notifier().status("running")
     assert "sd_notify STATUS failed" in caplog.text
 
 
@@ -189,17 +190,17 @@ def test_watchdog_interval(
         else:
             own = os.getpid()
             monkeypatch.setenv(key, {"self": str(own), "other": str(own + 1)}.get(value, value))
-    assert systemd.watchdog_interval() == expected
+    assert notify.watchdog_interval() == expected
 
 
 _LOG_PROBE = textwrap.dedent(
     """
     import logging, os
-    from vmhost import systemd
+    from vmhost import journal
     if os.environ.pop("MATCH_STDERR", ""):
         st = os.fstat(2)
         os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-    systemd.setup_logging("vm1")
+    journal.setup_logging("vm1")
     print(type(logging.getLogger().handlers[0]).__name__)
     logging.getLogger("x").info("hello %s", "there")
     """
@@ -237,7 +238,7 @@ def test_setup_logging_picks_the_journal_only_when_stderr_is_it(
 def test_log_event_carries_message_id_and_fields(caplog: pytest.LogCaptureFixture) -> None:
     """Lifecycle records carry their MESSAGE_ID and caller fields; a crash is an error."""
     with caplog.at_level(logging.INFO):
-        systemd.log_event(systemd.Event.CRASHED, "VM x crashed", VMHOST_STATE="crashed")
+        journal.log_event(journal.Event.CRASHED, "VM x crashed", VMHOST_STATE="crashed")
     (record,) = caplog.records
     assert record.levelno == logging.ERROR
     fields = record.__dict__
@@ -249,13 +250,13 @@ def test_log_event_carries_message_id_and_fields(caplog: pytest.LogCaptureFixtur
 def test_every_event_is_in_the_catalog() -> None:
     """The catalog documents exactly the events' MESSAGE_IDs, each once."""
     ids = re.findall(r"^-- ([0-9a-f]{32})$", CATALOG.read_text(), re.M)
-    assert sorted(ids) == sorted(e.message_id for e in systemd.Event)
+    assert sorted(ids) == sorted(e.message_id for e in journal.Event)
 
 
 def test_catalog_compiles(tmp_path: Path) -> None:
     """journalctl accepts the catalog and finds every entry (with its VM placeholder)."""
     if shutil.which("journalctl") is None:
-        pytest.skip("journalctl is not installed")
+        prerequisite_missing("journalctl is not installed")
     catalog_dir = tmp_path / "usr/lib/systemd/catalog"
     catalog_dir.mkdir(parents=True)
     shutil.copy(CATALOG, catalog_dir)
@@ -266,14 +267,14 @@ def test_catalog_compiles(tmp_path: Path) -> None:
         text=True,
         check=True,
     ).stdout
-    for event in systemd.Event:
+    for event in journal.Event:
         assert re.search(rf"^{event.message_id} vmhost: VM @VMHOST_VM@ ", listed, re.M), event
 
 
 def test_service_exposure_is_at_most_2() -> None:
     """systemd-analyze rates the unit's sandbox at 2.0 or better (the live figure: e2e test)."""
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+        prerequisite_missing("systemd-analyze is not installed")
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--threshold=20", "--no-pager", SERVICE],
         capture_output=True,

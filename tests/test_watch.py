@@ -23,9 +23,9 @@ from test_server import STATUS, ask
 from vmhost import controller
 from vmhost.cli import vmhostctl_main
 from vmhost.client import AsyncClient, Client
+from vmhost.control.server import Server
+from vmhost.control.wire import Response
 from vmhost.errors import ClientError, TooManyWatchersError
-from vmhost.protocol import Response
-from vmhost.server import Server
 from vmhost.vm.state import Change, Changes, VMState, Watcher
 
 MARGIN: Final = 3.0
@@ -476,16 +476,20 @@ def _snapshot(vm: Vmhost) -> Response | None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("asked", [["--timeout", "2"], []], ids=["timeout", "config"])
 def test_vmhostctl_stop_prints_the_chain_as_it_goes(
-    make_vm: Callable[..., VM], deaf_guest: GuestImage, vmhost_for: Callable[[VM], Vmhost]
+    make_vm: Callable[..., VM],
+    deaf_guest: GuestImage,
+    vmhost_for: Callable[[VM], Vmhost],
+    asked: list[str],
 ) -> None:
     """`vmhostctl stop` on a guest deaf to ACPI: each step on its own line, in order, and it
-    returns once vmhost is gone."""
-    vm = vmhost_for(make_vm(image=deaf_guest))
+    returns once vmhost is gone; without --timeout the chain gets [stop] timeout_seconds."""
+    vm = vmhost_for(make_vm(image=deaf_guest, timeout=2 if not asked else 10))
     vm.boot()
     label = str(vm.socket)
     out = subprocess.run(
-        [sys.executable, "-c", CTL, "stop", "--socket", label, "--timeout", "2"],
+        [sys.executable, "-c", CTL, "stop", "--socket", label, *asked],
         env=ENV,
         capture_output=True,
         text=True,

@@ -1,17 +1,16 @@
 """vmhost: one QEMU virtual machine supervised as one systemd service."""
 
 from .client import AsyncClient, Client
+from .control.wire import Request, Response
 from .errors import (
     AlreadyRunningError,
     ClientError,
     ConfigError,
     ControllerError,
-    ProtocolError,
     ServerError,
     VMCrashedError,
     VmhostError,
 )
-from .protocol import Request, Response
 from .vm.state import VMState
 
 __version__ = "0.2.0"
@@ -23,7 +22,6 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "ControllerError",
-    "ProtocolError",
     "Request",
     "Response",
     "ServerError",

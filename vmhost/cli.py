@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import msgspec
 
 from . import __version__
-from .errors import ClientError, NotListeningError, VmhostError
+from .errors import ClientError, NotListeningError, UsageError, VmhostError
 
 if TYPE_CHECKING:
     from .client import Client
-    from .protocol import Response
+    from .control.wire import Response
 
 _COMMANDS = (
     *("list", "status", "info", "stop", "force-stop", "start", "logs", "events", "console"),
@@ -75,7 +75,9 @@ def _ctl_parser() -> argparse.ArgumentParser:
         if command != "list":
             p.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
         if command == "stop":
-            p.add_argument("--timeout", type=int, default=0, help="seconds (default 30)")
+            p.add_argument(
+                "--timeout", type=int, default=0, help="seconds (default: [stop] timeout_seconds)"
+            )
             p.add_argument(
                 "--no-block", action="store_true", help="only ask; do not wait until it is gone"
             )
@@ -90,13 +92,14 @@ def _ctl_parser() -> argparse.ArgumentParser:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from .client import Client, socket_path
+    from .client import Client
+    from .paths import socket_path
 
     json_out: bool = getattr(args, "json", False)
     sock: Path | None = getattr(args, "socket", None)
     if args.command == "list":
         if sock is not None:
-            raise SystemExit("vmhostctl list: no --socket; $VMHOST_RUN_DIR moves the sockets")
+            raise UsageError("list: no --socket; $VMHOST_RUN_DIR moves the sockets")
         return _list(json_out)
     if args.command == "logs" and sock is None:
         return _local_logs(_name(args), args.lines, args.follow)
@@ -104,6 +107,8 @@ def _ctl(args: argparse.Namespace) -> int:
         return _start(_name(args))
     if sock is None:
         sock = socket_path(_name(args))
+        if args.command in ("status", "stop") and (asleep := _asleep(args.name)) is not None:
+            return _waiting(args.name, args.command, asleep, json_out)
     client = Client(sock, detail=True)
     label = args.name or str(sock)
     if args.command == "is-alive":
@@ -169,7 +174,7 @@ def _state_line(label: str, response: Response) -> str:
 
 def _down(name: str, command: str, json_out: bool) -> int:
     """Nothing listens for NAME: stopped if it is configured here, else unknown."""
-    from .protocol import Response
+    from .control.wire import Response
 
     if not _known(name):
         return EXIT_UNKNOWN
@@ -177,11 +182,29 @@ def _down(name: str, command: str, json_out: bool) -> int:
     return EXIT_NOT_RUNNING if command == "status" else 0
 
 
+def _asleep(name: str) -> str | None:
+    """The VM's state when systemd would start it at our connect (its socket listens, its
+    service does not run), as ``vmhostctl list`` tells; ``None`` otherwise."""
+    from . import systemctl
+
+    waiting = systemctl.waiting_for_a_connect([name])
+    return systemctl.vm_state(waiting[name]) if name in waiting else None
+
+
+def _waiting(name: str, command: str, state: str, json_out: bool) -> int:
+    """Only the socket listens: a connect would boot the VM, so nothing connects.  ``status``
+    says what systemd says; ``stop`` has nothing to stop (the socket stays, as it was)."""
+    from .control.wire import Response
+
+    _show(name, Response(ok=True, state=state), json_out)
+    return EXIT_NOT_RUNNING if command == "status" and state in ("stopped", "failed") else 0
+
+
 def _known(name: str) -> bool:
     """Whether VM NAME is configured here; says on stderr when it is not."""
-    from . import config
+    from .paths import config_path
 
-    path = config.path_for(name, config.config_dir())
+    path = config_path(name)
     if not path.exists():
         print(f"vmhostctl: no VM {name} here: no {path}", file=sys.stderr)
     return path.exists()
@@ -220,7 +243,8 @@ def _start(name: str) -> int:
     ends at READY=1, once QEMU runs the guest."""
     import subprocess
 
-    from .client import Client, socket_path
+    from .client import Client
+    from .paths import socket_path
 
     if not Path("/run/systemd/system").exists():
         print(
@@ -256,11 +280,9 @@ def _show_change(change: Response, json_out: bool) -> None:
 def _list(json_out: bool) -> int:
     import asyncio
 
-    from .client import run_dir
-    from .config import config_dir
     from .inventory import survey, table
 
-    rows = asyncio.run(survey(config_dir(), run_dir()))
+    rows = asyncio.run(survey())
     if json_out:
         sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
         return 0
@@ -273,7 +295,7 @@ def _list(json_out: bool) -> int:
 
 def _name(args: argparse.Namespace) -> str:
     if not args.name:
-        raise SystemExit(f"vmhostctl {args.command}: give a VM NAME or --socket PATH")
+        raise UsageError(f"{args.command}: give a VM NAME or --socket PATH")
     return str(args.name)
 
 
@@ -285,9 +307,8 @@ def _local_logs(name: str, lines: int, follow: bool) -> int:
     """
     import asyncio
 
-    from .client import socket_path
-    from .config import config_dir, path_for
     from .logs import entries
+    from .paths import config_path, socket_path
 
     async def show(limit: int, *, follow: bool = False, echo: bool = True) -> int:
         shown = 0
@@ -297,7 +318,7 @@ def _local_logs(name: str, lines: int, follow: bool) -> int:
             shown += 1
         return shown
 
-    config, sock = path_for(name, config_dir()), socket_path(name)
+    config, sock = config_path(name), socket_path(name)
     if not (config.exists() or sock.exists()) and not asyncio.run(show(1, echo=False)):
         print(
             f"vmhostctl: no VM {name}: no {config}, no {sock} and {_no_records(name)}",
@@ -313,7 +334,7 @@ def _no_records(name: str) -> str:
     """Says where the records were looked for, and why there may be none."""
     import grp
 
-    from .systemd import FIELD_VM
+    from .journal import FIELD_VM
 
     dirs = [d for d in ("/var/log/journal", "/run/log/journal") if os.path.isdir(d)]
     where = f"the local journal ({', '.join(dirs) or 'none on this host'})"
@@ -326,6 +347,22 @@ def _no_records(name: str) -> str:
     if os.geteuid() != 0 and not groups & {"adm", "systemd-journal"}:
         text += "; outside the adm and systemd-journal groups you see only your own records"
     return text
+
+
+def _check_config(name: str, path: Path | None) -> int:
+    """Load the config as ``serve`` would, files included (disks, kernel, QEMU), without
+    starting anything: the cluster agent's validate-all, an admin's check before a start."""
+    from . import config, paths
+    from .errors import ConfigError
+
+    try:
+        path = path or paths.config_path(name)
+        config.load(path)
+    except ConfigError as e:
+        print(f"vmhost check-config: {e}", file=sys.stderr)
+        return os.EX_CONFIG  # as serve exits on the same config
+    print(f"{name}: {path}: ok")
+    return 0
 
 
 def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -341,9 +378,20 @@ def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     serve.add_argument(
         "--state-dir", type=Path, help="default: $STATE_DIRECTORY, else /var/lib/vmhost/NAME"
     )
-    serve.add_argument("--pid-file", type=Path, help="written while serving, removed on exit")
+    serve.add_argument(
+        "--pid-file",
+        type=Path,
+        help="locked (one vmhost per VM) and written while serving, removed on exit",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
+    check = sub.add_parser(
+        "check-config", help="check VM NAME's config as serve loads it: exit 0, or 78 and why"
+    )
+    check.add_argument("name")
+    check.add_argument("--config", type=Path, help="default: /etc/vmhost/NAME.toml")
     args = parser.parse_args(argv)
+    if args.command == "check-config":
+        sys.exit(_check_config(args.name, args.config))
 
     from .service import Options, run
 

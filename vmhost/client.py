@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
@@ -17,37 +16,23 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from . import protocol
+from .control import wire
+from .control.wire import Request, Response
 from .errors import ClientError, NotListeningError, ServerError
-from .protocol import Request, Response
 from .vm.state import VMState
 
 DIAL_TIMEOUT = 5.0
 DEADLINE = 30.0
-RUN_DIR = Path("/run/vmhost")
 _MAX_LINE = 1024 * 1024
 _ENDED = frozenset(state.wire for state in VMState if state.ended)
 R = TypeVar("R")
-
-
-def run_dir() -> Path:
-    """Where control sockets live: ``$VMHOST_RUN_DIR`` (tests, VMs started by hand), else
-    /run/vmhost, where the socket unit puts them."""
-    return Path(os.environ.get("VMHOST_RUN_DIR") or RUN_DIR)
-
-
-def socket_path(name: str) -> Path:
-    """VM ``name``'s control socket."""
-    from .config import check_name
-
-    return run_dir() / check_name(name) / "vmhost.sock"
 
 
 def _result(line: bytes, path: Path) -> Response:
     if not line.endswith(b"\n"):
         raise ClientError(f"{path}: connection closed before a complete answer")
     try:
-        response = protocol.decode_response(line)
+        response = wire.decode_response(line)
     except msgspec.DecodeError as e:
         raise ClientError(f"{path}: malformed answer: {e}") from e
     if not response.ok:
@@ -75,17 +60,17 @@ class _Calls(Generic[R]):
         raise NotImplementedError
 
     def status(self) -> R:
-        return self.call(Request(method=protocol.STATUS, detail=self.detail))
+        return self.call(Request(method=wire.STATUS, detail=self.detail))
 
     def info(self) -> R:
-        return self.call(Request(method=protocol.INFO, detail=self.detail))
+        return self.call(Request(method=wire.INFO, detail=self.detail))
 
     def stop(self, timeout_seconds: int = 0) -> R:
-        request = Request(method=protocol.STOP, timeout_seconds=timeout_seconds, detail=self.detail)
+        request = Request(method=wire.STOP, timeout_seconds=timeout_seconds, detail=self.detail)
         return self.call(request)
 
     def force_stop(self) -> R:
-        return self.call(Request(method=protocol.FORCE_STOP))
+        return self.call(Request(method=wire.FORCE_STOP))
 
 
 class Client(_Calls[Response]):
@@ -103,17 +88,17 @@ class Client(_Calls[Response]):
 
     def logs(self, lines: int = 10, *, follow: bool = False) -> Iterator[str]:
         """This VM's journal lines, through the server (a vmhost extension)."""
-        for response in self._exchange(Request(method=protocol.LOGS, lines=lines, follow=follow)):
+        for response in self._exchange(Request(method=wire.LOGS, lines=lines, follow=follow)):
             yield response.message
 
     def watch(self) -> Iterator[Response]:
         """The VM's state now, then each change as it happens, until the VM ends (a vmhost
         extension); raises :class:`ClientError` if the stream ends before that."""
-        return _until_ended(self._exchange(Request(method=protocol.WATCH, detail=True)), self.path)
+        return _until_ended(self._exchange(Request(method=wire.WATCH, detail=True)), self.path)
 
     def _exchange(self, request: Request) -> Iterator[Response]:
         end = time.monotonic() + self.deadline
-        stream = request.method in protocol.STREAMS
+        stream = request.method in wire.STREAMS
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.dial_timeout)
@@ -122,13 +107,13 @@ class Client(_Calls[Response]):
                 except (FileNotFoundError, ConnectionRefusedError) as e:
                     raise NotListeningError(f"{self.path}: {e.strerror}") from e
                 sock.settimeout(max(end - time.monotonic(), 0.001))
-                sock.sendall(protocol.encode_request(request))
+                sock.sendall(wire.encode_request(request))
                 with sock.makefile("rb") as reader:
                     while line := reader.readline(_MAX_LINE):
                         yield _result(line, self.path)
                         if not stream:
                             return
-                        endless = request.follow or request.method == protocol.WATCH
+                        endless = request.follow or request.method == wire.WATCH
                         sock.settimeout(None if endless else self.deadline)
         except OSError as e:
             raise ClientError(f"{self.path}: {e.strerror or e}") from e
@@ -163,15 +148,13 @@ class AsyncClient(_Calls[Awaitable[Response]]):
         raise ClientError(f"{self.path}: connection closed without an answer")
 
     async def logs(self, lines: int = 10, *, follow: bool = False) -> AsyncIterator[str]:
-        async for response in self._stream(
-            Request(method=protocol.LOGS, lines=lines, follow=follow)
-        ):
+        async for response in self._stream(Request(method=wire.LOGS, lines=lines, follow=follow)):
             yield response.message
 
     async def watch(self) -> AsyncIterator[Response]:
         """As :meth:`Client.watch`."""
         ended = False
-        async for response in self._stream(Request(method=protocol.WATCH, detail=True)):
+        async for response in self._stream(Request(method=wire.WATCH, detail=True)):
             yield response
             ended = _ended(response)
         if not ended:
@@ -182,7 +165,7 @@ class AsyncClient(_Calls[Awaitable[Response]]):
             async with asyncio.timeout(self.dial_timeout):
                 reader, writer = await asyncio.open_unix_connection(self.path, limit=_MAX_LINE)
             try:
-                writer.write(protocol.encode_request(request))
+                writer.write(wire.encode_request(request))
                 while line := await reader.readline():
                     yield _result(line, self.path)
             finally:

@@ -22,7 +22,6 @@ import msgspec
 
 from .errors import ConfigError
 
-CONFIG_DIR: Final = Path("/etc/vmhost")
 MIN_MEMORY_MIB: Final = 64
 """Below this no Linux guest with an initrd gets to userspace."""
 
@@ -146,17 +145,6 @@ def check_name(name: str) -> str:
             "not starting with . or -"
         )
     return name
-
-
-def config_dir() -> Path:
-    """``$CONFIGURATION_DIRECTORY`` (set by the unit's ConfigurationDirectory=, or by tests), else
-    /etc/vmhost: the service and vmhostctl look in the same place."""
-    directory = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0]
-    return Path(directory) if directory else CONFIG_DIR
-
-
-def path_for(name: str, config_dir: Path = CONFIG_DIR) -> Path:
-    return config_dir / f"{check_name(name)}.toml"
 
 
 def load(path: Path) -> Config:

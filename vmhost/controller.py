@@ -285,16 +285,18 @@ class QemuController:
         if self._ending is Ending.START_FAILED:
             raise ControllerError(f"{self._ending.value}{self._ending_detail}")
 
-    def stop(self, timeout: float) -> Awaitable[None]:
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
         """Graceful stop with ONE deadline; a second call joins the first.
 
         The stop starts on the call, not when the result is awaited, so a
         ``status`` right after the ``stop`` answer already says ``stopping``.
-        ``timeout`` beyond ``[stop] max_timeout_seconds`` is clamped to it
+        ``None`` is ``[stop] timeout_seconds``; beyond ``[stop] max_timeout_seconds`` it is clamped
         (:attr:`stop_timeout` says what was granted).  The result is awaited
         until QEMU is gone.
         """
         if not self._exited.is_set() and self._stop_chain is None:
+            if timeout is None:
+                timeout = self.config.stop.timeout_seconds
             limit = self.config.stop.max_timeout_seconds
             if timeout > limit:
                 log.warning("stop timeout %g s clamped to max_timeout_seconds %d", timeout, limit)

@@ -11,10 +11,6 @@ class ConfigError(VmhostError):
     """The VM's config cannot be used; the message names the file and the field."""
 
 
-class ProtocolError(VmhostError):
-    """A control-socket message does not decode; its text follows ``invalid request:``."""
-
-
 class ClientError(VmhostError):
     """A control-socket call failed before an answer came back (connect, timeout, EOF)."""
 
@@ -32,7 +28,7 @@ class AlreadyRunningError(VmhostError):
 
 
 class UsageError(VmhostError):
-    """The command line asks for something that cannot work (a too long socket path)."""
+    """The command line asks for something that cannot work (a too long socket path, no NAME)."""
 
 
 class ActivationError(VmhostError):
@@ -57,6 +53,14 @@ class AgentError(ControllerError):
 
 class ReloadRefusedError(VmhostError):
     """vmhost cannot re-execute itself right now (a stop runs, QEMU is not ready); it goes on."""
+
+
+class InternalError(VmhostError):
+    """A bug in vmhost itself: a re-executed vmhost may do better (see :mod:`vmhost.reload`)."""
+
+
+class PlantedFault(InternalError):
+    """The internal error ``$VMHOST_TEST_FAULT`` plants (tests only); nothing else raises it."""
 
 
 class TooManyWatchersError(VmhostError):

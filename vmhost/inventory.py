@@ -1,7 +1,7 @@
 """Every VM this host knows, for ``vmhostctl list``: its config, its control socket, its answer.
 
-A VM is known by a config (``CONFIG_DIR/NAME.toml``) or a control socket
-(``RUN_DIR/NAME/vmhost.sock``).  The sockets are asked at once, each with a
+A VM is known by a config (:func:`vmhost.paths.config_path`) or a control socket
+(:func:`vmhost.paths.socket_path`).  The sockets are asked at once, each with a
 short deadline, so one hung VM costs that deadline and never stalls the list.
 """
 
@@ -15,21 +15,13 @@ from typing import Final
 
 import msgspec
 
-from . import systemd
+from . import paths, systemctl
 from .client import AsyncClient
 from .config import check_name
 from .errors import ClientError, ConfigError, ServerError
 
 ASK_TIMEOUT: Final = 1.0
 """A vmhost answers from its cache in well under a millisecond; a busy host gets plenty more."""
-
-# What systemd's ActiveState of a service that is not running says about its VM.
-_UNIT_STATES: Final = {
-    "inactive": "stopped",
-    "failed": "failed",
-    "activating": "starting",
-    "deactivating": "stopping",
-}
 
 
 class Row(msgspec.Struct):
@@ -45,7 +37,7 @@ class Row(msgspec.Struct):
 
 def _names(config_dir: Path, run_dir: Path) -> list[str]:
     found = {p.stem for p in config_dir.glob("*.toml")}
-    found |= {p.parent.name for p in run_dir.glob("*/vmhost.sock")}
+    found |= {p.parent.name for p in run_dir.glob(f"*/{paths.SOCKET_NAME}")}
     return sorted(name for name in found if _valid(name))
 
 
@@ -57,19 +49,20 @@ def _valid(name: str) -> bool:
     return True
 
 
-async def survey(config_dir: Path, run_dir: Path, timeout: float = ASK_TIMEOUT) -> list[Row]:
+async def survey(timeout: float = ASK_TIMEOUT) -> list[Row]:
     """A row per known VM, sorted by name.
 
     A socket that systemd would answer by starting the VM is not asked: its
     state is the service's, from systemd.
     """
-    known = _names(config_dir, run_dir)
-    waiting = systemd.waiting_for_a_connect(known)
+    run_dir = paths.run_dir()
+    known = _names(paths.config_dir(), run_dir)
+    waiting = systemctl.waiting_for_a_connect(known)
     asked = [name for name in known if name not in waiting]
-    rows = await asyncio.gather(*(_ask(n, run_dir / n / "vmhost.sock", timeout) for n in asked))
+    rows = await asyncio.gather(*(_ask(n, paths.socket_path(n, run_dir), timeout) for n in asked))
     by_name = {row.name: row for row in rows}
     for name, unit_state in waiting.items():
-        by_name[name] = Row(name, _UNIT_STATES.get(unit_state, unit_state or "unknown"))
+        by_name[name] = Row(name, systemctl.vm_state(unit_state))
     return [by_name[name] for name in known]
 
 

@@ -16,7 +16,7 @@ from cysystemd.async_reader import AsyncJournalReader
 from cysystemd.reader import JournalEntry, JournalOpenMode, Rule
 
 from .errors import JournalError
-from .systemd import FIELD_VM
+from .journal import FIELD_VM
 
 
 def format_entry(fields: Mapping[str, object], realtime_usec: int) -> str:

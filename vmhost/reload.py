@@ -19,6 +19,7 @@ by the default action.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -30,12 +31,13 @@ from typing import Final, NoReturn
 
 import msgspec
 
-from . import __version__, systemd
+from . import __version__, journal, notify
 from .config import Config
+from .control.server import Server
 from .controller import Handover as VMHandover
 from .controller import QemuController
 from .errors import ReloadRefusedError
-from .server import Server
+from .pidfile import PidFile
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,11 @@ class Handover(msgspec.Struct, frozen=True, kw_only=True):
     socket_path: str = ""
     """The control socket's path when vmhost bound it itself: removed when the service ends."""
     vm: VMHandover
+    pid_file: str = ""
+    pid_file_fd: int = -1
+    """The locked PID file (:class:`vmhost.pidfile.PidFile`), when there is one."""
     reexecs: list[float] = []
     """CLOCK_MONOTONIC seconds of the re-execs for internal errors."""
-
-
-class PlantedFault(Exception):
-    """The internal error ``$VMHOST_TEST_FAULT`` plants; nothing raises it otherwise."""
 
 
 def take() -> Handover | None:
@@ -91,7 +92,7 @@ def take() -> Handover | None:
     finally:
         os.close(fd)
     handover = msgspec.json.decode(data, type=Handover)
-    for inherited in (handover.listen_fd, *handover.vm.fds):
+    for inherited in _fds(handover):
         os.set_inheritable(inherited, False)  # QEMU or a later child must not hold them
     return handover
 
@@ -104,14 +105,16 @@ class Reloader:
         *,
         server: Server,
         controller: QemuController,
-        notifier: systemd.Notifier,
+        notifier: notify.Notifier,
         socket_path: Path | None,
+        pid_file: PidFile | None,
         reexecs: list[float],
     ) -> None:
         self.server = server
         self.controller = controller
         self.notifier = notifier
         self.socket_path = socket_path
+        self.pid_file = pid_file
         self.reexecs = reexecs
         self._task: asyncio.Task[None] | None = None
 
@@ -154,23 +157,29 @@ class Reloader:
                 listen_fd=listening.fileno(),
                 socket_path=str(self.socket_path or ""),
                 vm=vm,
+                pid_file=str(self.pid_file.path) if self.pid_file else "",
+                pid_file_fd=self.pid_file.fd if self.pid_file else -1,
                 reexecs=reexecs,
             )
             log.info("re-executing vmhost %s (%s)", __version__, reason)
             _exec(handover)
-        except (ReloadRefusedError, OSError) as e:
-            log.warning("reload refused: %s; this vmhost goes on", e)
+        except Exception as e:  # whatever failed: serve again, and let the signals through
+            if isinstance(e, ReloadRefusedError | OSError):
+                log.warning("reload refused: %s; this vmhost goes on", e)
+            else:
+                log.exception("reload failed: %r; this vmhost goes on", e)
             self.controller.resume()
             await self.server.resume()
             self.notifier.ready(self.controller.status_text())
+        finally:  # reached only when the exec did not happen
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def reloaded(self, handover: Handover) -> None:
         """In the new vmhost, once it serves: READY=1 and one log line with the time it took."""
         took = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) - handover.since_ns) / 1e9
         self.notifier.ready(self.controller.status_text())
-        systemd.log_event(
-            systemd.Event.RELOADED,
+        journal.log_event(
+            journal.Event.RELOADED,
             f"vmhost reloaded ({handover.reason}): {handover.version} -> {__version__} "
             f"in {took:.3f} s, QEMU pid {self.controller.pid}",
             VMHOST_RELOAD_SECONDS=f"{took:.3f}",
@@ -180,7 +189,7 @@ class Reloader:
 def _exec(handover: Handover) -> NoReturn:
     """Exec our own entry point again, handing ``handover`` over; returns only by raising
     OSError (then everything is as it was, and this vmhost goes on)."""
-    fds = (handover.listen_fd, *handover.vm.fds)
+    fds = _fds(handover)
     memfd = os.memfd_create("vmhost-handover", 0)  # no MFD_CLOEXEC: the next vmhost reads it
     try:
         os.write(memfd, msgspec.json.encode(handover))
@@ -196,6 +205,12 @@ def _exec(handover: Handover) -> NoReturn:
             os.set_inheritable(fd, False)
 
 
+def _fds(handover: Handover) -> tuple[int, ...]:
+    """The descriptors that cross the exec."""
+    lock = (handover.pid_file_fd,) if handover.pid_file_fd >= 0 else ()
+    return (handover.listen_fd, *handover.vm.fds, *lock)
+
+
 def _entry_point() -> tuple[str, list[str]]:
     """What this process was started as: the ``vmhost`` script itself when it was (so the
     kernel names the process after it again, as ps and systemctl status show), else this
@@ -204,6 +219,22 @@ def _entry_point() -> tuple[str, list[str]]:
     if sys.orig_argv[1:2] == [script] and os.access(script, os.X_OK):
         return script, sys.orig_argv[1:]
     return sys.executable, [sys.executable, *sys.orig_argv[1:]]
+
+
+def hold_signals_in_workers() -> None:
+    """Worker threads (``asyncio.to_thread``, cysystemd's journal reads: the loop's default
+    executor) block :data:`HELD_SIGNALS` for good.
+
+    The kernel hands a process-directed signal to any thread that does not block it: one
+    taken by a worker while a reload holds them in the loop's thread would be lost in the
+    exec.  Only the loop's thread takes them, and it holds them across a reload.
+    """
+    executor = concurrent.futures.ThreadPoolExecutor(
+        thread_name_prefix="vmhost-worker",
+        initializer=signal.pthread_sigmask,
+        initargs=(signal.SIG_BLOCK, HELD_SIGNALS),
+    )
+    asyncio.get_running_loop().set_default_executor(executor)
 
 
 def install_signals(reloader: Reloader, fault: Callable[[], None]) -> None:

@@ -12,28 +12,30 @@ import functools
 import gc
 import logging
 import os
-import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
+from . import activation, journal, notify, paths, reload, systemd
 from . import config as vmconfig
-from . import reload, systemd
-from .attach import Consoles
-from .client import socket_path
+from .config import Config
+from .control.attach import Consoles
+from .control.server import Server, bind
 from .controller import QemuController
 from .errors import (
     ActivationError,
     AlreadyRunningError,
     ConfigError,
     ControllerError,
+    InternalError,
+    PlantedFault,
     UsageError,
     VMCrashedError,
     VmhostError,
 )
-from .server import Server, bind
+from .pidfile import PidFile
 from .vm.state import VMState
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,14 @@ EXIT_INTERRUPTED: Final = 130
 EXIT_CONFIG: Final = 78
 """EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
 
-STATE_ROOT: Final = Path("/var/lib/vmhost")
 _STOP_MARGIN: Final = 5.0
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
-_FD_HEADROOM: Final = 256
-"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 
 _EVENTS: Final = {
-    VMState.STOPPING: systemd.Event.STOPPING,
-    VMState.STOPPED: systemd.Event.STOPPED,
-    VMState.CRASHED: systemd.Event.CRASHED,
+    VMState.STOPPING: journal.Event.STOPPING,
+    VMState.STOPPED: journal.Event.STOPPED,
+    VMState.CRASHED: journal.Event.CRASHED,
 }
 
 
@@ -83,11 +82,11 @@ class Options:
 
 def run(options: Options) -> int:
     """Run one VM's service to its end; the return value is the process exit code."""
-    systemd.setup_logging(options.name, verbose=options.verbose)
+    journal.setup_logging(options.name, verbose=options.verbose)
     if not options.verbose:
         # qemu.qmp logs each failure with a traceback; vmhost reports them once, with the cause.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    notifier = systemd.Notifier()
+    notifier = notify.Notifier()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_serve(options, notifier))
@@ -111,93 +110,151 @@ def run(options: Options) -> int:
         return _fail(notifier, EXIT_FAILURE, f"vmhost failed: {e!r}")
 
 
-async def _serve(options: Options, notifier: systemd.Notifier) -> int:
+async def _serve(options: Options, notifier: notify.Notifier) -> int:
+    """Boot or adopt -> serve until the VM ends -> EXIT_OK (failures raise, ``run`` maps them)."""
     name = vmconfig.check_name(options.name)
     handover = reload.take()
-    listen: socket.socket | None
-    if handover is None:
-        config = vmconfig.load(options.config or _config_path(name))
-        listen = systemd.listen_socket()
-        path = None if listen else options.socket or socket_path(name)
-    else:
-        config = handover.config
-        listen = socket.socket(fileno=handover.listen_fd)
-        path = Path(handover.socket_path) if handover.socket_path else None
-    state_dir = _state_dir(options, name)
+    origin: _Origin = _Adopt(handover) if handover else _Boot(options, name)
+    path = origin.socket_path
     if path is not None and len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise UsageError(f"socket path longer than {_SUN_PATH_MAX} bytes: {path}")
-    pid_file = options.pid_file
-    if pid_file is None and path is not None:
-        pid_file = path.with_name("vmhost.pid")
-    if listen is None:
-        assert path is not None
-        listen = bind(path)  # bound here, not by the Server: a re-exec hands the socket over
-
-    consoles = Consoles(state_dir / "console.log", lambda: controller.console_input)
-    journal = systemd.console_logger(name, config.console.journal_lines_per_second)
-
-    def on_console(chunk: bytes) -> None:
-        journal(chunk)
-        consoles.publish(chunk)
-
-    controller = QemuController(config, name=name, state_dir=state_dir, on_console=on_console)
-    controller.on_state = functools.partial(_on_state, controller, notifier)
-    stop = _Stopper(controller, notifier, config.stop.timeout_seconds)
-    server = Server(
-        controller,
-        listen,
-        pid_file=pid_file,
-        logs=functools.partial(_logs, name),
-        consoles=consoles,
-    )
-    reloader = reload.Reloader(
-        server=server,
-        controller=controller,
-        notifier=notifier,
-        socket_path=path,
-        reexecs=handover.reexecs if handover else [],
-    )
-    fault = asyncio.Event()
-    _raise_fd_limit(server.limits.max_connections)
+    pid_file = _pid_file(options, path, handover)
     try:
-        if handover is not None:
-            # Clients wait in the backlog, and signals stay held, until QEMU is ours.
-            try:
-                await controller.adopt(handover.vm)
-            except BaseException:
-                await controller.close()
-                raise
-        async with server:
-            try:
-                _install_signals(stop, reloader, fault)
-                if handover is None:
-                    systemd.log_event(systemd.Event.STARTED, f"starting VM {name}")
-                    await controller.start()
-                if controller.state in (VMState.RUNNING, VMState.PAUSED):
-                    gc.freeze()  # what start-up built lives forever: keep it out of collections
-                    if handover is None:
-                        notifier.ready(controller.status_text())
-                        systemd.log_event(
-                            systemd.Event.READY, f"VM {name} is {controller.state.value}"
-                        )
-                    else:
-                        reloader.reloaded(handover)
-                await _supervise(controller, notifier, fault)
-            except Exception as e:
-                if not isinstance(e, VmhostError):  # a bug: a new vmhost may do better
-                    await reloader.recover(e)
-                raise
-            finally:
-                await controller.close()
+        listen = origin.listen or bind(path)  # type: ignore[arg-type]  # one of the two is set
+        await _run(options, name, origin, listen, pid_file, notifier)
     finally:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if pid_file is not None:
+            pid_file.remove()
     return EXIT_OK
 
 
+async def _run(
+    options: Options,
+    name: str,
+    origin: _Origin,
+    listen: socket.socket,
+    pid_file: PidFile | None,
+    notifier: notify.Notifier,
+) -> None:
+    config = origin.config
+    state_dir = _state_dir(options, name)
+    consoles = Consoles(state_dir / "console.log", lambda: controller.console_input)
+    controller = QemuController(
+        config,
+        name=name,
+        state_dir=state_dir,
+        on_console=_tee(
+            systemd.console_logger(name, config.console.journal_lines_per_second),
+            consoles.publish,
+        ),
+    )
+    controller.on_state = functools.partial(_on_state, controller, notifier)
+    server = Server(controller, listen, logs=functools.partial(_logs, name), consoles=consoles)
+    reloader = reload.Reloader(
+        server=server,
+        controller=controller,
+        notifier=notifier,
+        socket_path=origin.socket_path,
+        pid_file=pid_file,
+        reexecs=origin.reexecs,
+    )
+    fault = asyncio.Event()
+    reload.hold_signals_in_workers()
+    try:
+        try:
+            await origin.take_over(controller)  # clients wait in the backlog meanwhile
+        except Exception as e:
+            await _stop_before_exit(controller, e)
+            raise
+        async with server:
+            try:
+                _install_signals(_Stopper(controller, notifier), reloader, fault)
+                await origin.start(controller)
+                if controller.state in (VMState.RUNNING, VMState.PAUSED):
+                    gc.freeze()  # what start-up built lives forever: keep it out of collections
+                    origin.announce(controller, notifier, reloader)
+                await _supervise(controller, notifier, fault)
+            except Exception as e:
+                if isinstance(e, InternalError) or not isinstance(e, VmhostError):
+                    await reloader.recover(e)  # a bug: a new vmhost may do better
+                await _stop_before_exit(controller, e)
+                raise
+    finally:
+        await controller.close()
+
+
+class _Origin(Protocol):
+    """Where the VM comes from: booted here, or handed over by the vmhost before an exec."""
+
+    config: Config
+    listen: socket.socket | None
+    """The control socket already listening (systemd's, or handed over); else it is bound."""
+    socket_path: Path | None
+    """The socket's path when vmhost binds it itself (removed at the end)."""
+    reexecs: list[float]
+
+    async def take_over(self, controller: QemuController) -> None: ...
+
+    async def start(self, controller: QemuController) -> None: ...
+
+    def announce(
+        self, controller: QemuController, notifier: notify.Notifier, reloader: reload.Reloader
+    ) -> None: ...
+
+
+class _Boot:
+    """A fresh start: the config file, systemd's socket or one bound here, QEMU started."""
+
+    def __init__(self, options: Options, name: str) -> None:
+        self.name = name
+        self.config = vmconfig.load(options.config or paths.config_path(name))
+        self.listen = activation.listen_socket()
+        self.socket_path = None if self.listen else options.socket or paths.socket_path(name)
+        self.reexecs: list[float] = []
+
+    async def take_over(self, controller: QemuController) -> None:
+        """Nothing to take over."""
+
+    async def start(self, controller: QemuController) -> None:
+        journal.log_event(journal.Event.STARTED, f"starting VM {self.name}")
+        await controller.start()
+
+    def announce(
+        self, controller: QemuController, notifier: notify.Notifier, reloader: reload.Reloader
+    ) -> None:
+        notifier.ready(controller.status_text())
+        message = f"VM {self.name} is {controller.state.value}"
+        journal.log_event(journal.Event.READY, message)
+
+
+class _Adopt:
+    """After a reload's exec: the previous vmhost's config, socket and running QEMU."""
+
+    def __init__(self, handover: reload.Handover) -> None:
+        self.handover = handover
+        self.config = handover.config
+        self.listen: socket.socket | None = socket.socket(fileno=handover.listen_fd)
+        self.socket_path = Path(handover.socket_path) if handover.socket_path else None
+        self.reexecs = handover.reexecs
+
+    async def take_over(self, controller: QemuController) -> None:
+        """QEMU becomes ours before anyone is served; signals stay held until then."""
+        await controller.adopt(self.handover.vm)
+
+    async def start(self, controller: QemuController) -> None:
+        """QEMU runs already."""
+
+    def announce(
+        self, controller: QemuController, notifier: notify.Notifier, reloader: reload.Reloader
+    ) -> None:
+        reloader.reloaded(self.handover)
+
+
 async def _supervise(
-    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
 ) -> None:
     """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
     heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
@@ -211,21 +268,32 @@ async def _supervise(
         ended.cancel()
 
 
-class _Stopper:
-    """SIGTERM/SIGINT run the graceful stop chain; a second SIGINT forces it."""
+async def _stop_before_exit(controller: QemuController, error: Exception) -> None:
+    """vmhost fails for good (an error it cannot re-exec away, a failed take-over): the
+    guest still gets the stop chain, bounded by ``[stop] timeout_seconds``, never a power cut.
+    Its own failure is logged; the exit code stays vmhost's."""
+    if controller.state.ended or not controller.pid:
+        return
+    log.error("vmhost fails (%r): stopping VM %s first", error, controller.name)
+    try:
+        await controller.stop()
+    except Exception as e:  # the VM's end (even a crash) is not this exit's cause
+        log.warning("VM %s after the stop: %s", controller.name, e)
 
-    def __init__(
-        self, controller: QemuController, notifier: systemd.Notifier, timeout: float
-    ) -> None:
+
+class _Stopper:
+    """SIGTERM/SIGINT run the graceful stop chain (the config's timeout); a second SIGINT
+    forces it."""
+
+    def __init__(self, controller: QemuController, notifier: notify.Notifier) -> None:
         self.controller = controller
         self.notifier = notifier
-        self.timeout = timeout
         self.task: asyncio.Task[None] | None = None
 
     def __call__(self, signum: signal.Signals) -> None:
         log.info("%s received", signum.name)
         if self.task is None:
-            self.task = asyncio.ensure_future(self.controller.stop(self.timeout))
+            self.task = asyncio.ensure_future(self.controller.stop())
             _extend_stop_timeout(self.controller, self.notifier)  # the running chain's, if joined
         elif signum is signal.SIGINT:
             asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
@@ -240,7 +308,7 @@ def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.E
 
 def _on_state(
     controller: QemuController,
-    notifier: systemd.Notifier,
+    notifier: notify.Notifier,
     state: VMState,
     message: str,
     qmp_event: str,
@@ -257,32 +325,42 @@ def _on_state(
         fields["QMP_EVENT"] = qmp_event
     event = _EVENTS.get(state)
     if event is not None:
-        systemd.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
+        journal.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
     else:
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
 
 
-def _extend_stop_timeout(controller: QemuController, notifier: systemd.Notifier) -> None:
+def _extend_stop_timeout(controller: QemuController, notifier: notify.Notifier) -> None:
     """Ask systemd for what the running stop chain may still take, whoever started it."""
     notifier.extend_timeout(controller.stop_left() + _STOP_MARGIN)
 
 
 async def _heartbeat(
-    controller: QemuController, notifier: systemd.Notifier, fault: asyncio.Event
+    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
 ) -> None:
     """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
     text moves on without a state change (the stop chain's steps and their clocks)."""
-    interval = min(systemd.watchdog_interval() or 1.0, 1.0)
+    interval = min(notify.watchdog_interval() or 1.0, 1.0)
     last = ""
     while True:
         await asyncio.sleep(interval)
         if fault.is_set():
-            raise reload.PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
+            raise PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
         notifier.watchdog()
         text = controller.status_text()
         if text != last:
             notifier.status(text)
             last = text
+
+
+def _tee(*sinks: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """The console's output to the journal and to the attached consoles alike."""
+
+    def each(chunk: bytes) -> None:
+        for sink in sinks:
+            sink(chunk)
+
+    return each
 
 
 def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
@@ -291,41 +369,37 @@ def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
     return entries(name, lines=lines, follow=follow)
 
 
-def _raise_fd_limit(connections: int) -> None:
-    """Let the connection cap, not EMFILE, decide who is served.
-
-    systemd gives a service 1024 descriptors (soft) unless the unit says
-    otherwise: a flood of idle connections then stops every accept, good
-    clients included, instead of evicting the idlest.  Go raises its soft
-    limit by itself; we raise it as far as the hard limit allows.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + _FD_HEADROOM
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-    if raised < wanted:
-        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)
-
-
-def _config_path(name: str) -> Path:
-    return vmconfig.path_for(name, vmconfig.config_dir())
+def _pid_file(
+    options: Options, path: Path | None, handover: reload.Handover | None
+) -> PidFile | None:
+    """Locked before the socket is bound: a second vmhost for this VM exits 5, whatever the
+    timing.  By default beside a socket bound by hand; under socket activation systemd
+    already runs one service per VM."""
+    if handover is not None:
+        if handover.pid_file_fd < 0:
+            return None
+        return PidFile(Path(handover.pid_file), handover.pid_file_fd)
+    where = options.pid_file or (paths.pid_file_beside(path) if path is not None else None)
+    if where is None:
+        return None
+    try:
+        return PidFile.lock(where)
+    except AlreadyRunningError as e:
+        if path is None:
+            raise
+        raise AlreadyRunningError(f"another vmhost is already serving {path} ({e})") from None
 
 
 def _state_dir(options: Options, name: str) -> Path:
-    directory = options.state_dir
-    if directory is None:
-        env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-        directory = Path(env) if env else STATE_ROOT / name
+    directory = options.state_dir or paths.state_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
 
-def _fail(notifier: systemd.Notifier, code: int, text: str, *, logged: bool = False) -> int:
+def _fail(notifier: notify.Notifier, code: int, text: str, *, logged: bool = False) -> int:
     notifier.status(text)
     if not logged:
-        systemd.log_event(systemd.Event.FAILED, text, VMHOST_EXIT=str(code))
+        journal.log_event(journal.Event.FAILED, text, VMHOST_EXIT=str(code))
     return code
 
 

@@ -1,18 +1,11 @@
 """The control server: one listening unix socket, many short connections.
 
-The event loop's own unix server and transports carry the bytes (uvloop in
-``vmhost serve``; the stdlib loop works too, slower).  Each connection is an
-``asyncio.Protocol`` that frames requests as Go's server does, one JSON value
-at a time (:class:`vmhost.protocol.Scanner` keeps its place between reads, so
-no byte is scanned twice), and answers ``status``/``info`` with bytes encoded
-once per VM state; the exact lines Go's and our clients send skip parsing.
-
-Limits keep one client from hurting the others: a request must fit in
-``max_request`` bytes and arrive within ``request_timeout`` of the connect (or
-of the previous answer); past ``max_connections`` the longest-idle connection
-is dropped to make room; a pipelining client gets a turn of 64 answers, then
-waits for the others; a client that stops reading stops being read, and is
-dropped at its timeout.
+Listening (bound here or handed over by systemd or a previous vmhost), dispatch
+of each request to the controller, the answers encoded once per VM state, the
+connection cap and idle sweep, and the two endings: :meth:`Server.close` (a final
+exit: what the kernel queued is answered) and :meth:`Server.drain` (a reload: the
+backlog is kept for the next vmhost).  Framing is :mod:`vmhost.control.connection`;
+``watch`` and ``logs`` are :mod:`vmhost.control.streams`.
 """
 
 from __future__ import annotations
@@ -23,30 +16,29 @@ import errno
 import functools
 import logging
 import os
+import resource
 import socket
 import stat
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import Final, Protocol
 
-import msgspec
-
-from . import __version__, protocol
-from .errors import AlreadyRunningError
-from .protocol import Request, Response, Scanner
-from .streams import LogSource, Streams, Watch
-from .vm.state import VMState
-
-if TYPE_CHECKING:
-    from .attach import Consoles
-    from .vm.state import Changes
+from .. import __version__
+from ..errors import AlreadyRunningError
+from ..vm.state import VMState
+from . import wire
+from .connection import Connection, Limits
+from .attach import Consoles
+from .streams import LogSource, Streams, Watched
+from .wire import Request, Response
 
 log = logging.getLogger(__name__)
 
 
-class Controller(Protocol):
+class Controller(Watched, Protocol):
     """What the server needs from the VM; :class:`vmhost.controller.QemuController` is one."""
 
     @property
@@ -59,16 +51,8 @@ class Controller(Protocol):
     def backend(self) -> str: ...
 
     @property
-    def pid(self) -> int: ...
-
-    @property
     def step(self) -> str:
         """The stop chain's step running now, "" outside a stop."""
-        ...
-
-    @property
-    def changes(self) -> Changes:
-        """What ``watch`` subscribes to."""
         ...
 
     @property
@@ -76,8 +60,9 @@ class Controller(Protocol):
         """Seconds the running stop was granted (a request may ask for more than allowed)."""
         ...
 
-    def stop(self, timeout: float) -> Awaitable[None]:
-        """Start a graceful stop now; the result resolves once the VM is gone."""
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
+        """Start a graceful stop now (``None``: the config's ``[stop] timeout_seconds``); the
+        result resolves once the VM is gone."""
         ...
 
     def force_stop(self) -> Awaitable[None]:
@@ -87,40 +72,27 @@ class Controller(Protocol):
     async def wait(self) -> None: ...
 
 
-class Limits(msgspec.Struct, frozen=True):
-    max_request: int = protocol.MAX_REQUEST_BYTES
-    request_timeout: float = 10.0
-    max_connections: int = 4096
-    max_log_streams: int = 16
-
-
-_TOO_LARGE: Final = protocol.invalid_request("request too large")
-_TIMED_OUT: Final = protocol.invalid_request("timed out waiting for the rest of the request")
-_STOPPING: Final = protocol.encode_response(Response(ok=True, state="stopping"))
-_ENDED: Final = protocol.error_response("vmhost is exiting")
-_LINES_PER_TURN: Final = 64
-"""Pipelined requests answered in a row before the other connections get their turn."""
+_STOPPING: Final = wire.encode_response(Response(ok=True, state="stopping"))
+_ENDED: Final = wire.error_response("vmhost is exiting")
 _TURNS_PER_SLICE: Final = 4
 """Turns run before the loop looks at new I/O again (about a millisecond)."""
-_KNOWN_LINES: Final = {
-    protocol.encode_request(Request(method=method, detail=detail)): (method, detail)
-    for method in (protocol.STATUS, protocol.INFO)
-    for detail in (False, True)
-}
-"""The exact bytes Go's and our clients send for status/info, mapped to what they ask."""
 _BACKLOG: Final = socket.SOMAXCONN
 """The loop calls listen() again: as long a queue as systemd's default ``Backlog=`` gives (the
 kernel caps both at ``net.core.somaxconn``, 4096 by default), and as :func:`bind` asks for."""
+_FD_HEADROOM: Final = 256
+"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 _QUEUED_MAX: Final = 512
 _QUEUED_SECONDS: Final = 0.05
 """At close: how many queued connections are answered, and how long that may take."""
+_FINAL_SECONDS: Final = 2.0
+"""At close of a socket that was shut down: time for clients that do not read their answer."""
 
 
 class Server:
     """Serves the control protocol for one controller until closed.
 
     ``listen`` is an already-listening socket (socket activation) or a path to
-    bind; only a path we bound ourselves is removed on close, as is the PID file.
+    bind; only a path we bound ourselves is removed on close.
     """
 
     def __init__(
@@ -128,7 +100,6 @@ class Server:
         controller: Controller,
         listen: socket.socket | Path,
         *,
-        pid_file: Path | None = None,
         limits: Limits = Limits(),  # noqa: B008 - frozen
         logs: LogSource | None = None,
         consoles: Consoles | None = None,
@@ -136,16 +107,17 @@ class Server:
         self.controller = controller
         self.limits = limits
         self._listen = listen
-        self._pid_file = pid_file
         self._sock: socket.socket | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._connections: dict[_Connection, None] = {}
-        self.streams = Streams(controller, logs, limits.max_log_streams, consoles)
+        self._connections: dict[Connection, None] = {}
+        self.streams: Streams[Connection] = Streams(
+            controller, logs, limits.max_log_streams, consoles
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool], bytes] = {}
         self._cached_for: tuple[VMState | None, str] = (None, "")
-        self._turns: deque[_Connection] = deque()
+        self._turns: deque[Connection] = deque()
         self._turn_runner: asyncio.Handle | None = None
         self.closing = False
         """Set by :meth:`close`: every connection gets one answer, then is closed."""
@@ -161,14 +133,17 @@ class Server:
         sock = self._listen if isinstance(self._listen, socket.socket) else bind(self._listen)
         self._sock = sock
         loop = asyncio.get_running_loop()
-        factory = functools.partial(_Connection, self)
+        factory = functools.partial(Connection, self)
+        _raise_fd_limit(self.limits.max_connections)
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
-        if self._pid_file is not None:
-            self._pid_file.write_text(f"{os.getpid()}\n")
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self) -> None:
-        """Stop listening; answer what the kernel queued meanwhile (bounded); drop the rest."""
+        """Stop listening; answer what the kernel queued meanwhile; drop the rest.
+
+        A socket we bound ourselves is ours alone: it is shut down first, so every later
+        connect is refused and every one queued is answered.  One handed to us (systemd's)
+        may serve again after us (a restart keeps it): answered in bounded rounds."""
         if self._server is None or self._sock is None:
             return
         self.closing = True
@@ -177,10 +152,13 @@ class Server:
         if isinstance(self._listen, Path):
             with contextlib.suppress(FileNotFoundError):
                 self._listen.unlink()
+        final = isinstance(self._listen, Path)
         queue = self._sock.dup()  # the loop closes its socket: the queue lives on in this one
         self._server.close()
+        if final:
+            queue.shutdown(socket.SHUT_RD)  # connects are refused now; the queued stay accepted
         with queue:
-            await self._answer_queued(queue)
+            await self._answer_queued(queue, final)
         if self._turn_runner is not None:
             self._turn_runner.cancel()
         for conn in [*self._connections, *self.streams.logs, *self.streams.watches]:
@@ -190,19 +168,17 @@ class Server:
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
         self._server = self._sock = None
-        if self._pid_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._pid_file.unlink()
 
-    async def _answer_queued(self, queue: socket.socket) -> None:
+    async def _answer_queued(self, queue: socket.socket, final: bool) -> None:
         """Connections a client made before we stopped listening get their one answer.
 
         Accepted in rounds until a round finds none, so a client that connects while the
-        last round is being answered is answered too; bounded in count and time all told."""
+        last round is being answered is answered too; bounded in count and time all told,
+        except for a ``final`` (shut down) queue: it cannot grow, so all of it is answered."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _QUEUED_SECONDS
-        factory = functools.partial(_Connection, self)
-        left = _QUEUED_MAX
+        deadline = loop.time() + (_FINAL_SECONDS if final else _QUEUED_SECONDS)
+        factory = functools.partial(Connection, self)
+        left = sys.maxsize if final else _QUEUED_MAX
         while left and loop.time() < deadline:
             accepted: list[socket.socket] = []
             with contextlib.suppress(OSError):  # BlockingIOError: none left; EMFILE: no room
@@ -229,7 +205,7 @@ class Server:
         self._server.close()
         self._server = None
         await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
-        farewell = protocol.encode_response(Response(ok=True, message=last_line))
+        farewell = wire.encode_response(Response(ok=True, message=last_line))
         for conn in [*self.streams.logs, *self.streams.watches]:
             conn.finish(farewell)
         if self.streams.consoles is not None:
@@ -242,12 +218,12 @@ class Server:
     async def resume(self) -> None:
         """Serve again after :meth:`drain` (the re-exec did not happen)."""
         assert self._sock is not None
-        factory = functools.partial(_Connection, self)
+        factory = functools.partial(Connection, self)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(factory, sock=self._sock, backlog=_BACKLOG)
 
     @staticmethod
-    async def _wait_closed(conns: list[_Connection], timeout: float) -> None:
+    async def _wait_closed(conns: list[Connection], timeout: float) -> None:
         """Until each of ``conns`` is closed, or ``timeout``."""
         loop = asyncio.get_running_loop()
         waits = []
@@ -262,23 +238,21 @@ class Server:
     def answer(self, request: Request) -> bytes | None:
         """The encoded answer to one request; ``None`` for a streaming method."""
         method = request.method
-        if method in (protocol.STATUS, protocol.INFO):
+        if method in (wire.STATUS, wire.INFO):
             return self.state_answer(method, request.detail)
-        if method in (protocol.STOP, protocol.FORCE_STOP):
+        if method in (wire.STOP, wire.FORCE_STOP):
             if self.closing:  # the VM is gone already
                 return _STOPPING
             c = self.controller
-            if method == protocol.FORCE_STOP:
+            if method == wire.FORCE_STOP:
                 self._spawn(c.force_stop())
                 return _STOPPING
             asked = request.timeout_seconds
-            if asked <= 0:
-                asked = protocol.DEFAULT_STOP_TIMEOUT
-            self._spawn(c.stop(asked))
+            self._spawn(c.stop(asked if asked > 0 else None))  # none named: the config's
             return self._stop_detail(asked) if request.detail else _STOPPING
         if self.streams.serves(method):
             return _ENDED if self.closing else None
-        return protocol.error_response(f"unknown method: {method}")
+        return wire.error_response(f"unknown method: {method}")
 
     def _stop_detail(self, asked: int) -> bytes:
         """A stop's answer with the detail fields: the time the running chain was granted."""
@@ -288,7 +262,7 @@ class Server:
         if asked > granted:
             message += f" (asked {asked} s: clamped to [stop] max_timeout_seconds)"
         response = Response(ok=True, state="stopping", vm_state=c.state.value, message=message)
-        return protocol.encode_response(response)
+        return wire.encode_response(response)
 
     def state_answer(self, method: str, detail: bool) -> bytes:
         """``status``/``info``, encoded once per VM state and reused until the state changes."""
@@ -305,7 +279,7 @@ class Server:
     def _encode_state(self, method: str, detail: bool, state: VMState, step: str) -> bytes:
         c = self.controller
         response = Response(ok=True, state=state.wire)
-        if method == protocol.INFO:
+        if method == wire.INFO:
             response.ssh_port = c.ssh_port
             response.backend = c.backend
         if detail:
@@ -313,7 +287,7 @@ class Server:
             response.pid = c.pid
             response.version = __version__
             response.message = step  # the stop chain's step, while stopping
-        return protocol.encode_response(response)
+        return wire.encode_response(response)
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:
         task = asyncio.ensure_future(awaitable)
@@ -325,19 +299,19 @@ class Server:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("control request failed: %s", exc, exc_info=exc)
 
-    def admit(self, conn: _Connection) -> None:
+    def admit(self, conn: Connection) -> None:
         if len(self._connections) >= self.limits.max_connections:
             oldest = next(iter(self._connections))
             del self._connections[oldest]
             oldest.transport.abort()
         self._connections[conn] = None
 
-    def touch(self, conn: _Connection) -> None:
+    def touch(self, conn: Connection) -> None:
         """Move ``conn`` to the young end, so dict order is idle order."""
         if self._connections.pop(conn, 0) is None:
             self._connections[conn] = None
 
-    def wait_turn(self, conn: _Connection) -> None:
+    def wait_turn(self, conn: Connection) -> None:
         """Queue a pipelining connection for its next turn."""
         self._turns.append(conn)
         if self._turn_runner is None:
@@ -369,202 +343,15 @@ class Server:
             conn.expire()
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
-    def stream(self, conn: _Connection, request: Request) -> None:
+    def stream(self, conn: Connection, request: Request) -> None:
         """Hand ``conn`` to its stream; it leaves the idle-connection bookkeeping."""
         self._connections.pop(conn, None)
         self.streams.start(conn, request)
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         self._connections.pop(conn, None)
         if conn.stream is not None:
             conn.stream.cancel()
-
-
-class _Connection(asyncio.Protocol):
-    """One client: its unanswered bytes, the value being scanned, its place in the limits."""
-
-    __slots__ = (
-        "answered",
-        "buffer",
-        "closed",
-        "drained",
-        "paused",
-        "scanner",
-        "server",
-        "since",
-        "stream",
-        "transport",
-        "waiting",
-        "watch",
-    )
-
-    transport: asyncio.Transport
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.buffer = bytearray()
-        """Everything after the last value answered; the scanner's place is in it."""
-        self.scanner: Scanner | None = None
-        """Made at the first partial or unusual request: most clients never need one."""
-        self.answered = False
-        self.waiting = False
-        self.since = time.monotonic()
-        self.stream: asyncio.Future[None] | None = None
-        self.paused = False
-        self.drained: asyncio.Event | None = None
-        self.closed: asyncio.Future[None] | None = None
-        """Set by :meth:`Server.close` for a connection it waits for."""
-        self.watch: Watch | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self.server.admit(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.forget(self)
-        if self.closed is not None:
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.drained is not None:
-            self.drained.set()
-        if not self.waiting:  # else its turn comes and carries on
-            self.next_turn()
-        if self.watch is not None:
-            self.watch.send()
-
-    def data_received(self, data: bytes) -> None:
-        if self.stream is not None:
-            return
-        if not self.buffer and (known := _KNOWN_LINES.get(data)) is not None:
-            # What nearly every client sends, whole in one read: no parsing to do.
-            self.transport.write(self.server.state_answer(*known))
-            self._answered()
-            return
-        self.buffer += data
-        self._serve(False)
-
-    def eof_received(self) -> bool:
-        if self.watch is not None:  # the watcher went away (or will send nothing more)
-            self.transport.close()
-            return True
-        idle = not self.buffer and self.answered  # Go closes it in silence: nothing to scan
-        if self.stream is None and not idle and not self.transport.is_closing():
-            self._serve(True)
-        if self.stream is None:
-            self.transport.close()
-        return True
-
-    def _serve(self, eof: bool) -> None:
-        """Answer every complete value in the buffer, up to this client's turn."""
-        buf, limit = self.buffer, self.server.limits.max_request
-        answers: list[bytes] = []
-        last = False
-        try:
-            while (buf or eof) and not last:
-                if (self.paused or len(answers) == _LINES_PER_TURN) and not eof:
-                    # Answers pile up unread, or this client had its turn: hold the rest.
-                    if not self.paused:
-                        self._pause_for_others()
-                    break
-                request, end = self._next_value(buf, limit, eof)
-                if request is None:
-                    if len(buf) > limit:
-                        answers.append(_TOO_LARGE)
-                        last = True
-                    break
-                del buf[:end]
-                self.scanner = None
-                answer = request if isinstance(request, bytes) else self.server.answer(request)
-                if answer is None:
-                    assert isinstance(request, Request)
-                    self.server.stream(self, request)
-                    break
-                answers.append(answer)
-                last = self.server.closing
-        except msgspec.DecodeError as e:
-            if str(e) != "EOF" or not (self.answered or answers):  # Go: nothing at all came
-                answers.append(protocol.invalid_request(str(e)))
-            last = True
-        if answers:
-            self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
-            self._answered()
-        if last:
-            self._close()
-
-    def _next_value(
-        self, buf: bytearray, limit: int, eof: bool
-    ) -> tuple[Request | bytes | None, int]:
-        """The next request (or its answer, for a known line) and where it ends in ``buf``;
-        ``None`` while it is not complete.  At EOF, Go's error for what is missing is raised."""
-        scanner = self.scanner
-        if scanner is None:
-            scanner = self.scanner = Scanner()
-        if not scanner.kind:
-            # At a value's start: a whole line of the usual kind needs no scanner.
-            start = scanner.pos = protocol.skip_space(buf, scanner.pos)
-            nl = buf.find(b"\n", start, limit)
-            if nl >= 0:
-                line = bytes(buf[start : nl + 1])
-                if (known := _KNOWN_LINES.get(line)) is not None:
-                    return self.server.state_answer(*known), nl + 1
-                if (request := protocol.decode_plain(line)) is not None:
-                    return request, nl + 1
-        end = scanner.scan(buf, min(len(buf), limit))
-        if end < 0 and eof:
-            end = scanner.at_eof()
-        if end < 0:
-            return None, -1
-        return scanner.request(buf), end
-
-    def _pause_for_others(self) -> None:
-        """A pipelining client waits while every other ready connection is served."""
-        if not self.waiting:
-            self.waiting = True
-            self.transport.pause_reading()
-            self.server.wait_turn(self)
-
-    def next_turn(self) -> None:
-        """Answer held requests; read again only once they are all answered."""
-        self.waiting = False
-        if self.paused or self.transport.is_closing():
-            return  # resume_writing carries on, or there is no one left to answer
-        if self.buffer:
-            self._serve(False)
-        if not (self.waiting or self.paused or self.transport.is_closing()):
-            self.transport.resume_reading()
-
-    def _answered(self) -> None:
-        """Restart the idle clock: the request timeout counts from the last answer."""
-        self.answered = True
-        self.since = time.monotonic()
-        self.server.touch(self)
-        if self.server.closing:
-            self._close()
-
-    def _close(self) -> None:
-        self.buffer.clear()
-        self.transport.close()
-
-    def finish(self, answer: bytes) -> None:
-        """Write a last answer and close; the rest of the input is dropped."""
-        self.transport.write(answer)
-        self._close()
-
-    def expire(self) -> None:
-        if self.transport.get_write_buffer_size():
-            # Unread answers for a whole timeout: closing would wait on this peer forever.
-            self.transport.abort()
-        elif self.scanner is not None and self.scanner.kind:
-            self.finish(_TIMED_OUT)
-        else:
-            self.transport.close()
-        self.server.forget(self)
 
 
 def bind(path: Path, *, mode: int = 0o660) -> socket.socket:
@@ -600,3 +387,21 @@ def _remove_stale(path: Path) -> None:
     finally:
         probe.close()
     raise AlreadyRunningError(f"another vmhost is already serving {path}")
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Let the connection cap, not EMFILE, decide who is served.
+
+    systemd gives a service 1024 descriptors (soft) unless the unit says
+    otherwise: a flood of idle connections then stops every accept, good
+    clients included, instead of evicting the idlest.  Go raises its soft
+    limit by itself; we raise it as far as the hard limit allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _FD_HEADROOM
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < wanted:
+        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)

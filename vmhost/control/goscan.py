@@ -1,174 +1,27 @@
-"""The control-socket wire, byte-compatible with the Go vmhost daemon and client.
+"""Go's ``encoding/json`` scanner over a stream, and Go's way of decoding a ``Request``.
 
-Go's ``encoding/json`` decides everything here.  Answers: fields in
-declaration order, zero values omitted (``omit_defaults``), one value per
-line, strings escaped as Go's encoder escapes them.  Requests: Go's server
-decodes ONE value from the stream (``json.NewDecoder(conn).Decode``), so a
-:class:`Scanner` finds where that value ends as the bytes arrive and words a
-syntax error as Go does; msgspec then decodes the pieces Go would look at:
-keys matched by simple case folding, ``null`` leaving a field as it was,
-the last duplicate winning, invalid UTF-8 read as U+FFFD, unknown fields of
-any shape skipped, and a wrong type refused with Go's own message.
+:class:`Scanner` finds where the next value ends as the bytes arrive and words a
+syntax error as Go does; :meth:`Scanner.request` then has msgspec decode only
+the pieces Go would look at: keys matched by simple case folding, ``null``
+leaving a field as it was, the last duplicate winning, invalid UTF-8 read as
+U+FFFD, unknown fields of any shape skipped, and a wrong type refused with Go's
+own message.
 """
 
 from __future__ import annotations
 
 import codecs
 import re
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import msgspec
 
-MAX_REQUEST_BYTES: Final = 64 * 1024
-DEFAULT_STOP_TIMEOUT: Final = 30
-MAX_LOG_LINES: Final = 10_000
+from . import wire
+from .wire import Buffer, Request
 
-STATUS: Final = "status"
-INFO: Final = "info"
-STOP: Final = "stop"
-FORCE_STOP: Final = "force_stop"
-LOGS: Final = "logs"
-WATCH: Final = "watch"
-CONSOLE: Final = "console"
-METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH, CONSOLE})
-STREAMS: Final = frozenset({LOGS, WATCH, CONSOLE})
-"""Methods answered with many lines, until the server closes."""
-READ_WRITE: Final = "read-write"
-READ_ONLY: Final = "read-only"
-
-Buffer = bytes | bytearray | memoryview
-_GoInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-
-
-class Request(msgspec.Struct, omit_defaults=True):
-    """``{"method": ..., "timeout_seconds": ...}``; the rest are vmhost extensions.
-
-    ``detail`` asks for the extension fields of :class:`Response`; ``lines`` and
-    ``follow`` belong to the ``logs`` extension method, ``lines``, ``read_only``,
-    ``force`` and ``since`` to ``console`` (:mod:`vmhost.attach`).  A Go peer sends none.
-    """
-
-    method: str = ""
-    timeout_seconds: _GoInt = 0
-    detail: bool = False
-    lines: _GoInt = 0
-    follow: bool = False
-    read_only: bool = False
-    force: bool = False
-    since: str = ""
-
-
-class Response(msgspec.Struct, omit_defaults=True):
-    """The Go ``Response``; fields after ``backend`` are only sent to a peer that asks.
-
-    ``event`` (the QMP event or stop step behind a change) is only ever sent to a watcher.
-    """
-
-    ok: bool
-    error: str = ""
-    state: str = ""
-    ssh_port: _GoInt = 0
-    backend: str = ""
-    vm_state: str = ""
-    pid: int = 0
-    message: str = ""
-    version: str = ""
-    """Of the vmhost answering (detail): after an upgrade, which VMs run the new code."""
-    event: str = ""
-
-
-class ConsoleLine(msgspec.Struct, omit_defaults=True):
-    """What vmhost sends an attached console (the ``console`` extension), one JSON line
-    each; ``ok`` and ``error`` as in :class:`Response`, so a refusal reads the same."""
-
-    ok: bool
-    error: str = ""
-    message: str = ""
-    """For the person: who has the input, a takeover, why the console ended."""
-    mode: str = ""
-    """``read-write`` or ``read-only``: on the first line, and whenever it changes."""
-    output: bytes = b""
-    """The console's bytes as the guest wrote them."""
-    resume: str = ""
-    """On the last line of a reload: where the next attach's ``since`` picks up."""
-
-
-_encoder: Final = msgspec.json.Encoder()
-_request_decoder: Final = msgspec.json.Decoder(Request)
 _str: Final = msgspec.json.Decoder(str)
-_int: Final = msgspec.json.Decoder(_GoInt)
+_int: Final = msgspec.json.Decoder(wire.GoInt)
 _bool: Final = msgspec.json.Decoder(bool)
-
-# What Go's encoder writes differently from msgspec's: <, >, & and U+2028/9 as \u escapes, and
-# \b, \f in their \u form (Go 1.19).  An escaped backslash is matched whole, so never split.
-_GO_ESCAPE: Final = re.compile(rb"\\\\|\\[bf]|[<>&]|\xe2\x80[\xa8\xa9]")
-_GO_FORM: Final = {
-    b"\\\\": b"\\\\",
-    b"\\b": b"\\u0008",
-    b"\\f": b"\\u000c",
-    b"<": b"\\u003c",
-    b">": b"\\u003e",
-    b"&": b"\\u0026",
-    "\u2028".encode(): b"\\u2028",
-    "\u2029".encode(): b"\\u2029",
-}
-
-
-def encode_request(request: Request) -> bytes:
-    """One request line as Go's ``json.Encoder`` writes it."""
-    return _encoder.encode(request) + b"\n"
-
-
-def encode_response(response: Response) -> bytes:
-    """One response line as Go's ``json.Encoder`` writes it."""
-    data = _encoder.encode(response)
-    if response.error or response.message:  # only free text can need Go's escapes
-        data = _GO_ESCAPE.sub(lambda m: _GO_FORM[m.group()], data)
-    return data + b"\n"
-
-
-def encode_console(line: ConsoleLine) -> bytes:
-    return _encoder.encode(line) + b"\n"
-
-
-def error_response(text: str) -> bytes:
-    return encode_response(Response(ok=False, error=text))
-
-
-def invalid_request(reason: str) -> bytes:
-    return error_response(f"invalid request: {reason}")
-
-
-def decode_response(data: bytes | memoryview) -> Response:
-    return msgspec.json.decode(data, type=Response)
-
-
-def decode_request(data: Buffer) -> Request:
-    """The first value of ``data`` as the Go server decodes it (the rest is not looked at);
-    raises ``msgspec.DecodeError`` with the text Go's decoder gives."""
-    request = decode_plain(data)
-    if request is not None:
-        return request
-    scanner = Scanner()
-    end = scanner.scan(data, len(data))
-    if end < 0:
-        scanner.at_eof()
-    return scanner.request(data)
-
-
-def decode_plain(data: Buffer) -> Request | None:
-    """What clients send (lower-case ASCII, no escapes, one value) in one typed decode;
-    ``None`` where Go's rules need the :class:`Scanner`: then msgspec and Go could differ."""
-    raw = bytes(data)
-    if not (raw.isascii() and raw.islower()) or b"\\" in raw:
-        return None
-    try:
-        return _request_decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-
-
-# -- Go's scanner ---------------------------------------------------------------------------
 
 MAX_DEPTH: Final = 10_000
 _SPACE: Final = re.compile(rb"[ \t\n\r]*")
@@ -227,12 +80,22 @@ class Scanner:
     are kept for :meth:`request`, which decodes only those with msgspec.
     """
 
-    __slots__ = ("_key", "_lit", "_stack", "_state", "_sub", "_vstart", "kind", "pairs", "pos")
+    __slots__ = (
+        "_key",
+        "_lit",
+        "_stack",
+        "_state",
+        "_sub",
+        "_vstart",
+        "first_byte",
+        "pairs",
+        "pos",
+    )
 
     def __init__(self, pos: int = 0) -> None:
         self.pos = pos
         """How far the buffer has been scanned."""
-        self.kind = 0
+        self.first_byte = 0
         """The value's first byte; 0 while only white space was seen."""
         self.pairs: list[tuple[int, int, int, int]] = []
         """Key and value spans of the top-level object, in order."""
@@ -361,7 +224,7 @@ class Scanner:
         """The first byte of a value: the state it leads to."""
         stack = self._stack
         if not stack:
-            self.kind = c
+            self.first_byte = c
         elif len(stack) == 1:
             self._vstart = pos
         if c in (_OBJECT, _ARRAY):
@@ -392,14 +255,14 @@ class Scanner:
             self._state == _AFTER or (self._state == _NUMBER and self._sub in _NUMBER_ENDS)
         ):
             return self.pos
-        raise msgspec.DecodeError("unexpected EOF" if self.kind else "EOF")
+        raise msgspec.DecodeError("unexpected EOF" if self.first_byte else "EOF")
 
     def request(self, buf: Buffer) -> Request:
         """The scanned value as Go unmarshals it into the seed's ``vmhost.Request``."""
-        if self.kind != _OBJECT:
-            if self.kind == ord("n"):
+        if self.first_byte != _OBJECT:
+            if self.first_byte == ord("n"):
                 return Request()
-            kind = _KINDS.get(self.kind, "number")
+            kind = _KINDS.get(self.first_byte, "number")
             raise msgspec.DecodeError(
                 f"json: cannot unmarshal {kind} into Go value of type vmhost.Request"
             )
@@ -474,3 +337,16 @@ def _go_string(token: Buffer) -> str:
         text = bytes(token).decode("utf-8", "vmhost-go")
         text = _SURROGATE.sub(lambda m: m.group() if len(m.group()) != 6 else "\\ufffd", text)
         return _str.decode(text.encode())
+
+
+def decode_request(data: Buffer) -> Request:
+    """The first value of ``data`` as the Go server decodes it (the rest is not looked at);
+    raises ``msgspec.DecodeError`` with the text Go's decoder gives."""
+    request = wire.decode_plain(data)
+    if request is not None:
+        return request
+    scanner = Scanner()
+    end = scanner.scan(data, len(data))
+    if end < 0:
+        scanner.at_eof()
+    return scanner.request(data)

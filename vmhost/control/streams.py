@@ -1,8 +1,10 @@
-"""The long-lived answers, ``watch`` and ``logs``: a connection that keeps getting lines.
+"""The long-lived answers, ``watch``, ``logs`` and ``console``: a connection that keeps getting lines.
 
-A stream's connection leaves the server's idle bookkeeping (no request timeout, never
-evicted for room), so :class:`Streams` keeps it instead, for the server's ``close`` and
-``drain`` to end.
+A stream writes into a :class:`Sink` (the connection, as this module defines it:
+the control server and its connections import this module, never the other way).
+A stream's connection leaves the server's idle bookkeeping (no request timeout,
+never evicted for room), so :class:`Streams` keeps it instead, for the server's
+``close`` and ``drain`` to end.
 """
 
 from __future__ import annotations
@@ -11,16 +13,13 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
-from . import protocol
-from .errors import TooManyWatchersError, VmhostError
-from .protocol import Request, Response
-
-if TYPE_CHECKING:
-    from .attach import Consoles
-    from .server import Controller, _Connection
-    from .vm.state import Change, Watcher
+from ..errors import TooManyWatchersError, VmhostError
+from ..vm.state import Change, Changes, Watcher
+from . import wire
+from .attach import Consoles
+from .wire import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +30,43 @@ _WATCH_SNDBUF: Final = 8 * 1024
 """A watcher's kernel send buffer (Linux doubles it): a few dozen lines, not 200 KiB."""
 
 
-class Streams:
+class Watched(Protocol):
+    """What a stream needs from the VM."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def changes(self) -> Changes:
+        """What ``watch`` subscribes to."""
+        ...
+
+
+class Sink(Protocol):
+    """Where a stream writes: its connection, which holds the stream while it runs."""
+
+    transport: asyncio.Transport
+    paused: bool
+    """The transport's write buffer is full: wait for :attr:`drained`."""
+    drained: asyncio.Event | None
+    stream: asyncio.Future[None] | None
+    """The running stream; set by the stream, cancelled when the connection goes."""
+    watch: Watch | None
+
+    def finish(self, answer: bytes) -> None:
+        """Write a last answer and close."""
+        ...
+
+
+S = TypeVar("S", bound=Sink)
+
+
+class Streams(Generic[S]):
     """The server's open streams; ``logs`` is served only with a source, and capped."""
 
     def __init__(
         self,
-        controller: Controller,
+        controller: Watched,
         source: LogSource | None,
         max_logs: int,
         consoles: Consoles | None = None,
@@ -45,30 +75,30 @@ class Streams:
         self.consoles = consoles
         self._source = source
         self._max_logs = max_logs
-        self.logs: set[_Connection] = set()
-        self.watches: set[_Connection] = set()
+        self.logs: set[S] = set()
+        self.watches: set[S] = set()
         self._change_line: tuple[Change | None, bytes] = (None, b"")
 
     def serves(self, method: str) -> bool:
-        if method == protocol.CONSOLE:
+        if method == wire.CONSOLE:
             return self.consoles is not None
-        return method == protocol.WATCH or (method == protocol.LOGS and self._source is not None)
+        return method == wire.WATCH or (method == wire.LOGS and self._source is not None)
 
-    def start(self, conn: _Connection, request: Request) -> None:
+    def start(self, conn: S, request: Request) -> None:
         """Hand ``conn`` to the stream ``request`` asks for (one :meth:`serves`)."""
-        if request.method == protocol.CONSOLE:
+        if request.method == wire.CONSOLE:
             assert self.consoles is not None
             self.consoles.attach(conn.transport, request)  # the connection is the console's now
-        elif request.method == protocol.WATCH:
+        elif request.method == wire.WATCH:
             self._watch(conn)
         else:
             self._stream_logs(conn, request)
 
-    def _watch(self, conn: _Connection) -> None:
+    def _watch(self, conn: S) -> None:
         try:
             Watch(self, conn)
         except TooManyWatchersError as e:
-            conn.finish(protocol.error_response(str(e)))
+            conn.finish(wire.error_response(str(e)))
             return
         self.watches.add(conn)
         assert conn.stream is not None
@@ -84,7 +114,7 @@ class Streams:
 
     def _encode_change(self, change: Change) -> bytes:
         state = change.state
-        return protocol.encode_response(
+        return wire.encode_response(
             Response(
                 ok=True,
                 state=state.wire,
@@ -95,13 +125,13 @@ class Streams:
             )
         )
 
-    def _stream_logs(self, conn: _Connection, request: Request) -> None:
+    def _stream_logs(self, conn: S, request: Request) -> None:
         assert self._source is not None
         if len(self.logs) >= self._max_logs:
-            conn.finish(protocol.error_response("too many log streams"))
+            conn.finish(wire.error_response("too many log streams"))
             return
         self.logs.add(conn)
-        lines = min(request.lines, protocol.MAX_LOG_LINES) if request.lines > 0 else 10
+        lines = min(request.lines, wire.MAX_LOG_LINES) if request.lines > 0 else 10
         task = asyncio.ensure_future(_pump_logs(conn, self._source(lines, request.follow)))
         conn.stream = task
         task.add_done_callback(lambda _: self.logs.discard(conn))
@@ -118,7 +148,7 @@ class Watch:
 
     __slots__ = ("conn", "streams", "watcher")
 
-    def __init__(self, streams: Streams, conn: _Connection) -> None:
+    def __init__(self, streams: Streams[Any], conn: Sink) -> None:
         self.streams = streams
         self.conn = conn
         self.watcher: Watcher = streams.controller.changes.watch(self.send)
@@ -151,7 +181,7 @@ class Watch:
             transport.close()
 
 
-async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
+async def _pump_logs(conn: Sink, lines: AsyncIterator[str]) -> None:
     try:
         async for line in lines:
             while conn.paused:
@@ -159,8 +189,8 @@ async def _pump_logs(conn: _Connection, lines: AsyncIterator[str]) -> None:
                 await conn.drained.wait()
             if conn.transport.is_closing():
                 return
-            conn.transport.write(protocol.encode_response(Response(ok=True, message=line)))
+            conn.transport.write(wire.encode_response(Response(ok=True, message=line)))
     except VmhostError as e:
-        conn.transport.write(protocol.error_response(str(e)))
+        conn.transport.write(wire.error_response(str(e)))
     finally:
         conn.transport.close()
