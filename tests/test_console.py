@@ -20,11 +20,12 @@ import pytest
 from conftest import FakeController
 from fixtures import ENV
 
-from vmhost import attach, protocol
-from vmhost.attach import ConsoleLog, Consoles
+from vmhost.control import attach, wire
+from vmhost.control.attach import ConsoleLog, Consoles
+from vmhost.control.connection import Limits
+from vmhost.control.server import Server
+from vmhost.control.wire import ConsoleLine, Request
 from vmhost.errors import UsageError
-from vmhost.protocol import ConsoleLine, Request
-from vmhost.server import Limits, Server
 from vmhost.terminal import escape_byte
 
 STATUS = b'{"ok":true,"state":"running"}\n'
@@ -53,7 +54,7 @@ async def consoles(
 
 async def attached(sock_path: Path, **fields: object) -> tuple[Stream, ConsoleLine]:
     reader, writer = await asyncio.open_unix_connection(sock_path, limit=1 << 22)
-    writer.write(protocol.encode_request(Request(method=protocol.CONSOLE, **fields)))  # type: ignore[arg-type]
+    writer.write(wire.encode_request(Request(method=wire.CONSOLE, **fields)))  # type: ignore[arg-type]
     return (reader, writer), await next_line(reader)
 
 
@@ -140,7 +141,7 @@ async def test_history_then_live_output(consoles: Consoles, sock_path: Path) -> 
     lost or doubled; the first line says it has the input."""
     consoles.log.path.write_bytes(b"boot 1\nboot 2\nboot 3\n")
     (reader, writer), first = await attached(sock_path, lines=2)
-    assert (first.ok, first.mode, first.message) == (True, protocol.READ_WRITE, "")
+    assert (first.ok, first.mode, first.message) == (True, wire.READ_WRITE, "")
     assert (await next_line(reader)).output == b"boot 2\nboot 3\n"
     consoles.publish(b"live \xff\x00 bytes")
     assert (await next_line(reader)).output == b"live \xff\x00 bytes"
@@ -155,10 +156,10 @@ async def test_one_writer_many_readers(
     (r1, w1), first = await attached(sock_path)
     (r2, w2), second = await attached(sock_path)
     (r3, w3), third = await attached(sock_path, read_only=True)
-    assert first.mode == protocol.READ_WRITE
-    assert second.mode == protocol.READ_ONLY
+    assert first.mode == wire.READ_WRITE
+    assert second.mode == wire.READ_ONLY
     assert "has the input" in second.message and "--force" in second.message
-    assert (third.mode, third.message) == (protocol.READ_ONLY, "")
+    assert (third.mode, third.message) == (wire.READ_ONLY, "")
     for w, text in ((w2, b"second"), (w3, b"third"), (w1, b"first")):
         w.write(text)
         await w.drain()
@@ -179,9 +180,9 @@ async def test_force_takes_the_input_over(
     read-only (its keys go nowhere) and still sees the output."""
     (r1, w1), _ = await attached(sock_path)
     (_, w2), taker = await attached(sock_path, force=True)
-    assert taker.mode == protocol.READ_WRITE
+    assert taker.mode == wire.READ_WRITE
     told = await next_line(r1)
-    assert told.mode == protocol.READ_ONLY
+    assert told.mode == wire.READ_ONLY
     assert "took over the input" in told.message
     w1.write(b"old")
     w2.write(b"new")
@@ -202,7 +203,7 @@ async def test_input_free_again_once_the_writer_leaves(consoles: Consoles, sock_
         while consoles.writer is not None:
             await asyncio.sleep(0.01)
     (_, w2), second = await attached(sock_path)
-    assert second.mode == protocol.READ_WRITE
+    assert second.mode == wire.READ_WRITE
     w1.close()
     w2.close()
 
@@ -214,7 +215,7 @@ async def test_no_input_without_the_pipe(
     hub = Consoles(tmp_path / "console.log", lambda: -1)
     async with Server(controller, sock_path, consoles=hub):
         (_, writer), first = await attached(sock_path)
-        assert first.mode == protocol.READ_ONLY
+        assert first.mode == wire.READ_ONLY
         assert "takes no input" in first.message
         writer.close()
 
@@ -265,7 +266,7 @@ async def test_reader_that_does_not_keep_up_is_dropped_alone(
     deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     deaf.connect(str(sock_path))
-    deaf.sendall(protocol.encode_request(Request(method=protocol.CONSOLE, read_only=True)))
+    deaf.sendall(wire.encode_request(Request(method=wire.CONSOLE, read_only=True)))
     (reader, writer), _ = await attached(sock_path, read_only=True)
     await asyncio.sleep(0.1)
     assert len(consoles.sessions) == 2
@@ -317,7 +318,7 @@ async def test_reload_ends_with_where_to_resume(
             f.write(b"meanwhile\n")
         await server.resume()
         (again, w2), first = await attached(sock_path, since=last.resume, force=True)
-        assert first.mode == protocol.READ_WRITE
+        assert first.mode == wire.READ_WRITE
         assert (await next_line(again)).output == b"meanwhile\n"
         writer.close()
         w2.close()

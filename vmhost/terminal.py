@@ -27,9 +27,9 @@ from typing import Final
 
 import msgspec
 
-from . import protocol
+from .control import wire
+from .control.wire import READ_WRITE, ConsoleLine
 from .errors import ClientError, NotListeningError, ServerError, UsageError
-from .protocol import READ_WRITE, ConsoleLine
 
 DEFAULT_ESCAPE: Final = "^]"
 DEFAULT_LINES: Final = 100
@@ -75,8 +75,8 @@ def console(path: Path, label: str, args: argparse.Namespace) -> int:
     """Attach until detached or the console ends; the exit code."""
     escape = escape_byte(args.escape)
     interactive = os.isatty(0)
-    request = protocol.Request(
-        method=protocol.CONSOLE, lines=args.lines, read_only=args.read_only, force=args.force
+    request = wire.Request(
+        method=wire.CONSOLE, lines=args.lines, read_only=args.read_only, force=args.force
     )
     session = _Session(path, request, typing=interactive or not args.read_only)
     first = session.attach()
@@ -95,7 +95,7 @@ def console(path: Path, label: str, args: argparse.Namespace) -> int:
 class _Session:
     """One attachment, and the next after a reload."""
 
-    def __init__(self, path: Path, request: protocol.Request, *, typing: bool) -> None:
+    def __init__(self, path: Path, request: wire.Request, *, typing: bool) -> None:
         self.path = path
         self.request = request
         self.typing = typing
@@ -117,7 +117,7 @@ class _Session:
         try:
             self.sock.settimeout(5.0)
             self.sock.connect(str(self.path))
-            self.sock.sendall(protocol.encode_request(self.request))
+            self.sock.sendall(wire.encode_request(self.request))
             self.sock.settimeout(30.0)  # a reload may keep us in the backlog a moment
             while b"\n" not in self.buffer and (data := self.sock.recv(1 << 16)):
                 self.buffer += data
@@ -172,8 +172,8 @@ class _Session:
 
     def _reattach(self, resume: str) -> None:
         """After a reload: from where the output had reached, in the same mode."""
-        self.request = protocol.Request(
-            method=protocol.CONSOLE, since=resume, read_only=not self.writing, force=self.writing
+        self.request = wire.Request(
+            method=wire.CONSOLE, since=resume, read_only=not self.writing, force=self.writing
         )
         deadline = time.monotonic() + _REATTACH_SECONDS
         while True:

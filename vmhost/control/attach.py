@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, cast
 
-from .protocol import READ_ONLY, READ_WRITE, ConsoleLine, Request, encode_console
+from .wire import READ_ONLY, READ_WRITE, ConsoleLine, Request, encode_console
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from .. import __version__
 from ..errors import AlreadyRunningError
 from ..vm.state import VMState
 from . import wire
-from .connection import Connection, Limits
 from .attach import Consoles
+from .connection import Connection, Limits
 from .streams import LogSource, Streams, Watched
 from .wire import Request, Response
 

@@ -1,4 +1,4 @@
-"""The long-lived answers, ``watch``, ``logs`` and ``console``: a connection that keeps getting lines.
+"""The long-lived answers, ``watch``, ``logs`` and ``console``: lines that keep coming.
 
 A stream writes into a :class:`Sink` (the connection, as this module defines it:
 the control server and its connections import this module, never the other way).
