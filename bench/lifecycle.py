@@ -23,7 +23,7 @@ import msgspec
 from qemu.qmp import QMPClient
 
 from vmhost import config as vmconfig
-from vmhost import qemu
+from vmhost.vm import argv as qemu_argv
 
 from . import proc
 from .targets import (
@@ -296,7 +296,7 @@ def _stop_guest_alone(config_path: Path) -> float:
     config = vmconfig.load(config_path)
     qmp_parent, qmp_child = socket.socketpair()
     console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    argv = qemu.argv(
+    argv = qemu_argv.argv(
         config,
         name="bench-alone",
         qmp_fd=qmp_child.fileno(),

@@ -17,10 +17,10 @@ import pytest
 from guest.build import GuestImage, build, fresh_disk
 from qemu.qmp import QMPClient
 
-from vmhost import qemu
 from vmhost.config import Config
 from vmhost.control.connection import Limits
 from vmhost.control.server import Server
+from vmhost.vm import argv as qemu_argv
 from vmhost.vm.state import Change, Changes, VMState
 
 
@@ -150,7 +150,7 @@ def deaf_guest(guest: GuestImage) -> GuestImage:
 
 @dataclasses.dataclass
 class BareQemu:
-    """QEMU from ``qemu.argv()`` alone, no controller: for tests of the command line and the
+    """QEMU from ``qemu_argv.argv()`` alone, no controller: for tests of the command line and the
     agent client.  ``stderr`` and ``console`` are filled in once the context has ended."""
 
     proc: asyncio.subprocess.Process
@@ -167,13 +167,13 @@ async def bare_qemu(
     the guest agent, if any, behind ``agent_socket``."""
     qmp_parent, qmp_child = socket.socketpair()
     console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    args = qemu.argv(
+    args = qemu_argv.argv(
         config, name=name, qmp_fd=qmp_child.fileno(), console_fd=console_write, kvm=False
     )
     proc = await asyncio.create_subprocess_exec(
         *args,
         pass_fds=[qmp_child.fileno(), console_write],
-        env=qemu.environment(os.environ, agent_socket=agent_socket),
+        env=qemu_argv.environment(os.environ, agent_socket=agent_socket),
         stderr=subprocess.PIPE,
     )
     qmp_child.close()

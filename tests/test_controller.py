@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -19,9 +20,11 @@ from conftest import VM, free_port
 from guest.build import GuestImage
 
 from vmhost import config as vmconfig
-from vmhost.controller import _LAST_STEPS, PROBE_INTERVAL, PROBE_TIMEOUT, Ending, QemuController
 from vmhost.errors import ControllerError, VMCrashedError
+from vmhost.vm.controller import PROBE_INTERVAL, PROBE_TIMEOUT, QemuController
+from vmhost.vm.process import ExitCause
 from vmhost.vm.state import VMState
+from vmhost.vm.stopchain import LAST_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +96,7 @@ async def test_acpi_stop_keeps_data(booted: tuple[VM, QemuController]) -> None:
     start = time.monotonic()
     await controller.stop(10)
     assert time.monotonic() - start < 5
-    assert controller.state is VMState.STOPPED and controller.ending is Ending.REQUESTED
+    assert controller.state is VMState.STOPPED and controller.ending is ExitCause.REQUESTED
     await controller.wait()
     assert vm.marker() == vm.token and vm.clean()
 
@@ -109,7 +112,7 @@ async def test_deaf_guest_escalates_within_deadline(
         start = time.monotonic()
         await controller.stop(2)
         elapsed = time.monotonic() - start
-        assert 2 <= elapsed < 2 + 2 * _LAST_STEPS + 2  # the deadline, quit, SIGTERM, slack
+        assert 2 <= elapsed < 2 + 2 * LAST_STEPS + 2  # the deadline, quit, SIGTERM, slack
         assert controller.state is VMState.STOPPED
     finally:
         await controller.close()
@@ -125,17 +128,17 @@ async def test_second_stop_joins_the_first(
     try:
         await vm.wait_for_console("TINYGUEST READY")
         first = controller.stop(30)
-        await until(lambda: controller._step == "ACPI power-down", "the first stop pressed ACPI")
+        await until(lambda: controller.step == "ACPI power-down", "the first stop pressed ACPI")
         left = controller.stop_left()
         second = controller.stop(2)
         assert controller.stop_timeout == 30
         assert 25 < controller.stop_left() <= left, "the second stop moved the deadline"
-        assert controller._step == "ACPI power-down" and controller.state is VMState.STOPPING
+        assert controller.step == "ACPI power-down" and controller.state is VMState.STOPPING
         start = time.monotonic()
         await controller.force_stop()
         assert time.monotonic() - start < 5
         await asyncio.gather(first, second)
-        assert controller.ending is Ending.REQUESTED
+        assert controller.ending is ExitCause.REQUESTED
         assert caplog.text.count("stop: ACPI power-down (") == 1
     finally:
         await controller.close()
@@ -173,7 +176,7 @@ async def test_guest_poweroff_is_clean(make_vm: Callable[..., VM]) -> None:
             await controller.wait()
     finally:
         await controller.close()
-    assert controller.ending is Ending.POWEROFF and controller.state is VMState.STOPPED
+    assert controller.ending is ExitCause.POWEROFF and controller.state is VMState.STOPPED
     assert vm.marker() == vm.token
 
 
@@ -194,7 +197,7 @@ async def test_stop_of_a_paused_vm_resumes_it_first(booted: tuple[VM, QemuContro
     await until(lambda: controller.state is VMState.PAUSED, "paused after QMP stop")
     async with asyncio.timeout(15):  # the deadline is 30 s
         await controller.stop(30)
-    assert controller.ending is Ending.REQUESTED
+    assert controller.ending is ExitCause.REQUESTED
     assert vm.marker() == vm.token and vm.clean()
 
 
@@ -219,7 +222,7 @@ async def test_stop_of_a_vm_paused_on_a_disk_error_quits_at_once(
             await controller.stop(30)
     finally:
         await controller.close()
-    assert controller.ending is Ending.REQUESTED
+    assert controller.ending is ExitCause.REQUESTED
     assert "paused on a disk I/O error" in caplog.text
     assert "stop: QMP quit (paused on a disk I/O error" in caplog.text
     assert "ACPI power-down" not in caplog.text
@@ -251,7 +254,7 @@ async def test_killed_while_starting_is_a_kill_not_a_start_failure(
             await start
     finally:
         await controller.close()
-    assert controller.ending is Ending.KILLED and controller.state is VMState.CRASHED
+    assert controller.ending is ExitCause.KILLED and controller.state is VMState.CRASHED
 
 
 async def test_qmp_closing_during_a_stop_is_not_a_hang(
@@ -265,7 +268,7 @@ async def test_qmp_closing_during_a_stop_is_not_a_hang(
     try:
         await vm.wait_for_console("TINYGUEST READY")
         gone = controller.stop(3)
-        await until(lambda: controller._step == "ACPI power-down", "ACPI pressed")
+        await until(lambda: controller.step == "ACPI power-down", "ACPI pressed")
         await controller._qmp.disconnect()
         async with asyncio.timeout(30):
             await gone
@@ -297,11 +300,13 @@ async def test_stop_through_the_guest_agent(make_vm: Callable[..., VM]) -> None:
     vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
     controller = await started(vm)
     try:
-        await until(lambda: controller._agent is not None, "the guest agent provisioned")
+        await until(
+            lambda: controller._connected_agent() is not None, "the guest agent provisioned"
+        )
         start = time.monotonic()
         await controller.stop(10)
         assert time.monotonic() - start < 5
-        assert controller.ending is Ending.REQUESTED
+        assert controller.ending is ExitCause.REQUESTED
     finally:
         await controller.close()
     assert vm.marker() == vm.token and vm.clean()
@@ -314,14 +319,17 @@ async def test_guest_reboot_is_provisioned_again(make_vm: Callable[..., VM]) -> 
     vm = make_vm(toml=f'[agent]\nport = {free_port()}\nsecrets = {{ token = "s3cret" }}')
     controller = await started(vm)
     try:
-        await until(lambda: controller._agent is not None, "the guest agent provisioned")
-        first = controller._agent
+        await until(
+            lambda: controller._connected_agent() is not None, "the guest agent provisioned"
+        )
+        first = controller._connected_agent()
         await controller._qmp.execute("system_reset")
         await until(
-            lambda: controller._agent not in (None, first), "provisioned again after the reset"
+            lambda: controller._connected_agent() not in (None, first),
+            "provisioned again after the reset",
         )
         await controller.stop(30)
-        assert controller.ending is Ending.REQUESTED
+        assert controller.ending is ExitCause.REQUESTED
     finally:
         await controller.close()
     assert vm.marker("/agent/secrets/token") == "s3cret"
@@ -342,7 +350,7 @@ async def test_qemu_that_cannot_run_leaks_no_descriptor(
     await controller.close()
     # `raised` keeps start()'s frame alive: what it did not close is still open (not collected).
     assert set(os.listdir("/proc/self/fd")) <= before, raised.traceback
-    assert controller.ending is Ending.START_FAILED
+    assert controller.ending is ExitCause.START_FAILED
 
 
 async def test_stop_is_visible_at_once(booted: tuple[VM, QemuController]) -> None:
@@ -367,3 +375,94 @@ async def test_stop_timeout_is_clamped(booted: tuple[VM, QemuController]) -> Non
     assert 598 < controller.stop_left() <= 602
     await gone
     assert controller.stop_left() == 0
+
+
+def _is_zombie(pid: int) -> bool:
+    """QEMU has exited and nobody reaped it yet."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(") ")[2].startswith("Z")
+
+
+async def test_poweroff_seen_in_one_loop_pass_with_the_exit_is_no_crash(
+    make_vm: Callable[..., VM],
+) -> None:
+    """The loop held while the guest powers off (as a SIGSTOP of vmhost does): the pidfd and
+    QMP's last bytes wake it in one pass, and the ending waits for QMP's SHUTDOWN event."""
+    vm = make_vm(cmdline="guest.autopoweroff=1")
+    controller = await started(vm)
+    try:
+        await vm.wait_for_console("TINYGUEST READY")
+        deadline = time.monotonic() + 60
+        while not _is_zombie(controller.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # noqa: ASYNC251 - holds the loop, as a stopped vmhost would
+        assert _is_zombie(controller.pid), "the guest did not power off"
+        async with asyncio.timeout(30):
+            await controller.wait()
+    finally:
+        await controller.close()
+    assert controller.ending is ExitCause.POWEROFF and controller.state is VMState.STOPPED
+
+
+async def test_qemu_killed_by_a_realtime_signal_is_a_crash(
+    booted: tuple[VM, QemuController],
+) -> None:
+    """Any signal number is reported (real-time ones have no name) and ends as crashed."""
+    _, controller = booted
+    os.kill(controller.pid, signal.SIGRTMIN + 1)
+    with pytest.raises(VMCrashedError, match=f"by signal {signal.SIGRTMIN + 1}"):
+        async with asyncio.timeout(30):
+            await controller.wait()
+    assert controller.state is VMState.CRASHED and controller.ending is ExitCause.KILLED
+
+
+async def test_an_error_telling_how_qemu_ended_still_ends_the_vm(
+    booted: tuple[VM, QemuController], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No exception on the exit path leaves the state undecided: the VM ends as crashed."""
+    _, controller = booted
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr("vmhost.vm.controller.classify", broken)
+    os.kill(controller.pid, signal.SIGKILL)
+    with pytest.raises(VMCrashedError, match="exit code -9"):
+        async with asyncio.timeout(30):
+            await controller.wait()
+    assert controller.state is VMState.CRASHED
+
+
+async def test_a_start_failure_that_is_no_oserror_fails_at_once_and_leaks_nothing(
+    make_vm: Callable[..., VM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slirp guard missing (raised while QEMU's environment is built): a start error
+    with the reason, the VM in error, and close() returns with no descriptor left open."""
+    vm = make_vm()
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if "_slirp_guard" in name else find(name, *a),
+    )
+    before = set(os.listdir("/proc/self/fd"))
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    with pytest.raises(ControllerError, match=r"slirp guard .* is missing") as raised:
+        async with asyncio.timeout(10):
+            await controller.start()
+    async with asyncio.timeout(10):
+        await controller.close()
+    assert set(os.listdir("/proc/self/fd")) <= before, raised.traceback
+    assert controller.ending is ExitCause.START_FAILED and controller.state is VMState.ERROR
+
+
+async def test_stop_without_a_timeout_takes_the_configs(make_vm: Callable[..., VM]) -> None:
+    """stop() naming no timeout (the Go client's Stop(0), SIGTERM) gets [stop] timeout_seconds."""
+    vm = make_vm(timeout=7)
+    controller = await started(vm)
+    try:
+        gone = controller.stop()
+        assert controller.stop_timeout == 7
+        await gone
+    finally:
+        await controller.close()
+    assert controller.ending is ExitCause.REQUESTED

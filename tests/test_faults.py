@@ -27,7 +27,6 @@ from conftest import VM
 from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
 from guest.build import GuestImage
 
-from vmhost import controller
 from vmhost.client import Client
 from vmhost.service import (
     EXIT_ACTIVATION,
@@ -39,13 +38,14 @@ from vmhost.service import (
     EXIT_USAGE,
     EXIT_VM_CRASHED,
 )
+from vmhost.vm import controller, stopchain
 
 pytestmark = pytest.mark.slow
 
 MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
 
-CHAIN_TAIL: Final = 2 * controller._LAST_STEPS
+CHAIN_TAIL: Final = 2 * stopchain.LAST_STEPS
 """quit and SIGTERM each get this long after the stop deadline, by design."""
 MARGIN: Final = 1.5
 """Scheduling slack on a shared 2-core machine running other QEMUs."""

@@ -13,10 +13,10 @@ from conftest import VM, bare_qemu, free_port
 from qemu.qmp import QMPClient
 
 from vmhost import config as vmconfig
-from vmhost import guest
 from vmhost.config import AgentConfig, ShareConfig
 from vmhost.errors import AgentError
-from vmhost.guest import Agent, Health, Lifecycle
+from vmhost.vm import agent as agent_client
+from vmhost.vm.agent import Agent, Health, Lifecycle
 
 HOST = "127.0.0.1"
 
@@ -187,7 +187,7 @@ async def test_cancellation_propagates_and_closes(agent: Agent, fake: FakeAgent)
         (b"not json\n", "ping: JSON is malformed"),
         (line("health", {"state": "ready"}), "ping: unexpected reply 'health'"),
         (line("ack", {"reply_to": "mount", "ok": True}), "ping: got the ack of 'mount'"),
-        (line("pong", {"x": "a" * guest.MAX_LINE}), "ping: .*limit"),
+        (line("pong", {"x": "a" * agent_client.MAX_LINE}), "ping: .*limit"),
     ],
 )
 async def test_bad_replies_raise(reply: bytes, message: str) -> None:
@@ -267,8 +267,8 @@ async def test_provision_runs_the_boot_sequence(fake: FakeAgent, tmp_path: Path)
     )
     loop = asyncio.get_running_loop()
     start = loop.time()
-    agent = await guest.provision(config)
-    assert 2 * guest.READY_POLL <= loop.time() - start < 1.0
+    agent = await agent_client.provision(config)
+    assert 2 * agent_client.READY_POLL <= loop.time() - start < 1.0
     agent.close()
     assert fake.types == [
         "ping",
@@ -295,7 +295,7 @@ async def test_provision_runs_the_boot_sequence(fake: FakeAgent, tmp_path: Path)
 
 async def test_provision_skips_what_is_not_configured(fake: FakeAgent) -> None:
     """Without config file, key, secrets or shares only the connect and readiness steps run."""
-    agent = await guest.provision(AgentConfig(port=fake.port))
+    agent = await agent_client.provision(AgentConfig(port=fake.port))
     agent.close()
     assert fake.types == ["ping", "get_health"]
 
@@ -304,7 +304,7 @@ async def test_provision_ready_timeout(fake: FakeAgent) -> None:
     """A guest that never becomes ready fails provisioning and the connection is closed."""
     fake.health = ["booting"]
     with pytest.raises(AgentError, match=r"not ready in time \(agent state 'booting'\)"):
-        await guest.provision(AgentConfig(port=fake.port), ready_timeout=0.5)
+        await agent_client.provision(AgentConfig(port=fake.port), ready_timeout=0.5)
     await asyncio.wait_for(fake.disconnected.wait(), 1)
 
 
@@ -313,7 +313,7 @@ async def test_provision_refusal_closes(fake: FakeAgent) -> None:
     fake.refuse["inject_ssh_key"] = "bad user"
     config = AgentConfig(port=fake.port, ssh_public_key="k", secrets={"a": "1"})
     with pytest.raises(AgentError, match="inject_ssh_key: refused by the agent: bad user"):
-        await guest.provision(config)
+        await agent_client.provision(config)
     await asyncio.wait_for(fake.disconnected.wait(), 1)
     assert "inject_secret" not in fake.types
 
@@ -322,14 +322,14 @@ async def test_provision_unreadable_config_file(fake: FakeAgent, tmp_path: Path)
     """A config file that vanished since load is reported before any connection is made."""
     config = AgentConfig(port=fake.port, config_file=str(tmp_path / "gone.toml"))
     with pytest.raises(AgentError, match=r"agent\.config_file: cannot read"):
-        await guest.provision(config)
+        await agent_client.provision(config)
     assert fake.accepted == []
 
 
 async def test_provision_without_port() -> None:
     """No agent port configured means there is nothing to provision."""
     with pytest.raises(AgentError, match="no agent port"):
-        await guest.provision(AgentConfig())
+        await agent_client.provision(AgentConfig())
 
 
 @pytest.mark.slow
@@ -353,7 +353,7 @@ shares = [{{ path = "{tmp_path / "share"}", guest_path = "/srv", read_only = tru
     loop = asyncio.get_running_loop()
     async with bare_qemu(config, "agent-test", agent_socket=tmp_path / "agent.sock") as qemu_vm:
         start = loop.time()
-        agent = await guest.provision(
+        agent = await agent_client.provision(
             config.agent,
             address=str(tmp_path / "agent.sock"),
             connect_timeout=60,

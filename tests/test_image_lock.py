@@ -19,7 +19,7 @@ import pytest
 from conftest import VM, bare_qemu
 
 from vmhost import config as vmconfig
-from vmhost import qemu
+from vmhost.vm import argv as qemu
 
 
 def test_argv_leaves_image_locking_on(make_vm: Callable[..., VM]) -> None:

@@ -22,9 +22,10 @@ import pytest
 from conftest import VM, FakeController
 from fixtures import Vmhost, vmhost_factory, wait_for
 
-from vmhost import controller, inventory
+from vmhost import inventory
 from vmhost.cli import vmhostctl_main
 from vmhost.control.server import Server
+from vmhost.vm import controller
 
 
 def _socket_file(run_dir: Path, name: str, *, listening: bool) -> socket.socket:

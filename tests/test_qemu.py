@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
+import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import pytest
-from conftest import bare_qemu, free_port
+from conftest import VM, bare_qemu, free_port
+from fixtures import ENV
 from qemu.qmp import QMPClient
 
-from vmhost import qemu
+from vmhost import config as vmconfig
 from vmhost.config import (
     AgentConfig,
     BootConfig,
@@ -25,6 +29,9 @@ from vmhost.config import (
     ShareConfig,
 )
 from vmhost.errors import ControllerError
+from vmhost.vm import argv as qemu_argv
+from vmhost.vm.controller import QemuController
+from vmhost.vm.state import VMState
 
 DISK_ONLY = Config(disks=[DiskConfig(path="/vm/disk.img")])
 
@@ -36,7 +43,7 @@ def option(args: list[str], flag: str) -> list[str]:
 
 def test_argv_minimal_tcg() -> None:
     """A disk-only config gives exactly the expected command line, sandboxed, without -no-reboot."""
-    args = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    args = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
     assert args == [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -77,12 +84,14 @@ def test_argv_minimal_tcg() -> None:
 def test_argv_console_input_joins_an_fd_set() -> None:
     """The console's input pipe is passed as an fd set of its own; the serial chardev keeps
     writing the output pipe and takes the input through ``chardev-change`` once QMP is up."""
-    plain = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
-    args = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, console_input_fd=7, kvm=False)
+    plain = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    args = qemu_argv.argv(
+        DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, console_input_fd=7, kvm=False
+    )
     assert option(args, "-add-fd") == ["fd=7,set=7", "fd=6,set=6"]
     at = args.index("fd=7,set=7")
     assert args[: at - 1] + args[at + 1 :] == plain
-    assert qemu.console_with_input(6, 7) == {
+    assert qemu_argv.console_with_input(6, 7) == {
         "id": "serial0",
         "backend": {
             "type": "file",
@@ -93,8 +102,8 @@ def test_argv_console_input_joins_an_fd_set() -> None:
 
 def test_argv_kvm_uses_host_cpu() -> None:
     """With KVM the machine and CPU model change, nothing else."""
-    tcg = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
-    kvm = qemu.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=True)
+    tcg = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    kvm = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=True)
     assert option(kvm, "-machine") == ["q35,accel=kvm"] and option(kvm, "-cpu") == ["host"]
     assert [a for a in kvm if a not in ("q35,accel=kvm", "host")] == [
         a for a in tcg if a not in ("q35,accel=tcg", "max")
@@ -123,7 +132,7 @@ def test_argv_full_config() -> None:
         ),
         qemu=QemuConfig(binary="/opt/qemu", sandbox=False, extra_args=["-S", "-d", "guest_errors"]),
     )
-    args = qemu.argv(config, name="web", qmp_fd=3, console_fd=4, kvm=False)
+    args = qemu_argv.argv(config, name="web", qmp_fd=3, console_fd=4, kvm=False)
     assert args[0] == "/opt/qemu"
     assert (option(args, "-m"), option(args, "-smp")) == (["512"], ["2"])
     assert option(args, "-kernel") == ["/vm/vmlinuz"]
@@ -154,7 +163,7 @@ def test_argv_full_config() -> None:
 def test_argv_kernel_without_initrd() -> None:
     """An empty initrd means no -initrd at all, not an empty file name."""
     config = Config(boot=BootConfig(kernel="/vm/vmlinuz"))
-    args = qemu.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
+    args = qemu_argv.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
     assert option(args, "-kernel") == ["/vm/vmlinuz"] and "-initrd" not in args
     assert option(args, "-append") == ["console=ttyS0"] and "-drive" not in args
 
@@ -162,7 +171,7 @@ def test_argv_kernel_without_initrd() -> None:
 def test_argv_agent_port_opens_no_tcp_forward() -> None:
     """ssh_port = 0 forwards nothing to port 22; the agent port forwards nothing either."""
     config = Config(disks=DISK_ONLY.disks, agent=AgentConfig(port=5000))
-    args = qemu.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
+    args = qemu_argv.argv(config, name="demo", qmp_fd=3, console_fd=4, kvm=False)
     assert option(args, "-netdev") == ["user,id=net0"]
 
 
@@ -177,15 +186,15 @@ def fake_host(tmp_path: Path) -> tuple[Path, Path]:
 def test_kvm_usable_needs_device_and_hardware_module(fake_host: tuple[Path, Path]) -> None:
     """An openable /dev/kvm counts only with kvm_intel or kvm_amd loaded (kvm_pvm is not enough)."""
     dev, modules = fake_host
-    assert not qemu.kvm_usable(dev, modules)  # no device
+    assert not qemu_argv.kvm_usable(dev, modules)  # no device
     dev.write_bytes(b"")
     (modules / "kvm_pvm").mkdir()
-    assert not qemu.kvm_usable(dev, modules)
+    assert not qemu_argv.kvm_usable(dev, modules)
     (modules / "kvm_amd").mkdir()
-    assert qemu.kvm_usable(dev, modules)
+    assert qemu_argv.kvm_usable(dev, modules)
     dev.unlink()
     dev.mkdir()  # cannot be opened read-write
-    assert not qemu.kvm_usable(dev, modules)
+    assert not qemu_argv.kvm_usable(dev, modules)
 
 
 def test_kvm_usable_on_this_host_matches_modules() -> None:
@@ -193,7 +202,7 @@ def test_kvm_usable_on_this_host_matches_modules() -> None:
     hardware = any(Path("/sys/module", m).exists() for m in ("kvm_intel", "kvm_amd"))
     if hardware:
         pytest.skip("hardware KVM module loaded here")
-    assert not qemu.kvm_usable()
+    assert not qemu_argv.kvm_usable()
 
 
 @pytest.mark.parametrize(
@@ -212,9 +221,9 @@ def test_accel_is_kvm(
     expected: bool,
 ) -> None:
     """An explicit accel is obeyed; auto asks the probe."""
-    monkeypatch.setattr(qemu, "kvm_usable", lambda: usable)
+    monkeypatch.setattr(qemu_argv, "kvm_usable", lambda: usable)
     config = Config(machine=MachineConfig(accel=accel))
-    assert qemu.accel_is_kvm(config) is expected
+    assert qemu_argv.accel_is_kvm(config) is expected
 
 
 def test_environment_is_an_allowlist() -> None:
@@ -244,9 +253,11 @@ def test_environment_is_an_allowlist() -> None:
         "LC_ALL": "C",
         "TZ": "UTC",
     }
-    guard = {"LD_PRELOAD": qemu.slirp_guard()}
-    assert qemu.environment(parent) == {**kept, **guard}
-    assert qemu.environment(parent, host_loopback=True, agent_socket=Path("/s/agent.sock")) == {
+    guard = {"LD_PRELOAD": qemu_argv.slirp_guard()}
+    assert qemu_argv.environment(parent) == {**kept, **guard}
+    assert qemu_argv.environment(
+        parent, host_loopback=True, agent_socket=Path("/s/agent.sock")
+    ) == {
         **kept,
         **guard,
         "VMHOST_SLIRP_HOST_LOOPBACK": "1",
@@ -256,24 +267,132 @@ def test_environment_is_an_allowlist() -> None:
 
 def test_environment_always_has_path() -> None:
     """systemd may start us without PATH; QEMU still gets a sane one."""
-    assert qemu.environment({}) == {"PATH": qemu.DEFAULT_PATH, "LD_PRELOAD": qemu.slirp_guard()}
+    assert qemu_argv.environment({}) == {
+        "PATH": qemu_argv.DEFAULT_PATH,
+        "LD_PRELOAD": qemu_argv.slirp_guard(),
+    }
 
 
 def test_slirp_guard_is_built_and_wraps_slirp_new() -> None:
     """The guard QEMU preloads exists and defines slirp_new (nm: a text symbol)."""
     symbols = subprocess.run(
-        ["nm", "-D", "--defined-only", qemu.slirp_guard()], capture_output=True, text=True
+        ["nm", "-D", "--defined-only", qemu_argv.slirp_guard()], capture_output=True, text=True
     ).stdout
     assert re.search(r" T slirp_new$", symbols, re.M), symbols
 
 
-def test_missing_slirp_guard_refuses_rather_than_runs_open(
-    monkeypatch: pytest.MonkeyPatch,
+_NO_GUARD: Final = """
+import importlib.util, sys
+find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if "_slirp_guard" in name else find(name, *a)
+from vmhost.cli import vmhost_main
+vmhost_main(sys.argv[1:])
+"""
+
+
+def serve(vm: VM, *python: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``vmhost serve`` for ``vm`` as the service runs it, to its exit."""
+    return subprocess.run(
+        [sys.executable, *(python or ("-m", "vmhost")), "serve", "t", *vm.args()],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_missing_slirp_guard_refuses_rather_than_runs_open(make_vm: Callable[..., VM]) -> None:
+    """The service's own path: without the guard QEMU would run with the loopback open, so
+    vmhost exits 4 at once, saying why (it used to hang until TimeoutStartSec)."""
+    start = time.monotonic()
+    done = serve(make_vm(), "-c", _NO_GUARD, timeout=30)
+    assert done.returncode == 4, done.stderr
+    assert re.search(r"slirp guard .* is missing", done.stderr), done.stderr
+    assert time.monotonic() - start < 20
+
+
+def _wrapper(tmp_path: Path, body: str) -> Path:
+    """A ``qemu.binary`` script that runs the real QEMU after ``body``."""
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    script = tmp_path / "qemu-wrapper"
+    script.write_text(f'#!/bin/sh\n{body}\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.slow
+def test_qemu_without_the_guard_loaded_is_refused(
+    make_vm: Callable[..., VM], tmp_path: Path
 ) -> None:
-    """Without the guard QEMU would run with the loopback open: refused."""
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ControllerError, match=r"slirp guard .* is missing"):
-        qemu.environment({}, host_loopback=True)
+    """A wrapper that drops LD_PRELOAD runs QEMU without the guard: vmhost checks QEMU
+    itself, held before the guest's first instruction, and exits 4 with the reason."""
+    binary = _wrapper(tmp_path, "unset LD_PRELOAD")
+    done = serve(make_vm(toml=f'[qemu]\nbinary = "{binary}"'))
+    assert done.returncode == 4, done.stderr
+    assert "the slirp guard is not loaded in QEMU" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+async def test_qemu_without_the_guard_runs_when_the_loopback_is_allowed(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """With ``host_loopback = true`` there is nothing to defend: the VM runs, with a warning."""
+    binary = _wrapper(tmp_path, "unset LD_PRELOAD")
+    vm = make_vm(toml=f'[qemu]\nbinary = "{binary}"')
+    vm.config.write_text(
+        vm.config.read_text().replace("[network]", "[network]\nhost_loopback = true")
+    )
+    controller = QemuController(vmconfig.load(vm.config), name="t", state_dir=vm.dir)
+    try:
+        await controller.start()
+        assert controller.state is VMState.RUNNING
+    finally:
+        await controller.close()
+
+
+@pytest.mark.slow
+async def test_a_slow_qemu_greeting_is_waited_for_within_the_start_budget(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """QEMU greets on QMP only once its machine is built (-mem-prealloc of a big guest):
+    past 5 s is fine within the start budget, and the service is told while it waits."""
+    vm = make_vm(toml=f'[qemu]\nbinary = "{_wrapper(tmp_path, "sleep 7")}"')
+    waits: list[float] = []
+    controller = QemuController(
+        vmconfig.load(vm.config),
+        name="t",
+        state_dir=vm.dir,
+        start_timeout=60,
+        on_start_wait=waits.append,
+    )
+    try:
+        await controller.start()
+        assert controller.state is VMState.RUNNING
+    finally:
+        await controller.close()
+    assert len(waits) >= 2 and all(0 < left < 60 for left in waits), waits
+
+
+@pytest.mark.slow
+async def test_a_qemu_greeting_past_the_start_budget_fails_the_start(
+    make_vm: Callable[..., VM], tmp_path: Path
+) -> None:
+    """The start budget bounds the wait: past it the start fails, QEMU is gone."""
+    vm = make_vm(toml=f'[qemu]\nbinary = "{_wrapper(tmp_path, "sleep 30")}"')
+    controller = QemuController(
+        vmconfig.load(vm.config), name="t", state_dir=vm.dir, start_timeout=2
+    )
+    start = time.monotonic()
+    try:
+        with pytest.raises(ControllerError, match="QEMU failed to start"):
+            await controller.start()
+    finally:
+        await controller.close()
+    assert time.monotonic() - start < 10
+    assert controller.state is VMState.ERROR
 
 
 @pytest.fixture

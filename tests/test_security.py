@@ -27,8 +27,8 @@ from conftest import VM, prerequisite_missing
 from fixtures import ENV, Vmhost, vmhost_factory, wait_for
 from guest.build import GuestImage
 
-from vmhost import systemd
 from vmhost.client import Client
+from vmhost.vm import console as console_journal
 
 OUTSIDE = "192.0.2.1"
 KEY = "ssh-ed25519 AAAAC3NzaTEST vmhost@test"
@@ -330,9 +330,9 @@ def test_console_budget_sends_a_bounded_share_and_counts_the_rest(
     """Ten seconds' worth at once, then the rate; whatever is over is counted and reported
     by vmhost, at most once a second, and a partial line waits for its end."""
     sent: list[str] = []
-    monkeypatch.setattr("vmhost.systemd.journal.send", lambda message, **_: sent.append(message))
+    monkeypatch.setattr("vmhost.vm.console.journal.send", lambda message, **_: sent.append(message))
     now = [100.0]
-    console = systemd.ConsoleJournal("vm", 5, clock=lambda: now[0])
+    console = console_journal.ConsoleJournal("vm", 5, clock=lambda: now[0])
     console(b"".join(b"line %d\r\n" % i for i in range(80)) + b"part")
     assert sent == [f"line {i}" for i in range(50)]  # the burst: 10 s at 5 lines/s
     now[0] += 0.5

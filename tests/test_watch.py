@@ -20,12 +20,12 @@ from fixtures import ENV, Vmhost, vmhost_factory, wait_for
 from guest.build import GuestImage
 from test_server import STATUS, ask
 
-from vmhost import controller
 from vmhost.cli import vmhostctl_main
 from vmhost.client import AsyncClient, Client
 from vmhost.control.server import Server
 from vmhost.control.wire import Response
 from vmhost.errors import ClientError, TooManyWatchersError
+from vmhost.vm import controller
 from vmhost.vm.state import Change, Changes, VMState, Watcher
 
 MARGIN: Final = 3.0

@@ -115,6 +115,9 @@ class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     binary: str = "qemu-system-x86_64"
     sandbox: bool = True
     extra_args: list[str] = []
+    start_timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 90
+    """Until QEMU's QMP greeting, which comes once the machine is built: `-mem-prealloc`
+    or a large hugepage guest takes long.  systemd is asked for the time (EXTEND_TIMEOUT_USEC)."""
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

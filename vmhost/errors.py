@@ -43,6 +43,10 @@ class ControllerError(VmhostError):
     """The VM could not be started or controlled."""
 
 
+class TransitionError(ControllerError):
+    """The VM was asked to move between two states it cannot move between (a bug)."""
+
+
 class VMCrashedError(ControllerError):
     """QEMU ended without a requested stop or a guest power-off (crash, outside kill)."""
 

@@ -56,7 +56,7 @@ class Notifier:
         self._send("WATCHDOG=1")
 
     def extend_timeout(self, seconds: float) -> None:
-        """Ask for ``seconds`` more from now, for a stop chain longer than TimeoutStopSec."""
+        """Ask for ``seconds`` more from now: a slow start, a stop longer than the unit allows."""
         self._send(f"EXTEND_TIMEOUT_USEC={max(1, round(seconds * 1_000_000))}")
 
     def mainpid(self, pid: int) -> None:

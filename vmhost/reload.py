@@ -34,10 +34,10 @@ import msgspec
 from . import __version__, journal, notify
 from .config import Config
 from .control.server import Server
-from .controller import Handover as VMHandover
-from .controller import QemuController
 from .errors import ReloadRefusedError
 from .pidfile import PidFile
+from .vm.controller import QemuController
+from .vm.handover import RunningQemu as VMHandover
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from . import activation, journal, notify, paths, reload, systemd
+from . import activation, journal, notify, paths, reload
 from . import config as vmconfig
 from .config import Config
 from .control.attach import Consoles
 from .control.server import Server, bind
-from .controller import QemuController
 from .errors import (
     ActivationError,
     AlreadyRunningError,
@@ -36,6 +35,8 @@ from .errors import (
     VmhostError,
 )
 from .pidfile import PidFile
+from .vm.console import console_logger
+from .vm.controller import QemuController
 from .vm.state import VMState
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ EXIT_INTERRUPTED: Final = 130
 EXIT_CONFIG: Final = 78
 """EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
 
-_STOP_MARGIN: Final = 5.0
+_EXTEND_MARGIN: Final = 5.0
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
 
@@ -141,15 +142,16 @@ async def _run(
 ) -> None:
     config = origin.config
     state_dir = _state_dir(options, name)
-    consoles = Consoles(state_dir / "console.log", lambda: controller.console_input)
+    consoles = Consoles(state_dir / "console.log", lambda: controller.console_input.fd)
     controller = QemuController(
         config,
         name=name,
         state_dir=state_dir,
         on_console=_tee(
-            systemd.console_logger(name, config.console.journal_lines_per_second),
-            consoles.publish,
+            console_logger(name, config.console.journal_lines_per_second), consoles.publish
         ),
+        start_timeout=config.qemu.start_timeout_seconds,
+        on_start_wait=lambda left: notifier.extend_timeout(left + _EXTEND_MARGIN),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
     server = Server(controller, listen, logs=functools.partial(_logs, name), consoles=consoles)
@@ -332,7 +334,7 @@ def _on_state(
 
 def _extend_stop_timeout(controller: QemuController, notifier: notify.Notifier) -> None:
     """Ask systemd for what the running stop chain may still take, whoever started it."""
-    notifier.extend_timeout(controller.stop_left() + _STOP_MARGIN)
+    notifier.extend_timeout(controller.stop_left() + _EXTEND_MARGIN)
 
 
 async def _heartbeat(

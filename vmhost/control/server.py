@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class Controller(Watched, Protocol):
-    """What the server needs from the VM; :class:`vmhost.controller.QemuController` is one."""
+    """What the server needs from the VM; :class:`vmhost.vm.controller.QemuController` is one."""
 
     @property
     def state(self) -> VMState: ...

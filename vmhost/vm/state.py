@@ -1,14 +1,17 @@
-"""The VM's state and the feed of its changes, which watchers follow in order."""
+"""The VM's state, the one place it changes (:class:`RunState`), and the feed of its
+changes, which watchers follow in order."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
-from ..errors import TooManyWatchersError
+from ..errors import TooManyWatchersError, TransitionError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,76 @@ _WIRE: Final = {
     VMState.CRASHED: "error",
     VMState.ERROR: "error",
 }
+
+
+_NEXT: Final = {
+    VMState.STARTING: frozenset(
+        {VMState.RUNNING, VMState.PAUSED, VMState.STOPPING, VMState.CRASHED, VMState.ERROR}
+    ),
+    **{
+        live: frozenset(
+            {
+                VMState.RUNNING,
+                VMState.PAUSED,
+                VMState.UNRESPONSIVE,
+                VMState.STOPPING,
+                VMState.STOPPED,
+                VMState.CRASHED,
+            }
+        )
+        - {live}
+        for live in (VMState.RUNNING, VMState.PAUSED, VMState.UNRESPONSIVE)
+    },
+    # Once a stop is asked, only its end; CRASHED if deciding how QEMU ended itself failed.
+    VMState.STOPPING: frozenset({VMState.STOPPED, VMState.CRASHED}),
+    VMState.STOPPED: frozenset(),
+    VMState.CRASHED: frozenset(),
+    VMState.ERROR: frozenset(),
+}
+"""Where each state may go: everything else is refused."""
+
+
+class RunState:
+    """Where the VM is in its life, changed only through :meth:`move` (after qemu.qmp's
+    ``Runstate``): an impossible move raises, so no mix of flags can say two things."""
+
+    def __init__(self, initial: VMState = VMState.STARTING) -> None:
+        self._state = initial
+        self._changed = asyncio.Event()
+        self._ended = asyncio.Event()
+        if initial.ended:
+            self._ended.set()
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    def can_move(self, to: VMState) -> bool:
+        return to in _NEXT[self._state]
+
+    def move(self, to: VMState) -> None:
+        if not self.can_move(to):
+            raise TransitionError(f"the VM cannot go from {self._state.value} to {to.value}")
+        self._state = to
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if to.ended:
+            self._ended.set()
+
+    async def changed(self) -> VMState:
+        """The state after the next move."""
+        await self._changed.wait()
+        return self._state
+
+    async def end(self, within: float | None = None) -> None:
+        """Until the VM has ended (the ending decided, not only QEMU gone), or ``within``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._ended.wait()
 
 
 class Change(NamedTuple):

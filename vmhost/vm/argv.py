@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from .config import Config
-from .errors import ControllerError
+from ..config import Config
+from ..errors import ControllerError
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
@@ -33,6 +33,7 @@ def argv(
     qmp_fd: int,
     console_fd: int,
     kvm: bool,
+    held: bool = False,
     console_input_fd: int = -1,
 ) -> list[str]:
     """The full QEMU command line; ``qmp_fd``, ``console_fd`` and ``console_input_fd`` (if
@@ -46,6 +47,7 @@ def argv(
     console's input, another pipe's read end, joins it once QMP is up
     (:func:`console_with_input`): QEMU 7.2 has no command-line syntax for it.
 
+    ``held`` starts QEMU with its vCPUs stopped (``-S``) until a QMP ``cont``.
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
     """
     machine = config.machine
@@ -104,6 +106,8 @@ def argv(
     ]
     if config.qemu.sandbox:
         args += ["-sandbox", SANDBOX]
+    if held:
+        args.append("-S")
     return args + list(config.qemu.extra_args)
 
 
@@ -168,7 +172,7 @@ def agent_socket(state_dir: Path) -> Path:
 
 def slirp_guard() -> str:
     """The guard library's path; missing, QEMU would run without it, so that is an error."""
-    spec = importlib.util.find_spec(f"{__package__}._slirp_guard")
+    spec = importlib.util.find_spec("vmhost._slirp_guard")
     if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
         raise ControllerError(
             "the slirp guard (vmhost/_slirp_guard*.so, built with vmhost from slirp_guard.c) "

@@ -18,8 +18,8 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from .config import AgentConfig
-from .errors import AgentError
+from ..config import AgentConfig
+from ..errors import AgentError
 
 HOST: Final = "127.0.0.1"
 CALL_TIMEOUT: Final = 10.0

@@ -1,0 +1,398 @@
+"""One VM's QEMU, supervised: composes the process, QMP, the stop chain, the console and
+the agent, and makes every move of the VM's run-state (on QMP events, the process exit and
+the stop chain only).  Nothing here blocks the event loop on QEMU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
+
+from qemu.qmp import QMPError
+
+from ..config import Config
+from ..errors import ControllerError, ReloadRefusedError, VMCrashedError
+from . import argv as qemu_argv
+from .console import read_console
+from .handover import RunningQemu, pause_streams, resume_streams
+from .process import ExitCause, QemuProcess, classify
+from .provisioning import AgentLink
+from .qmp import COMMAND_TIMEOUT, QmpSession
+from .state import Change, Changes, RunState, VMState
+from .stopchain import StopChain, event_name, granted
+from .tasks import Background
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+StateListener = Callable[[VMState, str, str], None]
+"""``(state, message, qmp_event)``: told of every state change, in order."""
+
+START_TIMEOUT: Final = 90.0
+"""The start budget when none is given: systemd's default TimeoutStartSec."""
+PROBE_INTERVAL: Final = 3.0  # the probe is most of an idle vmhost's CPU
+PROBE_TIMEOUT: Final = 2.0
+EXIT_GRACE: Final = 1.0
+"""A wide guard: how long QEMU's streams may take to report its exit after the other did."""
+
+
+class QemuController:
+    """Supervises one QEMU for one VM; the server's ``Controller``."""
+
+    backend: Final = "qemu"
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        name: str,
+        state_dir: Path,
+        on_state: StateListener | None = None,
+        on_console: Callable[[bytes], None] | None = None,
+        start_timeout: float = START_TIMEOUT,
+        on_start_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.state_dir = state_dir
+        self.on_state = on_state
+        self.on_console = on_console
+        self.start_timeout = start_timeout
+        """How long QEMU may take to greet on QMP (a big preallocated guest takes long)."""
+        self.on_start_wait = on_start_wait
+        """Told the seconds left every few seconds while QEMU builds its machine, so the
+        service can send EXTEND_TIMEOUT_USEC."""
+        self.changes = Changes()
+        self._run = RunState()
+        self._process = QemuProcess(self._exited)
+        self._qmp = QmpSession(name, self._on_event)
+        self._stop: StopChain | None = None
+        self._ending: ExitCause | None = None
+        self._ending_detail = ""
+        self._tasks = Background()
+        self._spawn = self._tasks.spawn
+        self._console: IO[bytes] | None = None
+        """The console pipe's read end (QEMU has the write end)."""
+        self.console_input = self._process.console_input  # vmhostctl console types into it
+        self._agent_socket = qemu_argv.agent_socket(state_dir) if config.agent.port else None
+        self._agent = AgentLink(config.agent, self._agent_socket) if self._agent_socket else None
+
+    # -- what the server reads ------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self._run.state
+
+    @property
+    def ssh_port(self) -> int:
+        return self.config.network.ssh_port
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def ending(self) -> ExitCause | None:
+        return self._ending
+
+    @property
+    def stop_timeout(self) -> float:
+        """Seconds the running stop was given, after clamping to ``max_timeout_seconds``."""
+        return self._stop.timeout if self._stop is not None else 0.0
+
+    def stop_left(self) -> float:
+        """Seconds the running stop chain may still take, its last steps included."""
+        return self._stop.left() if self._stop is not None and not self._run.ended else 0.0
+
+    @property
+    def step(self) -> str:
+        """The stop chain's step running now ("" outside a stop), for ``status`` with detail."""
+        return self._stop.step if self._stop is not None and not self._run.ended else ""
+
+    def status_text(self) -> str:
+        """One line for ``STATUS=``: what the VM is doing right now."""
+        state = self._run.state
+        if state is VMState.STOPPING and self.step:
+            assert self._stop is not None
+            return self._stop.status_text()
+        if self._ending is not None:
+            return f"{state.value}: {self._ending.value}{self._ending_detail}"
+        return f"{state.value} (QEMU pid {self.pid})" if self.pid else state.value
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn QEMU held before its first instruction, check the slirp guard took effect,
+        and let the guest run; returns once QEMU runs the guest."""
+        try:
+            env = qemu_argv.environment(
+                os.environ,
+                host_loopback=self.config.network.host_loopback,
+                agent_socket=self._agent_socket,
+            )
+            sock = self._launch(env)
+        except Exception as e:
+            self._end(ExitCause.START_FAILED, f": {e}")
+            if isinstance(e, ControllerError):
+                raise
+            raise ControllerError(f"cannot run {self.config.qemu.binary}: {e}") from e
+        try:
+            await self._qmp.connect(sock, budget=self.start_timeout, on_wait=self.on_start_wait)
+            self._spawn(self._qmp.read_events())
+            self._process.check_guard(self.config, env["LD_PRELOAD"])
+            await self.console_input.connect(self._qmp)  # before the guest's first byte
+            if "-S" not in self.config.qemu.extra_args:  # else the config holds it itself
+                await self._qmp.execute("cont")
+            status = await self._qmp.execute("query-status")
+        except (QMPError, OSError, TimeoutError, ControllerError) as e:
+            await self._fail_start(e)
+            return
+        log.info("QEMU runs (pid %d)", self.pid)
+        if self._run.state is VMState.STARTING:
+            running = isinstance(status, dict) and status.get("status") != "paused"
+            self._qmp.vcpus_stopped = not running
+            self._move(VMState.RUNNING if running else VMState.PAUSED, "QEMU runs")
+        self._supervise()
+
+    def _launch(self, env: dict[str, str]) -> socket.socket:
+        if self._agent is not None:
+            self._agent.prepare()
+        sock, self._console = self._process.launch(self.config, name=self.name, env=env)
+        self._read_streams()
+        return sock
+
+    def _read_streams(self) -> None:
+        assert self._console is not None
+        self._spawn(self._process.read_stderr())
+        self._spawn(
+            read_console(self._console, self.config.console, self.state_dir, self.on_console)
+        )
+
+    async def _fail_start(self, cause: BaseException) -> None:
+        """QEMU did not come up: make sure it is gone; a stop asked meanwhile is no failure,
+        and QEMU killed from outside is reported as such, not as a start failure."""
+        if not self._process.reaped:
+            if isinstance(cause, QMPError | OSError):  # QMP closed: QEMU is likely on its way out
+                await self._run.end(within=EXIT_GRACE)
+            self._process.kill(signal.SIGKILL)
+        await self._run.end()
+        if self._ending is ExitCause.REQUESTED:
+            return
+        if self._ending is not ExitCause.START_FAILED:
+            await self.wait()
+        await self._process.exiting(EXIT_GRACE)  # QEMU's last words, up to its stderr EOF
+        detail = "; ".join(self._process.stderr_tail) or str(cause) or repr(cause)
+        raise ControllerError(f"QEMU failed to start: {detail}") from cause
+
+    async def wait(self) -> None:
+        """Until QEMU is gone; raises if it did not end by power-off or request."""
+        await self._run.end()
+        if self._ending in (ExitCause.CRASHED, ExitCause.KILLED):
+            raise VMCrashedError(f"{self._ending.value}{self._ending_detail}")
+        if self._ending is ExitCause.START_FAILED:
+            raise ControllerError(f"{self._ending.value}{self._ending_detail}")
+
+    def stop(self, timeout: float | None = None) -> Awaitable[None]:
+        """Graceful stop with ONE deadline; a second call joins the first.
+
+        ``timeout`` None is the config's ``[stop] timeout_seconds``; beyond
+        ``[stop] max_timeout_seconds`` it is clamped (:attr:`stop_timeout` says
+        what was granted).  The stop starts on the call, not when the result is
+        awaited, so a ``status`` right after already says ``stopping``.
+        """
+        if self._stop is None and self._run.can_move(VMState.STOPPING):
+            self._stop = StopChain(
+                granted(self.config.stop, timeout),
+                qmp=self._qmp,
+                process=self._process,
+                agent=self._connected_agent,
+                gone=self._run.end,
+                announce=self._announce_step,
+            )
+            self._move(VMState.STOPPING, f"stop requested, {self._stop.timeout:g} s to finish")
+            self._spawn(self._stop.run())
+        return self._run.end()
+
+    def force_stop(self) -> Awaitable[None]:
+        """Kill QEMU now (also in the middle of a graceful stop); awaitable until it is gone."""
+        if self._run.can_move(VMState.STOPPING):
+            self._move(VMState.STOPPING, "force stop requested")
+        self._process.kill(signal.SIGKILL)
+        return self._run.end()
+
+    async def close(self) -> None:
+        """Release QMP and background tasks once QEMU is gone (or to abandon it)."""
+        if not self._run.ended:
+            self._process.kill(signal.SIGKILL)
+            await self._run.end()
+        await self._tasks.cancel()
+        await self._disconnect()
+        self._process.close()
+
+    # -- reload: handing QEMU over to a re-executed vmhost ---------------------
+
+    def handover_refusal(self) -> str:
+        """Why QEMU cannot be handed over right now; empty when it can."""
+        if self._run.ended or self._process.reaped:
+            return "QEMU is gone"
+        if self._run.state is VMState.STOPPING:
+            return "a stop is running (it goes on)"
+        if self._run.state not in (VMState.RUNNING, VMState.PAUSED):
+            return f"the VM is {self._run.state.value}"
+        return ""
+
+    async def handover(self) -> RunningQemu:
+        """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over.
+
+        What was read is consumed here first (QMP events included); the rest
+        stays in the kernel for the next reader.  The caller execs next without
+        yielding to the loop, or calls :meth:`resume` if it cannot.
+        """
+        if refusal := self.handover_refusal():
+            raise ReloadRefusedError(refusal)
+        await pause_streams(self._process, self._qmp)
+        if refusal := self.handover_refusal():  # a stop may have come in meanwhile
+            self.resume()
+            raise ReloadRefusedError(refusal)
+        assert self._console is not None
+        return RunningQemu.of(
+            self._process,
+            self._qmp,
+            self._console,
+            state=self._run.state,
+            agent=self._connected_agent() is not None,
+        )
+
+    def resume(self) -> None:
+        """Read QEMU's streams again: the handover did not happen."""
+        resume_streams(self._process, self._qmp)
+
+    async def adopt(self, handed: RunningQemu) -> None:
+        """Take over the QEMU a previous vmhost of this PID handed over (instead of :meth:`start`).
+
+        The state is the handed-over one from the first moment, so clients
+        queued meanwhile never see ``starting``; QMP is attached to the
+        established session (no greeting, no negotiation) and asked
+        ``query-status`` to prove QEMU answers.
+        """
+        self._run = RunState(handed.state)
+        self.changes.publish(Change(handed.state, "taken over by the reloaded vmhost"))
+        self._qmp.shutdown_event = handed.shutdown_event
+        self._qmp.vcpus_stopped = handed.vcpus_stopped
+        self._process.stderr_tail.extend(handed.stderr_tail)
+        self._process.adopt(handed.pid, handed.stderr_fd, handed.console_input_fd)
+        self._console = os.fdopen(handed.console_fd, "rb", buffering=0)
+        self._read_streams()
+        try:
+            sock = socket.socket(fileno=handed.qmp_fd)
+            await self._qmp.connect(sock, budget=COMMAND_TIMEOUT, greeting=False)
+            self._spawn(self._qmp.read_events())
+            status = await self._qmp.execute("query-status")
+        except (QMPError, OSError, TimeoutError) as e:
+            if not self._process.reaped:  # else wait() tells how it ended
+                raise ControllerError(f"cannot take over QEMU (pid {handed.pid}): {e!r}") from e
+            return
+        paused = isinstance(status, dict) and status.get("status") == "paused"
+        state = self._run.state
+        if paused != (state is VMState.PAUSED) and state is not VMState.UNRESPONSIVE:
+            self._move(VMState.PAUSED if paused else VMState.RUNNING, "QMP query-status")
+        self._supervise(reconnect_agent=handed.agent)
+
+    # -- watching QEMU --------------------------------------------------------
+
+    def _supervise(self, *, reconnect_agent: bool = False) -> None:
+        self._spawn(self._watch_qmp())
+        self._spawn(self._qmp.probe(PROBE_INTERVAL, PROBE_TIMEOUT, self._probed))
+        if self._agent is not None:
+            self._agent.start(reconnect=reconnect_agent)
+
+    def _exited(self, code: int) -> None:
+        """The pidfd says QEMU is gone: decide how, once QMP has said its last."""
+        self._spawn(self._decide_ending(code))
+
+    async def _decide_ending(self, code: int) -> None:
+        """Classify only once QMP's stream is read to its end (its SHUTDOWN may still be
+        unread), and always decide: an error here still ends the VM, as a crash."""
+        cause, detail = ExitCause.CRASHED, f", exit code {code}"
+        try:
+            await self._qmp.read_to_end(EXIT_GRACE)
+            cause, detail = classify(
+                code, self._run.state, self._process.signalled, self._qmp.shutdown_event
+            )
+        except Exception:
+            log.exception("cannot tell how QEMU ended (exit code %d)", code)
+        finally:
+            self._end(cause, detail)
+        self._spawn(self._disconnect())
+
+    def _end(self, cause: ExitCause, detail: str) -> None:
+        self._ending, self._ending_detail = cause, detail
+        state = cause.state
+        if not self._run.can_move(state):  # only a stop's own end: STOPPING -> STOPPED
+            state = VMState.STOPPED if self._run.state is VMState.STOPPING else VMState.CRASHED
+        self._move(state, f"{cause.value}{detail}")
+
+    def _on_event(self, name: str, data: dict[str, Any]) -> None:
+        state = self._run.state
+        if name == "SHUTDOWN":
+            log.info("QEMU shutdown: %s", data.get("reason"), extra={"QMP_EVENT": name})
+        elif name == "STOP" and state is VMState.RUNNING:
+            self._move(VMState.PAUSED, "paused", name)
+        elif name == "RESUME" and state is VMState.PAUSED:
+            self._move(VMState.RUNNING, "resumed", name)
+        elif name == "RESET":
+            log.info("guest reset (reboot); the VM keeps running", extra={"QMP_EVENT": name})
+            if self._agent is not None and state is not VMState.STOPPING:
+                self._agent.reprovision()
+        elif name == "GUEST_PANICKED":
+            log.error("guest kernel panic: %s", data, extra={"QMP_EVENT": name})
+        elif name not in ("STOP", "RESUME"):
+            log.debug("QMP event %s %s", name, data, extra={"QMP_EVENT": name})
+
+    async def _watch_qmp(self) -> None:
+        """QMP lost while QEMU lives leaves only signals to stop it; say so.
+
+        During a stop a QMP close is expected: QEMU closes it on its way out,
+        maybe long before it exits (flushing a big disk).  Otherwise QEMU is
+        exiting if its stderr closes too (the kernel closes both at once).
+        """
+        await self._qmp.lost()
+        if not await self._process.exiting(EXIT_GRACE) and self._run.can_move(VMState.UNRESPONSIVE):
+            log.error("QMP connection to QEMU lost; only signals can stop it now")
+            self._move(VMState.UNRESPONSIVE, "QMP connection lost")
+
+    def _probed(self, answered: bool) -> None:
+        """A hung QEMU answers nothing, not even an error: the probe times a cheap command."""
+        state = self._run.state
+        if not answered and state in (VMState.RUNNING, VMState.PAUSED):
+            self._move(VMState.UNRESPONSIVE, f"QMP did not answer in {PROBE_TIMEOUT:g} s")
+        elif answered and state is VMState.UNRESPONSIVE:
+            live = VMState.PAUSED if self._qmp.vcpus_stopped else VMState.RUNNING
+            self._move(live, "QMP answers again")
+
+    async def _disconnect(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
+        await self._qmp.disconnect()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _connected_agent(self) -> Agent | None:
+        return self._agent.agent if self._agent is not None else None
+
+    def _move(self, state: VMState, message: str, qmp_event: str = "") -> None:
+        """The one place the VM's state changes (the run-state refuses impossible moves)."""
+        self._run.move(state)
+        if self.on_state is not None:
+            self.on_state(state, message, qmp_event)
+        self.changes.publish(Change(state, message, qmp_event))
+
+    def _announce_step(self, step: str, message: str) -> None:
+        log.info("%s", message, extra={"VMHOST_STATE": "stopping"})
+        self.changes.publish(Change(VMState.STOPPING, message, event_name(step)))
