@@ -114,7 +114,7 @@ class Vmhost:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"vmhost exited {self.proc.returncode}:\n{self.output()}")
 
-    def signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 

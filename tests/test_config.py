@@ -6,6 +6,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import msgspec
 import pytest
@@ -21,6 +22,7 @@ from vmhost.config import (
     QemuConfig,
     ShareConfig,
     StopConfig,
+    SystemdConfig,
 )
 from vmhost.errors import ConfigError
 
@@ -31,6 +33,7 @@ FULL = """\
 cpus = 2
 memory_mib = 512
 accel = "tcg"
+uuid = "0f9d6c1e-7a53-4e0c-9b8e-2b4f6a1d3c5e"
 [boot]
 kernel = "vmlinuz"
 initrd = "initrd.img"
@@ -58,6 +61,8 @@ max_timeout_seconds = 60
 binary = "qemu-system-x86_64"
 sandbox = false
 extra_args = ["-S"]
+[systemd]
+register_machine = false
 """
 
 MINIMAL = '[[disks]]\npath = "disk.img"\n'
@@ -88,7 +93,9 @@ def test_full_config_loads_with_paths_resolved(vmdir: Path) -> None:
     """Every key is read, and relative paths are taken from the config's directory."""
     loaded = config.load(write(vmdir, FULL.format(dir=vmdir)))
     assert loaded == Config(
-        machine=MachineConfig(cpus=2, memory_mib=512, accel="tcg"),
+        machine=MachineConfig(
+            cpus=2, memory_mib=512, accel="tcg", uuid=UUID("0f9d6c1e-7a53-4e0c-9b8e-2b4f6a1d3c5e")
+        ),
         boot=BootConfig(
             kernel=f"{vmdir}/vmlinuz", initrd=f"{vmdir}/initrd.img", cmdline="console=ttyS0 quiet"
         ),
@@ -106,6 +113,7 @@ def test_full_config_loads_with_paths_resolved(vmdir: Path) -> None:
         ),
         stop=StopConfig(timeout_seconds=10, max_timeout_seconds=60),
         qemu=QemuConfig(sandbox=False, extra_args=["-S"]),
+        systemd=SystemdConfig(register_machine=False),
     )
     assert msgspec.convert(msgspec.to_builtins(loaded), Config) == loaded
 
@@ -121,6 +129,7 @@ def test_defaults(vmdir: Path) -> None:
     )
     assert loaded.boot is None and loaded.agent.port == 0 and loaded.network.ssh_port == 0
     assert loaded.stop.timeout_seconds == 30 and loaded.qemu.sandbox
+    assert loaded.machine.uuid is None and loaded.systemd.register_machine
 
 
 def test_relative_config_path_gives_absolute_paths(
@@ -166,6 +175,12 @@ def test_relative_config_path_gives_absolute_paths(
         ),
         ("[stop]\ntimeout_seconds = 0\n", "stop.timeout_seconds: expected >= 1, got 0"),
         ("[qemu]\nextra_args = '-S'\n", 'qemu.extra_args: expected array, got "-S"'),
+        ('[machine]\nuuid = "nope"\n', 'machine.uuid: expected a UUID, got "nope"'),
+        ("[machine]\nuuid = 5\n", "machine.uuid: expected uuid, got 5"),
+        (
+            '[systemd]\nregister_machine = "yes"\n',
+            'systemd.register_machine: expected bool, got "yes"',
+        ),
     ],
 )
 def test_bad_value_names_file_and_field(vmdir: Path, text: str, message: str) -> None:

@@ -60,6 +60,8 @@ def test_argv_minimal_tcg() -> None:
         "256",
         "-smp",
         "1",
+        "-uuid",
+        "c2fc1deb-03d4-5ce5-9e02-0d906229289b",  # uuid5(machined.NAMESPACE, "demo"), never changes
         "-drive",
         "file=/vm/disk.img,format=raw,if=virtio",
         "-netdev",

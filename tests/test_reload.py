@@ -25,7 +25,7 @@ from conftest import VM
 from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
 from guest.build import GuestImage
 
-from vmhost import notify, reload
+from vmhost import machined, notify, reload
 from vmhost.client import Client
 from vmhost.errors import ClientError
 from vmhost.service import EXIT_FAILURE, EXIT_OK
@@ -171,15 +171,16 @@ def test_reloads_while_the_guest_boots(make_vm: MakeVM, vmhost_for: VmhostFor) -
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, machined.POWEROFF], ids=["SIGTERM", "SIGRTMIN+4"])
 def test_sigterm_right_after_sighup_still_stops_gracefully(
-    make_vm: MakeVM, vmhost_for: VmhostFor, delay: float
+    make_vm: MakeVM, vmhost_for: VmhostFor, delay: float, stop: int
 ) -> None:
-    """SIGTERM before, during or after the exec (held blocked across it): one graceful stop."""
+    """SIGTERM or SIGRTMIN+4 before, during or after the exec (held across it): a graceful stop."""
     vm = vmhost_for(make_vm())
     vm.boot()
     vm.signal(signal.SIGHUP)
     time.sleep(delay)  # lands before, while draining, or across the exec
-    vm.signal(signal.SIGTERM)
+    vm.signal(stop)
     assert vm.wait(30) == EXIT_OK, vm.output()
     assert "stopped: stop requested" in vm.output()
     assert vm.vm.marker() == vm.vm.token

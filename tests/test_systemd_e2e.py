@@ -782,7 +782,7 @@ def test_log_reader_edges(ct: Container, venv: Path) -> None:
         ct.write(f"/run/e2e/{name}.messages", "\n".join(messages))
         ct.write(
             f"/etc/systemd/system/vmhost@{name}.service.d/send.conf",
-            "[Service]\nType=oneshot\nRestart=no\nExecStopPost=\nExecStart=\n"
+            "[Service]\nType=oneshot\nRestart=no\nRestartForceExitStatus=\nExecStopPost=\nExecStart=\n"
             f"ExecStart={python} /run/e2e/send_logs.py %i\n",
         )
         ct.systemctl("daemon-reload")
@@ -837,7 +837,7 @@ def test_kvm_opens_in_the_sandbox(ct: Container) -> None:
     ct.write(
         "/etc/systemd/system/vmhost@kvm.service.d/probe.conf",
         # No ExecStopPost=: the probe's exit 0 is not a VM stopped for good.
-        "[Service]\nType=oneshot\nRestart=no\nExecStopPost=\n"
+        "[Service]\nType=oneshot\nRestart=no\nRestartForceExitStatus=\nExecStopPost=\n"
         f'ExecStart=\nExecStart=/usr/bin/python3 -c "{probe}"\n',
     )
     ct.systemctl("daemon-reload")

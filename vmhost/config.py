@@ -17,6 +17,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
+from uuid import UUID
 
 import msgspec
 
@@ -34,6 +35,8 @@ class MachineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cpus: Annotated[int, msgspec.Meta(ge=1)] = 1
     memory_mib: Annotated[int, msgspec.Meta(ge=MIN_MEMORY_MIB)] = 256
     accel: Literal["kvm", "tcg", "auto"] = "auto"
+    uuid: UUID | None = None
+    """The SMBIOS UUID, also machined's; None: derived from the name (vmhost.machined)."""
 
 
 class BootConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,6 +123,11 @@ class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     or a large hugepage guest takes long.  systemd is asked for the time (EXTEND_TIMEOUT_USEC)."""
 
 
+class SystemdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    register_machine: bool = True
+    """Register the VM with systemd-machined (``machinectl``) when run as a systemd service."""
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One VM. File paths in a loaded Config are absolute."""
 
@@ -131,6 +139,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     console: ConsoleConfig = ConsoleConfig()
     stop: StopConfig = StopConfig()
     qemu: QemuConfig = QemuConfig()
+    systemd: SystemdConfig = SystemdConfig()
 
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_:@][A-Za-z0-9_.:@-]{0,63}")
@@ -305,9 +314,11 @@ def _explain(message: str, raw: dict[str, Any]) -> str:
     if text.startswith("Invalid enum value"):
         choices = ", ".join(_toml(v) for v in _choices(segments))
         return f"{field}: expected one of {choices}, got {_toml(value)}"
-    if m := re.fullmatch(r"Expected `(\w+)`, got `(\w+)`", text):
+    if m := re.fullmatch(r"Expected `(\w+)(?: \| null)?`, got `(\w+)`", text):  # null: optional
         expected = "table" if m[1] == "object" else m[1]
         return f"{field}: expected {expected}, got {m[2] if value is None else _toml(value)}"
+    if m := re.fullmatch(r"Invalid (\w+)", text):  # a string of a typed format: "Invalid UUID"
+        return f"{field}: expected a {m[1]}, got {_toml(value)}"
     if m := re.fullmatch(r"Expected `\w+` (.+)", text):  # a constraint: ">= 1"
         return f"{field}: expected {m[1]}, got {_toml(value)}"
     return f"{field}: {text}"

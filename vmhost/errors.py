@@ -55,6 +55,10 @@ class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
 
 
+class MachinedError(VmhostError):
+    """systemd-machined cannot register the VM under its name (another machine has it)."""
+
+
 class ReloadRefusedError(VmhostError):
     """vmhost cannot re-execute itself right now (a stop runs, QEMU is not ready); it goes on."""
 

@@ -35,6 +35,7 @@ from . import __version__, journal, notify
 from .config import Config
 from .control.server import Server
 from .errors import ReloadRefusedError
+from .machined import POWEROFF
 from .pidfile import PidFile
 from .vm.controller import QemuController
 from .vm.handover import RunningQemu as VMHandover
@@ -51,7 +52,7 @@ REEXEC_WINDOW: Final = 300.0
 """At most REEXEC_LIMIT re-execs for internal errors within this many seconds; then fail."""
 DRAIN_TIMEOUT: Final = 1.0
 """Open control connections get this long to finish before the exec."""
-HELD_SIGNALS: Final = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+HELD_SIGNALS: Final = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT, POWEROFF})
 _FORMAT: Final = 1
 
 

@@ -12,13 +12,12 @@ import functools
 import gc
 import logging
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from . import activation, journal, notify, paths, reload
+from . import activation, journal, machined, notify, paths, reload, stopsignals
 from . import config as vmconfig
 from .config import Config
 from .control.attach import Consoles
@@ -53,6 +52,8 @@ EXIT_ALREADY_RUNNING: Final = 5
 """Another vmhost serves this VM's socket; it is left alone."""
 EXIT_ACTIVATION: Final = 6
 """systemd passed descriptors that cannot be the control socket: the socket unit is wrong."""
+EXIT_REBOOT: Final = 7
+"""``machinectl reboot``: the guest is off; systemd starts it again (RestartForceExitStatus=)."""
 EXIT_USAGE: Final = 64
 """EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
 EXIT_INTERRUPTED: Final = 130
@@ -60,7 +61,6 @@ EXIT_INTERRUPTED: Final = 130
 EXIT_CONFIG: Final = 78
 """EX_CONFIG: the config is broken; restarting will not help (RestartPreventExitStatus)."""
 
-_EXTEND_MARGIN: Final = 5.0
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
 
@@ -122,14 +122,13 @@ async def _serve(options: Options, notifier: notify.Notifier) -> int:
     pid_file = _pid_file(options, path, handover)
     try:
         listen = origin.listen or bind(path)  # type: ignore[arg-type]  # one of the two is set
-        await _run(options, name, origin, listen, pid_file, notifier)
+        return await _run(options, name, origin, listen, pid_file, notifier)
     finally:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if pid_file is not None:
             pid_file.remove()
-    return EXIT_OK
 
 
 async def _run(
@@ -139,7 +138,8 @@ async def _run(
     listen: socket.socket,
     pid_file: PidFile | None,
     notifier: notify.Notifier,
-) -> None:
+) -> int:
+    """Serve until the VM ends; EXIT_OK, or EXIT_REBOOT for ``machinectl reboot``."""
     config = origin.config
     state_dir = _state_dir(options, name)
     consoles = Consoles(state_dir / "console.log", lambda: controller.console_input.fd)
@@ -151,7 +151,7 @@ async def _run(
             console_logger(name, config.console.journal_lines_per_second), consoles.publish
         ),
         start_timeout=config.qemu.start_timeout_seconds,
-        on_start_wait=lambda left: notifier.extend_timeout(left + _EXTEND_MARGIN),
+        on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
     server = Server(controller, listen, logs=functools.partial(_logs, name), consoles=consoles)
@@ -163,6 +163,8 @@ async def _run(
         pid_file=pid_file,
         reexecs=origin.reexecs,
     )
+    stop = stopsignals.Stopper(controller, notifier)
+    stop.reboots = config.systemd.register_machine and machined.is_service()
     fault = asyncio.Event()
     reload.hold_signals_in_workers()
     try:
@@ -173,8 +175,10 @@ async def _run(
             raise
         async with server:
             try:
-                _install_signals(_Stopper(controller, notifier), reloader, fault)
+                stopsignals.install(stop, reloader, fault)
+                machine = asyncio.ensure_future(machined.register(name, config))  # beside the start
                 await origin.start(controller)
+                await machine  # bounded, never raises: machinectl lists the VM once it is ready
                 if controller.state in (VMState.RUNNING, VMState.PAUSED):
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
                     origin.announce(controller, notifier, reloader)
@@ -186,6 +190,7 @@ async def _run(
                 raise
     finally:
         await controller.close()
+    return EXIT_REBOOT if stop.rebooting else EXIT_OK
 
 
 class _Origin(Protocol):
@@ -283,31 +288,6 @@ async def _stop_before_exit(controller: QemuController, error: Exception) -> Non
         log.warning("VM %s after the stop: %s", controller.name, e)
 
 
-class _Stopper:
-    """SIGTERM/SIGINT run the graceful stop chain (the config's timeout); a second SIGINT
-    forces it."""
-
-    def __init__(self, controller: QemuController, notifier: notify.Notifier) -> None:
-        self.controller = controller
-        self.notifier = notifier
-        self.task: asyncio.Task[None] | None = None
-
-    def __call__(self, signum: signal.Signals) -> None:
-        log.info("%s received", signum.name)
-        if self.task is None:
-            self.task = asyncio.ensure_future(self.controller.stop())
-            _extend_stop_timeout(self.controller, self.notifier)  # the running chain's, if joined
-        elif signum is signal.SIGINT:
-            asyncio.ensure_future(self.controller.force_stop())  # noqa: RUF006 - ends the loop
-
-
-def _install_signals(stop: _Stopper, reloader: reload.Reloader, fault: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop, signum)
-    reload.install_signals(reloader, fault.set)
-
-
 def _on_state(
     controller: QemuController,
     notifier: notify.Notifier,
@@ -319,7 +299,7 @@ def _on_state(
     text = controller.status_text()
     if state is VMState.STOPPING:
         notifier.stopping(text)  # systemd starts counting TimeoutStopSec= here
-        _extend_stop_timeout(controller, notifier)
+        stopsignals.extend_stop_timeout(controller, notifier)
     else:
         notifier.status(text)
     fields = {"VMHOST_STATE": state.value}
@@ -330,11 +310,6 @@ def _on_state(
         journal.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
     else:
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
-
-
-def _extend_stop_timeout(controller: QemuController, notifier: notify.Notifier) -> None:
-    """Ask systemd for what the running stop chain may still take, whoever started it."""
-    notifier.extend_timeout(controller.stop_left() + _EXTEND_MARGIN)
 
 
 async def _heartbeat(

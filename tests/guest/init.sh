@@ -101,6 +101,9 @@ fi
 wait_for listening 22 || fail "port 22 not listening"
 wait_for listening 1024 || fail "port 1024 not listening"
 
+# The SMBIOS UUID QEMU was given (-uuid), as the guest sees it.
+read -r product_uuid </sys/class/dmi/id/product_uuid && say "UUID $product_uuid"
+
 # The agent reports "ready" from here on, like the console line below.
 : >/run/tinyguest-ready
 say READY

@@ -18,6 +18,7 @@ from typing import Final
 
 from ..config import Config
 from ..errors import ControllerError
+from ..machined import machine_uuid
 
 AGENT_GUEST_PORT: Final = 1024
 SSH_GUEST_PORT: Final = 22
@@ -68,6 +69,8 @@ def argv(
         str(machine.memory_mib),
         "-smp",
         str(machine.cpus),
+        "-uuid",  # SMBIOS: the guest's product_uuid is machinectl's Id
+        str(machine_uuid(machine, name)),
     ]
     if config.boot is not None:
         args += ["-kernel", config.boot.kernel, "-append", config.boot.cmdline]
