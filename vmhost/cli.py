@@ -18,17 +18,14 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import msgspec
 
-from . import __version__
+from . import __version__, terminal
 from .errors import ClientError, NotListeningError, UsageError, VmhostError
 
 if TYPE_CHECKING:
     from .client import Client
     from .control.wire import Response
 
-_COMMANDS = (
-    *("list", "status", "info", "stop", "force-stop", "start", "logs", "events", "console"),
-    "is-alive",
-)
+_COMMANDS = ("list", "status", "info", "stop", "force-stop", "start", "logs", "events", "is-alive")
 EXIT_NOT_RUNNING: Final = 3
 """As ``systemctl status`` (LSB): the VM is configured but not running."""
 EXIT_UNKNOWN: Final = 4
@@ -66,7 +63,6 @@ def _ctl_parser() -> argparse.ArgumentParser:
         "force-stop": "kill the VM now",
         "logs": "show the VM's journal (vmhost and guest console)",
         "events": "show the VM's state, then each change as it happens, until the VM ends",
-        "console": "attach this terminal to the guest's serial console (Ctrl-] detaches)",
         "is-alive": "exit 0 if the vmhost process answers",
     }
     for command in _COMMANDS:
@@ -84,10 +80,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
         if command == "logs":
             p.add_argument("-f", "--follow", action="store_true")
             p.add_argument("-n", "--lines", type=int, default=10)
-        if command == "console":
-            from .terminal import add_arguments
-
-            add_arguments(p)
+    terminal.add_parser(sub, common)
     return parser
 
 
@@ -114,9 +107,7 @@ def _ctl(args: argparse.Namespace) -> int:
     if args.command == "is-alive":
         return 0 if client.is_alive() else 1
     if args.command == "console":
-        from .terminal import console
-
-        return console(sock, label, args)
+        return terminal.console(sock, label, args)
     if args.command == "logs":
         shown = 0
         for line in client.logs(args.lines, follow=args.follow):

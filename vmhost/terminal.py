@@ -41,7 +41,16 @@ _REATTACH_SECONDS: Final = 10.0
 _decode: Final = msgspec.json.Decoder(ConsoleLine).decode
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """``vmhostctl console``'s command line."""
+    parser = commands.add_parser(
+        "console",
+        parents=[common],
+        help="attach this terminal to the guest's serial console (Ctrl-] detaches)",
+    )
+    parser.add_argument("name", nargs="?", help="VM name (instance of vmhost@NAME)")
     parser.add_argument(
         "-n",
         "--lines",

@@ -111,9 +111,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: dict[Connection, None] = {}
-        self.streams: Streams[Connection] = Streams(
-            controller, logs, limits.max_log_streams, consoles
-        )
+        self.streams = Streams[Connection](controller, logs, limits.max_log_streams, consoles)
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool], bytes] = {}
         self._cached_for: tuple[VMState | None, str] = (None, "")
@@ -161,10 +159,9 @@ class Server:
             await self._answer_queued(queue, final)
         if self._turn_runner is not None:
             self._turn_runner.cancel()
-        for conn in [*self._connections, *self.streams.logs, *self.streams.watches]:
+        for conn in self._connections:
             conn.transport.abort()
-        if self.streams.consoles is not None:
-            self.streams.consoles.end("vmhost is exiting")
+        self.streams.cut("vmhost is exiting")
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
         self._server = self._sock = None
@@ -205,11 +202,7 @@ class Server:
         self._server.close()
         self._server = None
         await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
-        farewell = wire.encode_response(Response(ok=True, message=last_line))
-        for conn in [*self.streams.logs, *self.streams.watches]:
-            conn.finish(farewell)
-        if self.streams.consoles is not None:
-            self.streams.consoles.end(last_line, resume=True)
+        self.streams.finish(last_line)
         await self._wait_closed([*self._connections, *self.streams.logs], timeout)
         for conn in [*self._connections, *self.streams.logs]:
             conn.transport.abort()

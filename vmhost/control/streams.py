@@ -104,6 +104,22 @@ class Streams(Generic[S]):
         assert conn.stream is not None
         conn.stream.add_done_callback(lambda _: self.watches.discard(conn))
 
+    def finish(self, last_line: str) -> None:
+        """A reload: every stream ends with ``last_line``; a console's also says where the
+        output had reached, for the next attach to go on from there."""
+        farewell = wire.encode_response(Response(ok=True, message=last_line))
+        for conn in [*self.logs, *self.watches]:
+            conn.finish(farewell)
+        if self.consoles is not None:
+            self.consoles.end(last_line, resume=True)
+
+    def cut(self, why: str) -> None:
+        """vmhost exits: the streams are cut; the consoles are told ``why``."""
+        for conn in [*self.logs, *self.watches]:
+            conn.transport.abort()
+        if self.consoles is not None:
+            self.consoles.end(why)
+
     def change_line(self, change: Change) -> bytes:
         """A change's line, encoded once for all its watchers."""
         last, line = self._change_line
