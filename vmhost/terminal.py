@@ -120,9 +120,6 @@ class _Session:
 
     def attach(self) -> ConsoleLine:
         """Connect and send the request; the first line, which says what we got."""
-        self.sock.close()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.buffer.clear()
         try:
             self.sock.settimeout(5.0)
             self.sock.connect(str(self.path))
@@ -186,6 +183,9 @@ class _Session:
         )
         deadline = time.monotonic() + _REATTACH_SECONDS
         while True:
+            self.sock.close()
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.buffer.clear()
             try:
                 first = self.attach()
             except NotListeningError:
