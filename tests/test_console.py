@@ -8,6 +8,7 @@ tests/test_console_guest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -42,13 +43,23 @@ def input_pipe() -> Iterator[tuple[int, int]]:
     os.close(write)
 
 
+@contextlib.asynccontextmanager
+async def served(
+    sock_path: Path, log_dir: Path, input_fd: int
+) -> AsyncIterator[tuple[Consoles, Server]]:
+    """A server with consoles on ``sock_path``; ``input_fd`` -1: a QEMU without the input
+    pipe (one an older vmhost started)."""
+    hub = Consoles(log_dir / "console.log", lambda: input_fd)
+    limits = Limits(request_timeout=1.0, max_connections=300)
+    async with Server(FakeController(), sock_path, limits=limits, consoles=hub) as server:
+        yield hub, server
+
+
 @pytest.fixture
 async def consoles(
-    sock_path: Path, tmp_path: Path, controller: FakeController, input_pipe: tuple[int, int]
+    sock_path: Path, tmp_path: Path, input_pipe: tuple[int, int]
 ) -> AsyncIterator[Consoles]:
-    hub = Consoles(tmp_path / "console.log", lambda: input_pipe[1])
-    limits = Limits(request_timeout=1.0, max_connections=300)
-    async with Server(controller, sock_path, limits=limits, consoles=hub):
+    async with served(sock_path, tmp_path, input_pipe[1]) as (hub, _):
         yield hub
 
 
@@ -208,12 +219,9 @@ async def test_input_free_again_once_the_writer_leaves(consoles: Consoles, sock_
     w2.close()
 
 
-async def test_no_input_without_the_pipe(
-    sock_path: Path, tmp_path: Path, controller: FakeController
-) -> None:
+async def test_no_input_without_the_pipe(sock_path: Path, tmp_path: Path) -> None:
     """A QEMU without the input pipe (started by an older vmhost): read-only, and said why."""
-    hub = Consoles(tmp_path / "console.log", lambda: -1)
-    async with Server(controller, sock_path, consoles=hub):
+    async with served(sock_path, tmp_path, -1):
         (_, writer), first = await attached(sock_path)
         assert first.mode == wire.READ_ONLY
         assert "takes no input" in first.message
@@ -301,13 +309,12 @@ async def test_others_are_refused_by_the_kernel(consoles: Consoles, sock_path: P
 
 
 async def test_reload_ends_with_where_to_resume(
-    sock_path: Path, tmp_path: Path, controller: FakeController, input_pipe: tuple[int, int]
+    sock_path: Path, tmp_path: Path, input_pipe: tuple[int, int]
 ) -> None:
     """A reload's drain ends each console with a last line that says where the output had
     reached; an attach from there gets what came after, and nothing before."""
-    hub = Consoles(tmp_path / "console.log", lambda: input_pipe[1])
-    hub.log.path.write_bytes(b"before\n")
-    async with Server(controller, sock_path, consoles=hub) as server:
+    (tmp_path / "console.log").write_bytes(b"before\n")
+    async with served(sock_path, tmp_path, input_pipe[1]) as (hub, server):
         (reader, writer), _ = await attached(sock_path, lines=1)
         assert (await next_line(reader)).output == b"before\n"
         await server.drain(1.0, "vmhost reloaded")
@@ -324,12 +331,9 @@ async def test_reload_ends_with_where_to_resume(
         w2.close()
 
 
-async def test_exit_ends_with_a_last_line(
-    sock_path: Path, tmp_path: Path, controller: FakeController
-) -> None:
+async def test_exit_ends_with_a_last_line(sock_path: Path, tmp_path: Path) -> None:
     """vmhost exiting ends an attached console with a line that says so, then EOF."""
-    hub = Consoles(tmp_path / "console.log", lambda: -1)
-    async with Server(controller, sock_path, consoles=hub):
+    async with served(sock_path, tmp_path, -1):
         (reader, writer), _ = await attached(sock_path)
     last = await next_line(reader)
     assert (last.message, last.resume) == ("vmhost is exiting", "")
