@@ -130,6 +130,7 @@ class StandIn(Target):
         env: dict[str, str] | None = None,
         python: list[str] | None = None,
         changes: float = 0.0,
+        ready_timeout: float = 10.0,
     ) -> None:
         self.label = f"Server alone (stand-in controller), {loop} loop"
         sock = workdir / f"standin-{loop}{name}.sock"
@@ -146,7 +147,7 @@ class StandIn(Target):
             stdout=subprocess.DEVNULL,
         )
         super().__init__(process, sock)
-        proc.wait_for(lambda: answers(sock), 10, "the stand-in to answer")
+        proc.wait_for(lambda: answers(sock), ready_timeout, "the stand-in to answer")
 
 
 class Reference(Target):

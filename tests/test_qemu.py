@@ -83,6 +83,25 @@ def test_argv_minimal_tcg() -> None:
     ]
 
 
+def test_argv_console_input_joins_an_fd_set() -> None:
+    """The console's input pipe is passed as an fd set of its own; the serial chardev keeps
+    writing the output pipe and takes the input through ``chardev-change`` once QMP is up."""
+    plain = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)
+    args = qemu_argv.argv(
+        DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, console_input_fd=7, kvm=False
+    )
+    assert option(args, "-add-fd") == ["fd=7,set=7", "fd=6,set=6"]
+    at = args.index("fd=7,set=7")
+    assert args[: at - 1] + args[at + 1 :] == plain
+    assert qemu_argv.console_with_input(6, 7) == {
+        "id": "serial0",
+        "backend": {
+            "type": "file",
+            "data": {"in": "/dev/fdset/7", "out": "/dev/fdset/6", "append": True},
+        },
+    }
+
+
 def test_argv_kvm_uses_host_cpu() -> None:
     """With KVM the machine and CPU model change, nothing else."""
     tcg = qemu_argv.argv(DISK_ONLY, name="demo", qmp_fd=5, console_fd=6, kvm=False)

@@ -599,7 +599,7 @@ def test_socket_group_members_may_control_the_vm(make_vm: Callable[..., VM]) -> 
         setpriv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--")
         return vm.ct.run(*setpriv, str(vm.venv / "bin/vmhostctl"), *args, check=False)
 
-    for command in ("status", "stop"):
+    for command in ("status", "stop", "console"):
         refused = ctl_as("outsider", command, vm.name)
         assert (refused.returncode, refused.stdout) == (1, ""), refused
         assert "Permission denied" in refused.stderr

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import msgspec
 
-from . import __version__
+from . import __version__, terminal
 from .errors import ClientError, NotListeningError, UsageError, VmhostError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def _ctl_parser() -> argparse.ArgumentParser:
         if command == "logs":
             p.add_argument("-f", "--follow", action="store_true")
             p.add_argument("-n", "--lines", type=int, default=10)
+    terminal.add_parser(sub, common)
     return parser
 
 
@@ -94,7 +95,9 @@ def _ctl(args: argparse.Namespace) -> int:
             raise UsageError("list: no --socket; $VMHOST_RUN_DIR moves the sockets")
         return _list(json_out)
     if args.command == "logs" and sock is None:
-        return _local_logs(_name(args), args.lines, args.follow)
+        from .logs import show_here  # cysystemd only for logs
+
+        return show_here(_name(args), args.lines, args.follow)
     if args.command == "start":
         return _start(_name(args))
     if sock is None:
@@ -105,6 +108,8 @@ def _ctl(args: argparse.Namespace) -> int:
     label = args.name or str(sock)
     if args.command == "is-alive":
         return 0 if client.is_alive() else 1
+    if args.command == "console":
+        return terminal.console(sock, label, args)
     if args.command == "logs":
         shown = 0
         for line in client.logs(args.lines, follow=args.follow):
@@ -286,56 +291,6 @@ def _name(args: argparse.Namespace) -> str:
     if not args.name:
         raise UsageError(f"{args.command}: give a VM NAME or --socket PATH")
     return str(args.name)
-
-
-def _local_logs(name: str, lines: int, follow: bool) -> int:
-    """Read the journal here rather than through the server: works when the VM is down too.
-
-    No record at all and neither a config nor a socket: a VM this host does not
-    know (a typo, most likely), which fails rather than print nothing.
-    """
-    import asyncio
-
-    from .logs import entries
-    from .paths import config_path, socket_path
-
-    async def show(limit: int, *, follow: bool = False, echo: bool = True) -> int:
-        shown = 0
-        async for line in entries(name, lines=limit, follow=follow):
-            if echo:
-                print(line, flush=True)
-            shown += 1
-        return shown
-
-    config, sock = config_path(name), socket_path(name)
-    if not (config.exists() or sock.exists()) and not asyncio.run(show(1, echo=False)):
-        print(
-            f"vmhostctl: no VM {name}: no {config}, no {sock} and {_no_records(name)}",
-            file=sys.stderr,
-        )
-        return 1
-    if not asyncio.run(show(lines, follow=follow)) and lines > 0:
-        print(f"vmhostctl: {_no_records(name)}", file=sys.stderr)
-    return 0
-
-
-def _no_records(name: str) -> str:
-    """Says where the records were looked for, and why there may be none."""
-    import grp
-
-    from .journal import FIELD_VM
-
-    dirs = [d for d in ("/var/log/journal", "/run/log/journal") if os.path.isdir(d)]
-    where = f"the local journal ({', '.join(dirs) or 'none on this host'})"
-    text = f"no journal records with {FIELD_VM}={name} in {where}"
-    text += "; vmhost logs there under systemd only (started by hand: to its stderr)"
-    groups = set()
-    for gid in os.getgroups():
-        with contextlib.suppress(KeyError):
-            groups.add(grp.getgrgid(gid).gr_name)
-    if os.geteuid() != 0 and not groups & {"adm", "systemd-journal"}:
-        text += "; outside the adm and systemd-journal groups you see only your own records"
-    return text
 
 
 def _check_config(name: str, path: Path | None) -> int:

@@ -9,6 +9,11 @@ own structured records of that unit and leaves out anything else it printed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import grp
+import os
+import sys
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 
@@ -17,6 +22,7 @@ from cysystemd.reader import JournalEntry, JournalOpenMode, Rule
 
 from .errors import JournalError
 from .journal import FIELD_VM
+from .paths import config_path, socket_path
 
 
 def format_entry(fields: Mapping[str, object], realtime_usec: int) -> str:
@@ -89,3 +95,46 @@ async def _newest(reader: AsyncJournalReader) -> JournalEntry | None:
         while (later := await reader.next()) is not None:
             newest = later
     return newest
+
+
+def show_here(name: str, lines: int, follow: bool) -> int:
+    """``vmhostctl logs``: the journal read here rather than through the server, so it works
+    when the VM is down too.
+
+    No record at all and neither a config nor a socket: a VM this host does not
+    know (a typo, most likely), which fails rather than print nothing.
+    """
+
+    async def show(limit: int, *, follow: bool = False, echo: bool = True) -> int:
+        shown = 0
+        async for line in entries(name, lines=limit, follow=follow):
+            if echo:
+                print(line, flush=True)
+            shown += 1
+        return shown
+
+    config, sock = config_path(name), socket_path(name)
+    if not (config.exists() or sock.exists()) and not asyncio.run(show(1, echo=False)):
+        print(
+            f"vmhostctl: no VM {name}: no {config}, no {sock} and {_no_records(name)}",
+            file=sys.stderr,
+        )
+        return 1
+    if not asyncio.run(show(lines, follow=follow)) and lines > 0:
+        print(f"vmhostctl: {_no_records(name)}", file=sys.stderr)
+    return 0
+
+
+def _no_records(name: str) -> str:
+    """Says where the records were looked for, and why there may be none."""
+    dirs = [d for d in ("/var/log/journal", "/run/log/journal") if os.path.isdir(d)]
+    where = f"the local journal ({', '.join(dirs) or 'none on this host'})"
+    text = f"no journal records with {FIELD_VM}={name} in {where}"
+    text += "; vmhost logs there under systemd only (started by hand: to its stderr)"
+    groups = set()
+    for gid in os.getgroups():
+        with contextlib.suppress(KeyError):
+            groups.add(grp.getgrgid(gid).gr_name)
+    if os.geteuid() != 0 and not groups & {"adm", "systemd-journal"}:
+        text += "; outside the adm and systemd-journal groups you see only your own records"
+    return text

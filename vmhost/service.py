@@ -9,17 +9,17 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import gc
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
-from . import activation, journal, machined, notify, paths, reload, stopsignals
+from . import activation, announce, journal, machined, notify, paths, reload, stopsignals
 from . import config as vmconfig
 from .config import Config
+from .control.attach import Consoles
 from .control.server import Server, bind
 from .errors import (
     ActivationError,
@@ -55,8 +55,7 @@ EXIT_ACTIVATION: Final = 6
 EXIT_REBOOT: Final = 7
 """``machinectl reboot``: the guest is off; systemd starts it again (RestartForceExitStatus=)."""
 EXIT_NOT_READY: Final = 8
-"""The guest was not ready within ``[boot] ready_timeout_seconds`` and was stopped: not
-restarted, the same guest would only do the same again (RestartPreventExitStatus=)."""
+"""The guest was not ready within ``[boot] ready_timeout_seconds``: stopped, not restarted."""
 EXIT_USAGE: Final = 64
 """EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
 EXIT_INTERRUPTED: Final = 130
@@ -146,17 +145,20 @@ async def _run(
 ) -> int:
     """Serve until the VM ends; EXIT_OK, or EXIT_REBOOT for ``machinectl reboot``."""
     config = origin.config
+    state_dir = _state_dir(options, name)
+    consoles = Consoles(state_dir / "console.log", lambda: controller.console_input.fd)
     controller = QemuController(
         config,
         name=name,
-        state_dir=_state_dir(options, name),
-        on_console=console_logger(name, config.console.journal_lines_per_second),
+        state_dir=state_dir,
+        on_console=_tee(
+            console_logger(name, config.console.journal_lines_per_second), consoles.publish
+        ),
         start_timeout=config.qemu.start_timeout_seconds,
         on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
     )
     controller.on_state = functools.partial(_on_state, controller, notifier)
-    controller.readiness.on_status = lambda: notifier.status(controller.status_text())
-    server = Server(controller, listen, logs=functools.partial(_logs, name))
+    server = Server(controller, listen, logs=functools.partial(_logs, name), consoles=consoles)
     reloader = reload.Reloader(
         server=server,
         controller=controller,
@@ -181,13 +183,9 @@ async def _run(
                 machine = asyncio.ensure_future(machined.register(name, config))  # beside the start
                 await origin.start(controller)
                 await machine  # bounded, never raises: machinectl lists the VM once it is ready
-                if controller.state is VMState.BOOTING:  # systemd waits for the guest too
-                    left = controller.readiness.start_left()
-                    notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN)
-                announce = functools.partial(origin.announce, controller, notifier, reloader)
-                await _supervise(controller, notifier, fault, announce)
-                if not controller.readiness.first_ready.is_set():  # stopped while booting:
-                    notifier.ready(controller.status_text())  # else systemd fails and restarts
+                ready = functools.partial(origin.announce, controller, notifier, reloader)
+                async with announce.when_ready(controller, notifier, ready):
+                    await _supervise(controller, notifier, fault)
             except Exception as e:
                 if isinstance(e, InternalError) or not isinstance(e, VmhostError):
                     await reloader.recover(e)  # a bug: a new vmhost may do better
@@ -266,17 +264,11 @@ class _Adopt:
 
 
 async def _supervise(
-    controller: QemuController,
-    notifier: notify.Notifier,
-    fault: asyncio.Event,
-    announce: Callable[[], None],
+    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
 ) -> None:
-    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too.
-    ``announce`` (READY=1) once the guest is first ready (``[boot] ready``), never again."""
+    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
     heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
     ended = asyncio.create_task(controller.wait())
-    ready = asyncio.create_task(controller.readiness.first_ready.wait())
-    ready.add_done_callback(functools.partial(_ready, controller, announce))
     try:
         done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -284,15 +276,6 @@ async def _supervise(
     finally:
         heartbeat.cancel()
         ended.cancel()
-        ready.cancel()
-
-
-def _ready(
-    controller: QemuController, announce: Callable[[], None], waited: asyncio.Task[Any]
-) -> None:
-    if not waited.cancelled() and not controller.state.ended:
-        gc.freeze()  # what start-up built lives forever: keep it out of collections
-        announce()
 
 
 async def _stop_before_exit(controller: QemuController, error: Exception) -> None:
@@ -348,6 +331,16 @@ async def _heartbeat(
         if text != last:
             notifier.status(text)
             last = text
+
+
+def _tee(*sinks: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """The console's output to the journal and to the attached consoles alike."""
+
+    def each(chunk: bytes) -> None:
+        for sink in sinks:
+            sink(chunk)
+
+    return each
 
 
 def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:

@@ -1,9 +1,9 @@
 #!/bin/sh
 # /init of the tiny test guest: busybox sh as PID 1, so this script is the whole userland.
-# The host only learns the guest state from the serial console ("TINYGUEST ..." lines),
-# the data disk (/marker, /rebooted, /agent), the TCP listeners on ports 22 and 1024, and
-# the sd_notify-style lines (STATUS=, READY=1) it writes to the virtio-serial port
-# org.vmhost.notify.0 when QEMU has one.
+# The host only learns the guest state from the serial console ("TINYGUEST ..." lines; a shell
+# answers there too), the data disk (/marker, /rebooted, /agent), the TCP listeners on ports 22
+# and 1024, and the sd_notify-style lines (STATUS=, READY=1) it writes to the virtio-serial
+# port org.vmhost.notify.0 when QEMU has one.
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -145,6 +145,11 @@ if [ "$reboot_ready" -gt 0 ] && [ ! -e /mnt/rebooted-ready ]; then
 		reboot -f
 	) &
 fi
+
+# A shell on the serial console for `vmhostctl console`, started again when it exits.  Its
+# prompt and echo share the console with the lines above, which are always whole lines.
+export PS1='tinyguest# '
+(while :; do setsid -c sh -i </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done) &
 
 # guest.probe=HOST:PORT,...: connect to each once and report what it answered, so host tests
 # see what this guest can reach ("TINYGUEST PROBE 10.0.2.2:2222 SSH-2.0-..." or "... FAILED").

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -285,7 +285,11 @@ _FOLD: Final = str.maketrans(
 )
 """Go's simple case folding where it can meet an ASCII field name: U+017F is s, U+212A k."""
 _GO_FIELDS: Final = {"method": ("vmhost.Method", _str), "timeout_seconds": ("int", _int)}
-_FIELDS: Final = frozenset({*_GO_FIELDS, "detail", "lines", "follow"})
+_FIELDS: Final = frozenset(
+    {*_GO_FIELDS, "detail", "lines", "follow", "read_only", "force", "since"}
+)
+_EXTENSIONS: Final[dict[str, msgspec.json.Decoder[Any]]] = {"lines": _int, "since": _str}
+"""Extension fields that are not booleans, with their decoders."""
 
 
 def _go_field(name: str, value: Buffer) -> object:
@@ -306,7 +310,7 @@ def _go_field(name: str, value: Buffer) -> object:
 
 def _extension(name: str, value: Buffer) -> object:
     try:
-        return (_int if name == "lines" else _bool).decode(value)
+        return _EXTENSIONS.get(name, _bool).decode(value)
     except msgspec.DecodeError:
         return None
 

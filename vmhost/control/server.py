@@ -30,6 +30,7 @@ from .. import __version__
 from ..errors import AlreadyRunningError
 from ..vm.state import VMState
 from . import wire
+from .attach import Consoles
 from .connection import Connection, Limits
 from .streams import LogSource, Streams, Watched
 from .wire import Request, Response
@@ -102,6 +103,7 @@ class Server:
         *,
         limits: Limits = Limits(),  # noqa: B008 - frozen
         logs: LogSource | None = None,
+        consoles: Consoles | None = None,
     ) -> None:
         self.controller = controller
         self.limits = limits
@@ -110,7 +112,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._connections: dict[Connection, None] = {}
-        self.streams: Streams[Connection] = Streams(controller, logs, limits.max_log_streams)
+        self.streams = Streams[Connection](controller, logs, limits.max_log_streams, consoles)
         self._tasks: set[asyncio.Task[None]] = set()
         self._cache: dict[tuple[str, bool], bytes] = {}
         self._cached_for: tuple[VMState | None, str] = (None, "")
@@ -158,8 +160,9 @@ class Server:
             await self._answer_queued(queue, final)
         if self._turn_runner is not None:
             self._turn_runner.cancel()
-        for conn in [*self._connections, *self.streams.logs, *self.streams.watches]:
+        for conn in self._connections:
             conn.transport.abort()
+        self.streams.cut("vmhost is exiting")
         for task in self._tasks:
             task.cancel()  # waits for a VM that is gone, or that outlives us
         self._server = self._sock = None
@@ -200,9 +203,7 @@ class Server:
         self._server.close()
         self._server = None
         await asyncio.sleep(0)  # the loop calls connection_made soon after accept: let it
-        farewell = wire.encode_response(Response(ok=True, message=last_line))
-        for conn in [*self.streams.logs, *self.streams.watches]:
-            conn.finish(farewell)
+        self.streams.finish(last_line)
         await self._wait_closed([*self._connections, *self.streams.logs], timeout)
         for conn in [*self._connections, *self.streams.logs]:
             conn.transport.abort()

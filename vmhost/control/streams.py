@@ -1,4 +1,4 @@
-"""The long-lived answers, ``watch`` and ``logs``: a connection that keeps getting lines.
+"""The long-lived answers, ``watch``, ``logs`` and ``console``: lines that keep coming.
 
 A stream writes into a :class:`Sink` (the connection, as this module defines it:
 the control server and its connections import this module, never the other way).
@@ -18,6 +18,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from ..errors import TooManyWatchersError, VmhostError
 from ..vm.state import Change, Changes, Watcher
 from . import wire
+from .attach import Consoles
 from .wire import Request, Response
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,15 @@ S = TypeVar("S", bound=Sink)
 class Streams(Generic[S]):
     """The server's open streams; ``logs`` is served only with a source, and capped."""
 
-    def __init__(self, controller: Watched, source: LogSource | None, max_logs: int) -> None:
+    def __init__(
+        self,
+        controller: Watched,
+        source: LogSource | None,
+        max_logs: int,
+        consoles: Consoles | None = None,
+    ) -> None:
         self.controller = controller
+        self.consoles = consoles
         self._source = source
         self._max_logs = max_logs
         self.logs: set[S] = set()
@@ -72,11 +80,16 @@ class Streams(Generic[S]):
         self._change_line: tuple[Change | None, bytes] = (None, b"")
 
     def serves(self, method: str) -> bool:
+        if method == wire.CONSOLE:
+            return self.consoles is not None
         return method == wire.WATCH or (method == wire.LOGS and self._source is not None)
 
     def start(self, conn: S, request: Request) -> None:
         """Hand ``conn`` to the stream ``request`` asks for (one :meth:`serves`)."""
-        if request.method == wire.WATCH:
+        if request.method == wire.CONSOLE:
+            assert self.consoles is not None
+            self.consoles.attach(conn.transport, request)  # the connection is the console's now
+        elif request.method == wire.WATCH:
             self._watch(conn)
         else:
             self._stream_logs(conn, request)
@@ -90,6 +103,22 @@ class Streams(Generic[S]):
         self.watches.add(conn)
         assert conn.stream is not None
         conn.stream.add_done_callback(lambda _: self.watches.discard(conn))
+
+    def finish(self, last_line: str) -> None:
+        """A reload: every stream ends with ``last_line``; a console's also says where the
+        output had reached, for the next attach to go on from there."""
+        farewell = wire.encode_response(Response(ok=True, message=last_line))
+        for conn in [*self.logs, *self.watches]:
+            conn.finish(farewell)
+        if self.consoles is not None:
+            self.consoles.end(last_line, resume=True)
+
+    def cut(self, why: str) -> None:
+        """vmhost exits: the streams are cut; the consoles are told ``why``."""
+        for conn in [*self.logs, *self.watches]:
+            conn.transport.abort()
+        if self.consoles is not None:
+            self.consoles.end(why)
 
     def change_line(self, change: Change) -> bytes:
         """A change's line, encoded once for all its watchers."""

@@ -24,9 +24,12 @@ STOP: Final = "stop"
 FORCE_STOP: Final = "force_stop"
 LOGS: Final = "logs"
 WATCH: Final = "watch"
-METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH})
-STREAMS: Final = frozenset({LOGS, WATCH})
+CONSOLE: Final = "console"
+METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH, CONSOLE})
+STREAMS: Final = frozenset({LOGS, WATCH, CONSOLE})
 """Methods answered with many lines, until the server closes."""
+READ_WRITE: Final = "read-write"
+READ_ONLY: Final = "read-only"
 
 Buffer = bytes | bytearray | memoryview
 GoInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -37,7 +40,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     """``{"method": ..., "timeout_seconds": ...}``; the rest are vmhost extensions.
 
     ``detail`` asks for the extension fields of :class:`Response`; ``lines`` and
-    ``follow`` belong to the ``logs`` extension method.  A Go peer sends none.
+    ``follow`` belong to the ``logs`` extension method, ``lines``, ``read_only``,
+    ``force`` and ``since`` to ``console`` (:mod:`vmhost.control.attach`).  A Go peer
+    sends none.
     """
 
     method: str = ""
@@ -45,6 +50,9 @@ class Request(msgspec.Struct, omit_defaults=True):
     detail: bool = False
     lines: GoInt = 0
     follow: bool = False
+    read_only: bool = False
+    force: bool = False
+    since: str = ""
 
 
 class Response(msgspec.Struct, omit_defaults=True):
@@ -64,6 +72,22 @@ class Response(msgspec.Struct, omit_defaults=True):
     version: str = ""
     """Of the vmhost answering (detail): after an upgrade, which VMs run the new code."""
     event: str = ""
+
+
+class ConsoleLine(msgspec.Struct, omit_defaults=True):
+    """What vmhost sends an attached console (the ``console`` extension), one JSON line
+    each; ``ok`` and ``error`` as in :class:`Response`, so a refusal reads the same."""
+
+    ok: bool
+    error: str = ""
+    message: str = ""
+    """For the person: who has the input, a takeover, why the console ended."""
+    mode: str = ""
+    """``read-write`` or ``read-only``: on the first line, and whenever it changes."""
+    output: bytes = b""
+    """The console's bytes as the guest wrote them."""
+    resume: str = ""
+    """On the last line of a reload: where the next attach's ``since`` picks up."""
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -95,6 +119,10 @@ def encode_response(response: Response) -> bytes:
     if response.error or response.message:  # only free text can need Go's escapes
         data = _GO_ESCAPE.sub(lambda m: _GO_FORM[m.group()], data)
     return data + b"\n"
+
+
+def encode_console(line: ConsoleLine) -> bytes:
+    return _encoder.encode(line) + b"\n"
 
 
 def error_response(text: str) -> bytes:

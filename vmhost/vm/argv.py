@@ -36,16 +36,19 @@ def argv(
     console_fd: int,
     kvm: bool,
     held: bool = False,
+    console_input_fd: int = -1,
     notify_fd: int | None = None,
 ) -> list[str]:
-    """The full QEMU command line; ``qmp_fd``, ``console_fd`` and ``notify_fd`` (if given)
-    must be passed to the child.
+    """The full QEMU command line; ``qmp_fd``, ``console_fd``, ``console_input_fd`` and
+    ``notify_fd`` (if given) must be passed to the child.
 
     The console is a pipe's write end, not a socket: QEMU writes the serial
     port a byte at a time, and a pipe packs those bytes into pages where a
     socket queues one buffer per byte, which made reading them most of
     vmhost's CPU for a chatty guest.  Set non-blocking, it holds QEMU back
-    (losslessly) when full.  QEMU takes it as a file from an fd set.
+    (losslessly) when full.  QEMU takes it as a file from an fd set.  The
+    console's input, another pipe's read end, joins it once QMP is up
+    (:func:`console_with_input`): QEMU 7.2 has no command-line syntax for it.
 
     ``held`` starts QEMU with its vCPUs stopped (``-S``) until a QMP ``cont``.
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
@@ -92,6 +95,8 @@ def argv(
             "-device",
             f"virtio-9p-pci,fsdev=fs{i},mount_tag=share{i}",
         ]
+    if console_input_fd >= 0:
+        args += ["-add-fd", f"fd={console_input_fd},set={console_input_fd}"]
     args += [
         "-add-fd",
         f"fd={console_fd},set={console_fd}",
@@ -111,6 +116,17 @@ def argv(
     if held:
         args.append("-S")
     return args + list(config.qemu.extra_args)
+
+
+def console_with_input(console_fd: int, console_input_fd: int) -> dict[str, object]:
+    """QMP ``chardev-change`` arguments that give the serial console its input pipe as well.
+
+    The ``file`` backend reads ``in`` (``input-path=`` on the command line only
+    from QEMU 8.1) and still writes ``out``, the same output pipe: the serial
+    port keeps its chardev, the guest notices nothing.
+    """
+    data = {"in": f"/dev/fdset/{console_input_fd}", "out": f"/dev/fdset/{console_fd}"}
+    return {"id": "serial0", "backend": {"type": "file", "data": {**data, "append": True}}}
 
 
 def notify_args(fd: int) -> list[str]:

@@ -1,21 +1,28 @@
 """The guest's serial console: read from QEMU's pipe, kept in rotated files, sent to the
-journal within a budget of its own."""
+journal within a budget of its own; its input, a pipe of its own, for ``vmhostctl console``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import logging.handlers
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Final
 
+from qemu.qmp import QMPError
 from systemd import journal
 
 from ..config import ConsoleConfig
 from ..journal import CONSOLE_IDENTIFIER, FIELD_VM, journal_connected
+from .argv import console_with_input
+
+if TYPE_CHECKING:
+    from .qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,49 @@ async def read_console(
                 on_console(chunk)
             if len(chunk) < CHUNK:
                 await asyncio.sleep(GATHER)  # the next bytes gather in the pipe
+
+
+class ConsoleInput:
+    """The serial console's input: a pipe whose write end only vmhost holds (QEMU reads the
+    other), handed over at a reload like the output pipe; ``fd`` is -1 while there is none.
+
+    One page (4 KiB): a guest that reads no input holds that much of it, not 64 KiB of
+    stale keys.  vmhost writes it without blocking; QEMU reads as the guest's UART takes.
+    """
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self._change: dict[str, object] | None = None
+
+    def open(self, console_fd: int) -> int:
+        """A new pipe for a QEMU about to start whose console writes ``console_fd`` (its
+        number in QEMU); the read end is returned, to be passed to QEMU and closed here."""
+        self.close()
+        read, self.fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, 4096)
+        self._change = console_with_input(console_fd, read)
+        return read
+
+    def adopt(self, fd: int) -> None:
+        """The write end a previous vmhost handed over (-1 from one that had none)."""
+        self.fd = fd
+
+    async def connect(self, qmp: QmpSession) -> None:
+        """Give QEMU's serial chardev its input, keeping its output (QMP ``chardev-change``:
+        QEMU 7.2's ``file`` chardev has no ``input-path=`` on the command line, 8.1 has).
+        Without it the console is only read."""
+        if self._change is None or self.fd < 0:
+            return
+        try:
+            await qmp.execute("chardev-change", arguments=self._change)
+        except (QMPError, OSError, TimeoutError) as e:
+            log.warning("the serial console takes no input: %s", e)
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _console_record(text: str) -> logging.LogRecord:

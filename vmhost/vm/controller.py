@@ -80,6 +80,7 @@ class QemuController:
         self._spawn = self._tasks.spawn
         self._console: IO[bytes] | None = None
         """The console pipe's read end (QEMU has the write end)."""
+        self.console_input = self._process.console_input  # vmhostctl console types into it
         self.readiness = Readiness(config, self._spawn, self._ready, self.stop, budget(config))
         self._agent_socket = qemu_argv.agent_socket(state_dir) if config.agent.port else None
         self._agent = AgentLink(config.agent, self._agent_socket) if self._agent_socket else None
@@ -153,6 +154,7 @@ class QemuController:
             await self._qmp.connect(sock, budget=self.start_timeout, on_wait=self.on_start_wait)
             self._spawn(self._qmp.read_events())
             self._process.check_guard(self.config, env["LD_PRELOAD"])
+            await self.console_input.connect(self._qmp)  # before the guest's first byte
             if "-S" not in self.config.qemu.extra_args:  # else the config holds it itself
                 await self._qmp.execute("cont")
             status = await self._qmp.execute("query-status")

@@ -32,6 +32,8 @@ class RunningQemu(msgspec.Struct, frozen=True, kw_only=True):
     stderr_tail: list[str] = []
     agent: bool = False
     """The guest agent was provisioned: the next vmhost reconnects without provisioning again."""
+    console_input_fd: int = -1
+    """The console input pipe's write end; -1 when there is none (an older vmhost's QEMU)."""
     notify_fd: int = -1
     """vmhost's end of the guest's notify port (``[boot] ready = "notify"``), else -1."""
     ready_note: str = ""
@@ -59,6 +61,7 @@ class RunningQemu(msgspec.Struct, frozen=True, kw_only=True):
             shutdown_event=qmp.shutdown_event,
             stderr_tail=list(process.stderr_tail),
             agent=agent,
+            console_input_fd=process.console_input.fd,
             notify_fd=readiness.notify_fd,
             ready_note=readiness.note,
         )
@@ -67,14 +70,15 @@ class RunningQemu(msgspec.Struct, frozen=True, kw_only=True):
         """In the new vmhost: what the parts knew, and the console's read end."""
         qmp.shutdown_event, qmp.vcpus_stopped = self.shutdown_event, self.vcpus_stopped
         process.stderr_tail.extend(self.stderr_tail)
-        process.adopt(self.pid, self.stderr_fd)
+        process.adopt(self.pid, self.stderr_fd, self.console_input_fd)
         readiness.adopt(self.ready_note, self.notify_fd)  # only a ready guest is handed over
         return os.fdopen(self.console_fd, "rb", buffering=0)
 
     @property
     def fds(self) -> tuple[int, ...]:
         fds = (self.qmp_fd, self.console_fd, self.stderr_fd)
-        return (*fds, self.notify_fd) if self.notify_fd >= 0 else fds
+        extra = tuple(fd for fd in (self.console_input_fd, self.notify_fd) if fd >= 0)
+        return (*fds, *extra)
 
 
 def refusal(run: RunState, process: QemuProcess) -> str:

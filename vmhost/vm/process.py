@@ -20,6 +20,7 @@ from typing import IO, Any, Final
 from ..config import Config
 from ..errors import ControllerError
 from . import argv
+from .console import ConsoleInput
 from .state import VMState
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class QemuProcess:
         self.stderr: IO[bytes] | None = None
         self.stream: tuple[asyncio.ReadTransport, asyncio.StreamReader] | None = None
         """stderr as read through a transport: paused at a handover."""
+        self.console_input = ConsoleInput()
         self._pidfd = -1
         self._popen: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -115,10 +117,12 @@ class QemuProcess:
         notify: socket.socket | None = None,
     ) -> tuple[socket.socket, IO[bytes]]:
         """QEMU for ``config``, held before the guest's first instruction (``-S``); returns
-        vmhost's end of QMP and the console pipe's read end.  ``notify``, QEMU's end of the
-        guest's notify port, is passed and closed.  Leaks nothing if it fails."""
+        vmhost's end of QMP and the console pipe's read end (the input's write end is
+        :attr:`console_input`).  ``notify``, QEMU's end of the guest's notify port, is passed
+        and closed.  Leaks nothing if it fails."""
         qmp_parent, qmp_child = socket.socketpair()
         console_read, console_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        input_read = self.console_input.open(console_write)
         try:
             args = argv.argv(
                 config,
@@ -127,18 +131,21 @@ class QemuProcess:
                 console_fd=console_write,
                 kvm=argv.accel_is_kvm(config),
                 held=True,
+                console_input_fd=input_read,
                 notify_fd=notify.fileno() if notify is not None else None,
             )
             log.info("starting QEMU: %s", " ".join(args), extra={"VMHOST_STATE": "starting"})
-            fds = (qmp_child.fileno(), console_write)
+            fds = (qmp_child.fileno(), console_write, input_read)
             self._spawn(args, env, (*fds, notify.fileno()) if notify is not None else fds)
         except BaseException:
             qmp_parent.close()
             os.close(console_read)
+            self.console_input.close()
             raise
         finally:
             qmp_child.close()
             os.close(console_write)
+            os.close(input_read)
             if notify is not None:
                 notify.close()
         return qmp_parent, os.fdopen(console_read, "rb", buffering=0)
@@ -161,9 +168,10 @@ class QemuProcess:
         assert self._popen.stderr is not None
         self._watch(self._popen.pid, self._popen.stderr)
 
-    def adopt(self, pid: int, stderr_fd: int) -> None:
+    def adopt(self, pid: int, stderr_fd: int, console_input_fd: int = -1) -> None:
         """A QEMU inherited across a re-exec: still our child, but no Popen of this process."""
         self._watch(pid, os.fdopen(stderr_fd, "rb", buffering=0))
+        self.console_input.adopt(console_input_fd)
 
     def _watch(self, pid: int, stderr: IO[bytes]) -> None:
         self.pid, self.stderr = pid, stderr
@@ -231,6 +239,7 @@ class QemuProcess:
     def close(self) -> None:
         if self.stderr is not None:
             self.stderr.close()
+        self.console_input.close()
 
 
 def _die_with_parent() -> None:

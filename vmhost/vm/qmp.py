@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
 from qemu.qmp import QMPClient, QMPError, Runstate
@@ -64,9 +64,15 @@ class QmpSession:
         transport = cast(asyncio.ReadTransport, self.client._writer.transport)
         self.stream = (transport, self.client._reader)
 
-    async def execute(self, command: str, timeout: float = COMMAND_TIMEOUT) -> object:
+    async def execute(
+        self,
+        command: str,
+        timeout: float = COMMAND_TIMEOUT,
+        *,
+        arguments: Mapping[str, object] | None = None,
+    ) -> object:
         async with asyncio.timeout(timeout):
-            return await self.client.execute(command)
+            return await self.client.execute(command, arguments)
 
     async def read_events(self) -> None:
         """Hand each event to ``on_event``, in order, until the session ends."""
