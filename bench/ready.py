@@ -151,8 +151,9 @@ def _through_vmhost(vmdir: Path, config: Path) -> tuple[float, float, float]:
                 if process.poll() is not None:
                     raise RuntimeError(f"vmhost exited with {process.returncode}")
             ready, ready_wall = time.perf_counter(), time.time()
-            if ask(sock, FORCE_STOP) != STOPPING:
-                raise RuntimeError("force_stop was not answered 'stopping'")
+            answer = ask(sock, FORCE_STOP)
+            if answer != STOPPING:
+                raise RuntimeError(f"force_stop was answered {answer!r}")
             process.wait(10)
         finally:
             if process.poll() is None:

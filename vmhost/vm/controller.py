@@ -117,7 +117,7 @@ class QemuController:
     @property
     def step(self) -> str:
         """The stop chain's step, else what booting waits for or took: a detail ``message``."""
-        if self._stop is not None or self._run.ended:
+        if self._run.ended or self._run.state is VMState.STOPPING:
             return self._stop.step if self._stop is not None and not self._run.ended else ""
         return self.readiness.note
 
