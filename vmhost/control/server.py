@@ -1,11 +1,10 @@
 """The control server: one listening unix socket, many short connections.
 
-Listening (bound here or handed over by systemd or a previous vmhost), dispatch
-of each request to the controller, the answers encoded once per VM state, the
-connection cap and idle sweep, and the two endings: :meth:`Server.close` (a final
-exit: what the kernel queued is answered) and :meth:`Server.drain` (a reload: the
-backlog is kept for the next vmhost).  Framing is :mod:`vmhost.control.connection`;
-``watch`` and ``logs`` are :mod:`vmhost.control.streams`.
+Listening (bound here, or handed over by systemd or a previous vmhost), dispatch,
+the answers encoded once per VM state, the connection cap and idle sweep, and two
+endings: :meth:`Server.close` (a final exit: what the kernel queued is answered) and
+:meth:`Server.drain` (a reload: the backlog is kept for the next vmhost).  Framing is
+:mod:`vmhost.control.connection`; ``watch`` and ``logs`` are :mod:`vmhost.control.streams`.
 """
 
 from __future__ import annotations
