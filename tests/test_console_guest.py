@@ -111,11 +111,13 @@ class Terminal:
 def booted(make_vm: MakeVM) -> Iterator[Vmhost]:
     """A running guest under a real ``vmhost serve``, its shell on the serial console."""
     factory = vmhost_factory()
-    vmhost = next(factory)(make_vm())
-    vmhost.boot()
-    vmhost.wait_console("tinyguest# ")
-    yield vmhost
-    next(factory, None)
+    try:
+        vmhost = next(factory)(make_vm())
+        vmhost.boot()
+        vmhost.wait_console("tinyguest# ")
+        yield vmhost
+    finally:  # a set-up that failed kills its vmhost too
+        next(factory, None)
 
 
 @pytest.fixture
