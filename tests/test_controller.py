@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import logging
 import os
@@ -466,3 +467,39 @@ async def test_stop_without_a_timeout_takes_the_configs(make_vm: Callable[..., V
     finally:
         await controller.close()
     assert controller.ending is ExitCause.REQUESTED
+
+
+@pytest.mark.parametrize("how", ["stop", "poweroff", "reset then stop"])
+async def test_an_ending_leaves_no_unretrieved_exception(
+    make_vm: Callable[..., VM], how: str
+) -> None:
+    """QEMU's end and close() leave nothing for asyncio to report (an EOFError traceback)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        vm = make_vm(cmdline="guest.autopoweroff=1" if how == "poweroff" else "")
+        controller = await started(vm)
+        try:
+            if how == "poweroff":
+                async with asyncio.timeout(60):
+                    await controller.wait()
+            else:
+                await vm.wait_for_console("TINYGUEST READY")
+                if how == "reset then stop":
+                    await controller._qmp.execute("system_reset")
+                    await until(
+                        lambda: vm.console.read_text(errors="replace").count("TINYGUEST READY") > 1,
+                        "the guest booted again",
+                    )
+                await controller.stop(30)
+            await asyncio.sleep(0)  # the service closes a few passes later: the disconnect began
+        finally:
+            await controller.close()
+        assert controller.state is VMState.STOPPED
+        del controller
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == []

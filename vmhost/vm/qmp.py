@@ -33,6 +33,7 @@ class QmpSession:
         self.stream: tuple[asyncio.ReadTransport, asyncio.StreamReader] | None = None
         self.shutdown_event: dict[str, Any] | None = None
         self.vcpus_stopped = False
+        self._disconnecting: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -129,10 +130,18 @@ class QmpSession:
             await asyncio.sleep(0)
 
     async def disconnect(self) -> None:
-        # A failed connect is already idle; one in progress fails (and cleans up) alone.
-        if self.client.runstate not in (Runstate.IDLE, Runstate.CONNECTING):
-            with contextlib.suppress(QMPError, OSError, EOFError):
-                await self.client.disconnect()
+        """One disconnect, run to its end even if its callers are cancelled: qemu.qmp's cut
+        short leaves the reader's EOFError unretrieved, a traceback in the journal."""
+        if self._disconnecting is None or self._disconnecting.done():
+            # A failed connect is already idle; one in progress fails (and cleans up) alone.
+            if self.client.runstate in (Runstate.IDLE, Runstate.CONNECTING):
+                return
+            self._disconnecting = asyncio.create_task(self._disconnect())
+        await asyncio.shield(self._disconnecting)
+
+    async def _disconnect(self) -> None:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.client.disconnect()
 
 
 async def pause_at_line(transport: asyncio.ReadTransport, reader: asyncio.StreamReader) -> None:
