@@ -59,8 +59,9 @@ class Figures:
 
 
 FAULTS: Final = frozenset(
-    {"qemu-kill", "qemu-rt", "qemu-stop-cont", "vmhost-kill", "guest-poweroff", "guest-reboot"}
-)
+    {"qemu-kill", "qemu-rt", "qemu-stop-cont", "vmhost-kill", "guest-poweroff", "guest-reboot",
+     "guest-console-poweroff", "guest-console-reboot"}
+)  # fmt: skip
 _STARTING: Final = frozenset(
     {"ctl-start", "sys-start", "sys-restart", "wake", "guest-reboot", "qemu-kill", "qemu-rt",
      "vmhost-kill", "stop-then-restart"}
@@ -85,7 +86,16 @@ _WHEN: Final[dict[str, frozenset[str]]] = {
     "clients": frozenset({"up"}),
     "status-burst": frozenset({"up", "down", "asleep"}),
 }
-_ENDS: Final = frozenset({"ctl-stop", "sys-stop", "guest-poweroff", "ctl-force-stop"})
+CONSOLE_OPS: Final[dict[str, frozenset[str]]] = {
+    "console-clients": frozenset({"up"}),
+    "guest-console-poweroff": frozenset({"up"}),
+    "guest-console-reboot": frozenset({"up"}),
+}
+"""Drawn only where ``vmhostctl console`` exists (its branch also gives the guest a shell on
+its serial console)."""
+_ENDS: Final = frozenset(
+    {"ctl-stop", "sys-stop", "guest-poweroff", "ctl-force-stop", "guest-console-poweroff"}
+)
 _KEEPS: Final = frozenset(
     {"sys-restart", "sys-reload", "qemu-kill", "qemu-rt", "qemu-stop-cont", "vmhost-kill"}
 )
@@ -103,17 +113,22 @@ class Soak:
         self.figures = Figures()
         self.checks = Checks(ct, venv, vms, self.figures.checks)
         self.watchers: dict[str, tuple[Any, str]] = {}
+        help = ct.run(str(venv / "bin/vmhostctl"), "console", "--help", check=False)
+        self.ops = _WHEN | (CONSOLE_OPS if help.returncode == 0 else {})
         ct.write("/run/soak/probe.py", PROBE.read_text())
 
     def run(self, minutes: float, log: Callable[[str], None] = print) -> Figures:
-        log(f"soak: seed {self.seed}, {len(self.vms)} VMs, {minutes} min")
+        console = "with" if "console-clients" in self.ops else "without (no vmhostctl console)"
+        log(f"soak: seed {self.seed}, {len(self.vms)} VMs, {minutes} min, {console} console ops")
         deadline = time.monotonic() + minutes * 60
+        for vm in self.vms:  # every VM up to begin with: the faults have something to hit
+            self._step(0, vm, "sys-start")
         while time.monotonic() < deadline:
             self.figures.steps += 1
             step = self.figures.steps
             vm = self.rng.choice(self.vms)
             model = self.model[vm.name]
-            allowed = [op for op, states in _WHEN.items() if model.state in states]
+            allowed = [op for op, states in self.ops.items() if model.state in states]
             if sum(s > step - STARTS_WINDOW for s in model.starts) >= 5:
                 allowed = [op for op in allowed if op not in _STARTING]
             op = self.rng.choice(allowed)
@@ -173,8 +188,9 @@ class Soak:
             sys("start", vm.unit)
             return Outcome("up", records=() if up else _STARTED)
         if op == "sys-stop":
-            sys("stop", vm.unit)
-            return Outcome("down", records=graceful, clean=up, watch_end="stopped" if up else "")
+            sys("stop", vm.unit)  # not its socket: a listening socket (asleep) listens on
+            asleep = "asleep" if model.state == "asleep" else "down"
+            return Outcome(asleep, records=graceful, clean=up, watch_end="stopped" if up else "")
         if op == "sys-restart":
             sys("restart", vm.unit)
             return Outcome("up", records=graceful + _STARTED, watch_end="stopped" if up else "")
@@ -221,6 +237,21 @@ class Soak:
             vm.ctl("stop", "--no-block", vm.name)
             sys("restart", vm.unit)
             return Outcome("up", records=graceful + _STARTED, watch_end="stopped")
+        if op.startswith("guest-console-"):
+            vm.wait_console()  # the shell listens from READY on
+            poweroff = op == "guest-console-poweroff"
+            what = "/etc/tinyguest/poweroff" if poweroff else "cd /; sync; umount /mnt; reboot -f"
+            self._console("--force", "-n", "0", vm=vm, typed=f"{what}\n", hold=3)
+            if poweroff:
+                return Outcome("down", records=(Event.STOPPED.message_id,), clean=True,
+                               watch_end="stopped")  # fmt: skip
+            pid = vm.show("MainPID")["MainPID"]
+            return Outcome("up", main_pid=pid, console="reboot: Restarting system")
+        if op == "console-clients":
+            for _ in range(self.rng.randint(1, 3)):
+                hold = self.rng.uniform(0.2, 2)
+                self._console("--read-only", "-n", str(self.rng.randint(0, 100)), vm=vm, hold=hold)
+            return Outcome("up")
         if op == "clients":
             self._clients(vm)
             return Outcome("up")
@@ -255,6 +286,13 @@ class Soak:
             out, _ = p.communicate(timeout=60)
             if p.returncode != 0:
                 raise Violation(f"a vanishing client failed: {out!r}")
+
+    def _console(self, *args: str, vm: VM, typed: str = "", hold: float) -> None:
+        """vmhostctl console with a pipe for stdin, killed without warning after HOLD s."""
+        ctl = str(self.venv / "bin/vmhostctl")
+        script = '"$0" console "$@" <&0 & sleep "$HOLD"; kill -KILL $! 2>/dev/null; wait'
+        self.ct.run("env", f"HOLD={hold:.2f}", "sh", "-c", script, ctl, vm.name, *args,
+                    input=typed, check=False)  # fmt: skip
 
     def _status_burst(self, vm: VM, state: str) -> None:
         """vmhostctl status polls (they never wake a VM); Go-style ones when the VM is up."""

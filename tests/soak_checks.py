@@ -97,8 +97,12 @@ class Checks:
             raise Violation(f"no journal record {missing} for {op}")
         self.counts["journal"] += len(outcome.records)
         if outcome.console:
-            if not any(outcome.console in str(r.get("MESSAGE")) for r in records):
-                raise Violation(f"the console never said {outcome.console!r}")
+            deadline = time.monotonic() + SETTLE
+            while not any(outcome.console in str(r.get("MESSAGE")) for r in records):
+                if time.monotonic() > deadline:
+                    raise Violation(f"the console never said {outcome.console!r}")
+                time.sleep(0.5)
+                records = self.ct.journal(f"--since=@{since:.6f}", f"VMHOST_VM={vm.name}")
             self.counts["console"] += 1
         systemd = self.ct.journal(f"--since=@{since:.6f}", f"MESSAGE_ID={UNIT_FAILURE}", "_PID=1")
         failures = {r.get("UNIT") for r in systemd if str(r.get("UNIT", "")).startswith("vmhost@")}

@@ -40,7 +40,8 @@ def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
 
 
 def make_vms(ct: Container, venv: Path, guest: GuestImage, prefix: str, count: int) -> list[VM]:
-    """COUNT VMs with the tiny guest and its agent (a stop asks it first; it can power off)."""
+    """COUNT VMs with the tiny guest and its agent (a stop asks it first; it can power off); each
+    guest reboots by itself on its first boot, and again after the soak removes /rebooted."""
     vms = []
     for i in range(count):
         name = f"{prefix}{i}"
@@ -57,7 +58,7 @@ accel = "auto"
 [boot]
 kernel = "{vm_dir}/{guest.kernel.name}"
 initrd = "{vm_dir}/{guest.initrd.name}"
-cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} guest.reboot_once=1"
 [[disks]]
 path = "{vm.disk}"
 [network]
