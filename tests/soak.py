@@ -59,12 +59,12 @@ class Figures:
 
 
 FAULTS: Final = frozenset(
-    {"qemu-kill", "qemu-rt", "qemu-stop-cont", "vmhost-kill", "guest-poweroff", "guest-reboot",
-     "guest-console-poweroff", "guest-console-reboot"}
+    {"qemu-kill", "qemu-rt", "reload-then-kill", "qemu-stop-cont", "vmhost-kill",
+     "guest-poweroff", "guest-reboot", "guest-console-poweroff", "guest-console-reboot"}
 )  # fmt: skip
 _STARTING: Final = frozenset(
     {"ctl-start", "sys-start", "sys-restart", "wake", "guest-reboot", "qemu-kill", "qemu-rt",
-     "vmhost-kill", "stop-then-restart"}
+     "vmhost-kill", "stop-then-restart", "reload-then-kill"}
 )  # fmt: skip
 _WHEN: Final[dict[str, frozenset[str]]] = {
     "ctl-stop": frozenset({"up", "down", "asleep"}),
@@ -83,6 +83,7 @@ _WHEN: Final[dict[str, frozenset[str]]] = {
     "qemu-stop-cont": frozenset({"up"}),
     "vmhost-kill": frozenset({"up"}),
     "stop-then-restart": frozenset({"up"}),
+    "reload-then-kill": frozenset({"up"}),
     "clients": frozenset({"up"}),
     "status-burst": frozenset({"up", "down", "asleep"}),
 }
@@ -141,7 +142,7 @@ class Soak:
                     f"{self.checks.evidence(vm)}"
                 ) from None
         self._stop_watchers()
-        log("soak: " + self.figures.report())
+        log(f"soak: {self.figures.report()}; status connections answered {self.checks.answered}")
         return self.figures
 
     def _step(self, step: int, vm: VM, op: str) -> None:
@@ -252,6 +253,10 @@ class Soak:
                 hold = self.rng.uniform(0.2, 2)
                 self._console("--read-only", "-n", str(self.rng.randint(0, 100)), vm=vm, hold=hold)
             return Outcome("up")
+        if op == "reload-then-kill":
+            sys("reload", "--no-block", vm.unit)
+            self.ct.run("kill", "-KILL", str(vm.qemu_pid()))
+            return Outcome("up", restarted=1, records=(Event.CRASHED.message_id, *_STARTED))
         if op == "clients":
             self._clients(vm)
             return Outcome("up")

@@ -52,6 +52,8 @@ class Checks:
         self.vms = {vm.name: vm for vm in vms}
         self.fd_baseline: dict[str, int] = {}
         self.last: dict[str, Any] = {}
+        self.answered = 0
+        """Status connections the pollers had answered."""
 
     def probe(self) -> dict[str, Any]:
         argv = ("/usr/bin/python3", "/run/soak/probe.py", "probe", str(self.venv), *self.vms)
@@ -140,7 +142,8 @@ class Checks:
             raise Violation(f"{op}: status clients {tally}")
         if not ending and tally["refused"]:
             raise Violation(f"{op}: a connect was refused while the VM lived on: {tally}")
-        self.counts["answered"] += tally["answered"]
+        self.counts["clients-answered"] += 1
+        self.answered += tally["answered"]
 
     def watch_running(self, vm: VM) -> None:
         """A new watch's first line is the state the others agree on."""
