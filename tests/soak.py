@@ -339,6 +339,7 @@ class Soak:
             if outcome.watch_end:
                 self.checks.watch_ended(vm, outcome.watch_end)
         if self.model[vm.name].state == "up":
+            self.ct.run("rm", "-f", f"/run/soak/{vm.name}.watch")  # the last watch's lines
             ctl = str(self.venv / "bin/vmhostctl")
             watcher = self.ct.popen(
                 "sh", "-c", 'echo $$; exec "$0" events "$1" --json >/run/soak/"$1".watch',
