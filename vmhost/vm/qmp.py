@@ -33,6 +33,7 @@ class QmpSession:
         self.stream: tuple[asyncio.ReadTransport, asyncio.StreamReader] | None = None
         self.shutdown_event: dict[str, Any] | None = None
         self.vcpus_stopped = False
+        self._disconnecting: asyncio.Future[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -123,6 +124,13 @@ class QmpSession:
             await asyncio.sleep(0)
 
     async def disconnect(self) -> None:
+        """Once, and never cut half-way: qemu.qmp's disconnect cancelled while it waits leaves
+        its reader's EOFError in a gather nobody retrieves, which asyncio logs as an error."""
+        if self._disconnecting is None:
+            self._disconnecting = asyncio.ensure_future(self._disconnect())
+        await asyncio.shield(self._disconnecting)
+
+    async def _disconnect(self) -> None:
         # A failed connect is already idle; one in progress fails (and cleans up) alone.
         if self.client.runstate not in (Runstate.IDLE, Runstate.CONNECTING):
             with contextlib.suppress(QMPError, OSError, EOFError):
