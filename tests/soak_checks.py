@@ -18,6 +18,10 @@ FD_SLACK: Final = 16
 """Descriptors a vmhost may hold beyond its first settled count (clients still closing)."""
 
 
+_UNEXPECTED: Final = "Traceback (most recent call last)"
+"""In vmhost's own records only when an exception escaped where none was expected."""
+
+
 class Violation(AssertionError):
     """An invariant did not hold: the run stops."""
 
@@ -95,6 +99,9 @@ class Checks:
         """The step's own traces: journal records, the disk, the PID, the socket of a down VM."""
         records = self.ct.journal(f"--since=@{since:.6f}", f"VMHOST_VM={vm.name}")
         ids = {r.get("MESSAGE_ID") for r in records}
+        if noise := [m for r in records if _UNEXPECTED in (m := str(r.get("MESSAGE")))]:
+            raise Violation(f"vmhost logged an unexpected exception: {noise[0]}")
+        self.counts["no-traceback"] += 1
         if missing := [i for i in outcome.records if i not in ids]:
             raise Violation(f"no journal record {missing} for {op}")
         self.counts["journal"] += len(outcome.records)
