@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from container import Container
+from container import Container, ContainerError
 from soak_checks import Checks, Outcome, Violation
-from test_systemd_e2e import VM
+from test_systemd_e2e import VM, wait_for
 
 from vmhost.journal import Event
 
@@ -136,7 +136,7 @@ class Soak:
             log(f"step {step}: {vm.name} ({model.state}) {op}")
             try:
                 self._step(step, vm, op)
-            except Violation as e:
+            except (AssertionError, ContainerError) as e:  # a command failing is one too
                 raise Violation(
                     f"seed {self.seed}, step {step} ({vm.name} {op}): {e}\n"
                     f"{self.checks.evidence(vm)}"
@@ -209,7 +209,7 @@ class Soak:
                 raise Violation(f"the waking connect was answered {reply}")
             return Outcome("up", records=_STARTED)
         if op == "guest-poweroff":
-            vm.wait_console()  # the agent listens from READY on
+            self._guest_ready(vm)  # the agent listens from READY on
             reply = self._probe("agent", vm.name)["reply"]
             if '"ok":true' not in reply:
                 raise Violation(f"the agent answered shutdown with {reply!r}")
@@ -239,7 +239,8 @@ class Soak:
             sys("restart", vm.unit)
             return Outcome("up", records=graceful + _STARTED, watch_end="stopped")
         if op.startswith("guest-console-"):
-            vm.wait_console()  # the shell listens from READY on
+            self._guest_ready(vm)  # the shell starts right after READY
+            time.sleep(1)
             poweroff = op == "guest-console-poweroff"
             what = "/etc/tinyguest/poweroff" if poweroff else "cd /; sync; umount /mnt; reboot -f"
             self._console("--force", "-n", "0", vm=vm, typed=f"{what}\n", hold=3)
@@ -291,6 +292,19 @@ class Soak:
             out, _ = p.communicate(timeout=60)
             if p.returncode != 0:
                 raise Violation(f"a vanishing client failed: {out!r}")
+
+    def _guest_ready(self, vm: VM) -> None:
+        """The guest's last boot (since this vmhost's start, or its last reset) said READY."""
+        pid = vm.show("MainPID")["MainPID"]
+
+        def ready() -> bool:
+            said = self.ct.run("journalctl", "--no-pager", "-o", "cat", f"_PID={pid}",
+                               f"VMHOST_VM={vm.name}", "SYSLOG_IDENTIFIER=vmhost-console",
+                               check=False).stdout  # fmt: skip
+            boots = [x for x in said.splitlines() if "READY" in x or "Restarting system" in x]
+            return bool(boots) and "TINYGUEST READY" in boots[-1]
+
+        wait_for(f"{vm.name}'s guest ready", ready, timeout=90)
 
     def _console(self, *args: str, vm: VM, typed: str = "", hold: float) -> None:
         """vmhostctl console with a pipe for stdin, killed without warning after HOLD s."""
