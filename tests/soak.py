@@ -240,15 +240,20 @@ class Soak:
             return Outcome("up", records=graceful + _STARTED, watch_end="stopped")
         if op.startswith("guest-console-"):
             self._guest_ready(vm)  # the shell starts right after READY
-            time.sleep(1)
             poweroff = op == "guest-console-poweroff"
             what = "/etc/tinyguest/poweroff" if poweroff else "cd /; sync; umount /mnt; reboot -f"
-            self._console("--force", "-n", "0", vm=vm, typed=f"{what}\n", hold=3)
+            pid = vm.show("MainPID")["MainPID"]
+            for _ in range(4):  # keys typed before the shell sets up its terminal are flushed
+                typed = time.time()
+                self._console("--force", "-n", "0", vm=vm, typed=f"{what}\n", hold=2)
+                if self._console_said(vm, pid, typed, "Power down" if poweroff else "Restarting"):
+                    break
+            else:
+                raise Violation(f"the guest's shell never ran {what!r}")
             if poweroff:
                 return Outcome("down", records=(Event.STOPPED.message_id,), clean=True,
                                watch_end="stopped")  # fmt: skip
-            pid = vm.show("MainPID")["MainPID"]
-            return Outcome("up", main_pid=pid, console="reboot: Restarting system")
+            return Outcome("up", main_pid=pid)
         if op == "console-clients":
             for _ in range(self.rng.randint(1, 3)):
                 hold = self.rng.uniform(0.2, 2)
@@ -305,6 +310,18 @@ class Soak:
             return bool(boots) and "TINYGUEST READY" in boots[-1]
 
         wait_for(f"{vm.name}'s guest ready", ready, timeout=90)
+
+    def _console_said(self, vm: VM, pid: str, since: float, text: str) -> bool:
+        """Whether the console of vmhost PID says TEXT within 10 s of SINCE."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            said = self.ct.run("journalctl", "--no-pager", "-o", "cat", f"--since=@{since:.6f}",
+                               f"_PID={pid}", f"VMHOST_VM={vm.name}",
+                               "SYSLOG_IDENTIFIER=vmhost-console", check=False).stdout  # fmt: skip
+            if text in said:
+                return True
+            time.sleep(0.5)
+        return False
 
     def _console(self, *args: str, vm: VM, typed: str = "", hold: float) -> None:
         """vmhostctl console with a pipe for stdin, killed without warning after HOLD s."""
