@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from container import Container, ContainerError
-from soak_checks import Checks, Outcome, Violation
+from soak_checks import ENDS, Checks, Outcome, Violation
 from test_systemd_e2e import VM, wait_for
 
 from vmhost.journal import Event
@@ -94,9 +94,6 @@ CONSOLE_OPS: Final[dict[str, frozenset[str]]] = {
 }
 """Drawn only where ``vmhostctl console`` exists (its branch also gives the guest a shell on
 its serial console)."""
-_ENDS: Final = frozenset(
-    {"ctl-stop", "sys-stop", "guest-poweroff", "ctl-force-stop", "guest-console-poweroff"}
-)
 _KEEPS: Final = frozenset(
     {"sys-restart", "sys-reload", "qemu-kill", "qemu-rt", "qemu-stop-cont", "vmhost-kill"}
 )
@@ -150,7 +147,7 @@ class Soak:
         before = model.state
         since = time.time()
         poll = None
-        if before == "up" and (op in _ENDS or op in _KEEPS) and self.rng.random() < 0.5:
+        if before == "up" and (op in ENDS or op in _KEEPS) and self.rng.random() < 0.5:
             poll = self._start_poller(vm)
         outcome = self._do(vm, op, model)
         (self.figures.faults if op in FAULTS else self.figures.ops)[op] += 1
@@ -326,7 +323,8 @@ class Soak:
     def _console(self, *args: str, vm: VM, typed: str = "", hold: float) -> None:
         """vmhostctl console with a pipe for stdin, killed without warning after HOLD s."""
         ctl = str(self.venv / "bin/vmhostctl")
-        script = '"$0" console "$@" <&0 & sleep "$HOLD"; kill -KILL $! 2>/dev/null; wait'
+        # A background job's stdin is /dev/null unless given one: the pipe goes through fd 3.
+        script = 'exec 3<&0; "$0" console "$@" <&3 & sleep "$HOLD"; kill -KILL $! 2>/dev/null; wait'
         self.ct.run("env", f"HOLD={hold:.2f}", "sh", "-c", script, ctl, vm.name, *args,
                     input=typed, check=False)  # fmt: skip
 

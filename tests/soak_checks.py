@@ -22,6 +22,12 @@ _UNEXPECTED: Final = "Traceback (most recent call last)"
 """In vmhost's own records only when an exception escaped where none was expected."""
 
 
+ENDS: Final = frozenset(
+    {"ctl-stop", "sys-stop", "guest-poweroff", "ctl-force-stop", "guest-console-poweroff"}
+)
+"""The operations that end a VM (when it was up)."""
+
+
 class Violation(AssertionError):
     """An invariant did not hold: the run stops."""
 
@@ -143,7 +149,7 @@ class Checks:
         a crash's Restart=); when it ends, all but those made after vmhost's last accept
         (README), at most one per client; after a SIGKILL, those vmhost held when it died."""
         lost = tally["unanswered"]
-        ending = op in ("ctl-stop", "sys-stop", "guest-poweroff", "ctl-force-stop")
+        ending = op in ENDS
         allowed = 4 if ending or op == "vmhost-kill" else 0
         if lost > allowed or (tally["skipped"] and op != "vmhost-kill") or not tally["answered"]:
             raise Violation(f"{op}: status clients {tally}")
