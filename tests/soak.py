@@ -243,7 +243,8 @@ class Soak:
             for _ in range(4):  # keys typed before the shell sets up its terminal are flushed
                 typed = time.time()
                 self._console("--force", "-n", "0", vm=vm, typed=f"{what}\n", hold=2)
-                if self._console_said(vm, pid, typed, "Power down" if poweroff else "Restarting"):
+                effect = "QEMU shutdown: guest-shutdown" if poweroff else "guest reset (reboot)"
+                if self._journal_says(vm, pid, typed, effect):
                     break
             else:
                 raise Violation(f"the guest's shell never ran {what!r}")
@@ -308,13 +309,20 @@ class Soak:
 
         wait_for(f"{vm.name}'s guest ready", ready, timeout=90)
 
-    def _console_said(self, vm: VM, pid: str, since: float, text: str) -> bool:
-        """Whether the console of vmhost PID says TEXT within 10 s of SINCE."""
+    def _journal_says(self, vm: VM, pid: str, since: float, text: str) -> bool:
+        """Whether vmhost PID logs TEXT within 10 s of SINCE."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            said = self.ct.run("journalctl", "--no-pager", "-o", "cat", f"--since=@{since:.6f}",
-                               f"_PID={pid}", f"VMHOST_VM={vm.name}",
-                               "SYSLOG_IDENTIFIER=vmhost-console", check=False).stdout  # fmt: skip
+            said = self.ct.run(
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "cat",
+                f"--since=@{since:.6f}",
+                f"_PID={pid}",
+                f"VMHOST_VM={vm.name}",
+                check=False,
+            ).stdout
             if text in said:
                 return True
             time.sleep(0.5)
