@@ -111,8 +111,8 @@ class Soak:
         self.figures = Figures()
         self.checks = Checks(ct, venv, vms, self.figures.checks)
         self.watchers: dict[str, tuple[Any, str]] = {}
-        help = ct.run(str(venv / "bin/vmhostctl"), "console", "--help", check=False)
-        self.ops = _WHEN | (CONSOLE_OPS if help.returncode == 0 else {})
+        console = ct.run(str(venv / "bin/vmhostctl"), "console", "--help", check=False)
+        self.ops = _WHEN | (CONSOLE_OPS if console.returncode == 0 else {})
         ct.write("/run/soak/probe.py", PROBE.read_text())
 
     def run(self, minutes: float, log: Callable[[str], None] = print) -> Figures:
@@ -120,7 +120,7 @@ class Soak:
         log(f"soak: seed {self.seed}, {len(self.vms)} VMs, {minutes} min, {console} console ops")
         deadline = time.monotonic() + minutes * 60
         for vm in self.vms:  # every VM up to begin with: the faults have something to hit
-            self._step(0, vm, "sys-start")
+            self._checked(0, vm, "sys-start")
         while time.monotonic() < deadline:
             self.figures.steps += 1
             step = self.figures.steps
@@ -131,16 +131,18 @@ class Soak:
                 allowed = [op for op in allowed if op not in _STARTING]
             op = self.rng.choice(allowed)
             log(f"step {step}: {vm.name} ({model.state}) {op}")
-            try:
-                self._step(step, vm, op)
-            except (AssertionError, ContainerError) as e:  # a command failing is one too
-                raise Violation(
-                    f"seed {self.seed}, step {step} ({vm.name} {op}): {e}\n"
-                    f"{self.checks.evidence(vm)}"
-                ) from None
+            self._checked(step, vm, op)
         self._stop_watchers()
         log(f"soak: {self.figures.report()}; status connections answered {self.checks.answered}")
         return self.figures
+
+    def _checked(self, step: int, vm: VM, op: str) -> None:
+        try:
+            self._step(step, vm, op)
+        except (AssertionError, ContainerError) as e:  # a command failing is one too
+            raise Violation(
+                f"seed {self.seed}, step {step} ({vm.name} {op}): {e}\n{self.checks.evidence(vm)}"
+            ) from None
 
     def _step(self, step: int, vm: VM, op: str) -> None:
         model = self.model[vm.name]
