@@ -49,12 +49,13 @@ class Figures:
     checks: Counter[str] = field(default_factory=Counter)
     steps: int = 0
 
-    def report(self) -> str:
+    def report(self, violations: int = 0) -> str:
         return (
             f"steps {self.steps}; "
             f"operations {sum(self.ops.values())} {dict(sorted(self.ops.items()))}; "
             f"faults {sum(self.faults.values())} {dict(sorted(self.faults.items()))}; "
-            f"checks {sum(self.checks.values())} {dict(sorted(self.checks.items()))}; violations 0"
+            f"checks {sum(self.checks.values())} {dict(sorted(self.checks.items()))}; "
+            f"violations {violations}"
         )
 
 
@@ -141,7 +142,8 @@ class Soak:
             self._step(step, vm, op)
         except (AssertionError, ContainerError) as e:  # a command failing is one too
             raise Violation(
-                f"seed {self.seed}, step {step} ({vm.name} {op}): {e}\n{self.checks.evidence(vm)}"
+                f"seed {self.seed}, step {step} ({vm.name} {op}): {e}\n"
+                f"{self.figures.report(violations=1)}\n{self.checks.evidence(vm)}"
             ) from None
 
     def _step(self, step: int, vm: VM, op: str) -> None:
