@@ -24,6 +24,13 @@ from vmhost.vm import argv as qemu_argv
 from vmhost.vm.state import Change, Changes, VMState
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    soak = parser.getgroup("soak", "the fault soak (tests/test_soak.py)")
+    soak.addoption("--soak-vms", type=int, default=4, help="VMs of the long soak (-m soak)")
+    soak.addoption("--soak-minutes", type=float, default=30, help="minutes of the long soak")
+    soak.addoption("--soak-seed", type=int, default=None, help="replay this seed (default: new)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Soak batteries run only when asked for by name (`-m soak`), whatever else -m says."""
     if "soak" in (config.option.markexpr or ""):

@@ -1,0 +1,103 @@
+"""The fault soak (issue 29): VMs under a real systemd, random operations and faults, every
+invariant checked after every step (tests/soak.py).  The short run is part of the default test
+run; the long one is ``-m soak --soak-vms N --soak-minutes M [--soak-seed S]``."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import container
+import pytest
+from conftest import free_port, prerequisite_missing
+from container import Container, ContainerUnavailable
+from guest.build import GuestImage
+from soak import Soak
+from test_systemd_e2e import _ASK, SYSUSERS, UNITS, VM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    try:
+        container.require_host()
+        return container.venv()
+    except ContainerUnavailable as e:
+        prerequisite_missing(f"cannot start a systemd container here: {e}")
+
+
+@pytest.fixture(scope="module")
+def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
+    with container.boot("vmhost-soak", ro_binds=[str(venv), str(guest.kernel.parent)]) as booted:
+        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
+        booted.run("systemd-sysusers")
+        booted.install_units(UNITS, venv)
+        booted.write("/run/e2e/ask.py", _ASK)
+        yield booted
+
+
+def make_vms(ct: Container, venv: Path, guest: GuestImage, prefix: str, count: int) -> list[VM]:
+    """COUNT VMs with the tiny guest and its agent (a stop asks it first; it can power off); each
+    guest reboots by itself on its first boot, and again after the soak removes /rebooted."""
+    vms = []
+    for i in range(count):
+        name = f"{prefix}{i}"
+        vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
+        vm_dir = f"/var/lib/vmhost/{name}"
+        ct.run("mkdir", "-p", vm_dir)
+        ct.run("cp", str(guest.kernel), str(guest.initrd), vm_dir)
+        ct.run("cp", "--sparse=always", str(guest.disk), vm.disk)
+        ct.write(
+            f"/etc/vmhost/{name}.toml",
+            f"""\
+[machine]
+accel = "auto"
+[boot]
+kernel = "{vm_dir}/{guest.kernel.name}"
+initrd = "{vm_dir}/{guest.initrd.name}"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} guest.reboot_once=1"
+[[disks]]
+path = "{vm.disk}"
+[network]
+ssh_port = {free_port()}
+[agent]
+port = 1024
+[stop]
+timeout_seconds = 20
+""",
+        )
+        vms.append(vm)
+    return vms
+
+
+def soak(
+    ct: Container, venv: Path, guest: GuestImage, config: pytest.Config, vms: int, minutes: float
+) -> None:
+    seed = config.getoption("--soak-seed")
+    seed = random.SystemRandom().randrange(2**32) if seed is None else seed
+    print(f"\nsoak seed {seed} (replay: --soak-seed {seed})", flush=True)
+    machines = make_vms(ct, venv, guest, f"s{seed % 1000}-", vms)
+    try:
+        Soak(ct, venv, machines, seed).run(minutes, log=lambda line: print(line, flush=True))
+    finally:
+        for vm in machines:
+            ct.systemctl("stop", vm.unit, vm.socket_unit, check=False)
+
+
+def test_soak_short(
+    ct: Container, venv: Path, guest: GuestImage, pytestconfig: pytest.Config
+) -> None:
+    """Three VMs for two minutes of random operations and faults: no invariant is violated."""
+    soak(ct, venv, guest, pytestconfig, vms=3, minutes=2)
+
+
+@pytest.mark.soak
+def test_soak_long(
+    ct: Container, venv: Path, guest: GuestImage, pytestconfig: pytest.Config
+) -> None:
+    """--soak-vms VMs for --soak-minutes of random operations and faults: no violation."""
+    vms, minutes = pytestconfig.getoption("--soak-vms"), pytestconfig.getoption("--soak-minutes")
+    soak(ct, venv, guest, pytestconfig, vms=vms, minutes=minutes)
