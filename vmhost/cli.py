@@ -381,7 +381,10 @@ def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     if args.command == "check-config":
         sys.exit(_check_config(args.name, args.config))
 
-    from .service import Options, run
+    from .nossl import without_ssl
+
+    with without_ssl():
+        from .service import Options, run
 
     code = run(
         Options(

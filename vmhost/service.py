@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import gc
 import logging
@@ -15,7 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from . import activation, journal, machined, notify, paths, reload, stopsignals
 from . import config as vmconfig
@@ -36,6 +35,11 @@ from .pidfile import PidFile
 from .vm.console import console_logger
 from .vm.controller import QemuController
 from .vm.state import VMState
+
+try:
+    import uvloop
+except ImportError:  # the stdlib loop serves too, slower
+    uvloop = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ EXIT_CONFIG: Final = 78
 
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
+STOP_STATUS_EVERY: Final = 1.0
+"""Seconds between STATUS= refreshes while a stop runs (its clocks move on)."""
 
 _EVENTS: Final = {
     VMState.STOPPING: journal.Event.STOPPING,
@@ -70,8 +76,7 @@ _EVENTS: Final = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     name: str
     config: Path | None = None
     socket: Path | None = None
@@ -148,7 +153,8 @@ async def _run(
         start_timeout=config.qemu.start_timeout_seconds,
         on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
     )
-    controller.on_state = functools.partial(_on_state, controller, notifier)
+    stopping = asyncio.Event()
+    controller.on_state = functools.partial(_on_state, controller, notifier, stopping)
     server = Server(controller, listen, logs=functools.partial(_logs, name))
     reloader = reload.Reloader(
         server=server,
@@ -177,7 +183,7 @@ async def _run(
                 if controller.state in (VMState.RUNNING, VMState.PAUSED):
                     gc.freeze()  # what start-up built lives forever: keep it out of collections
                     origin.announce(controller, notifier, reloader)
-                await _supervise(controller, notifier, fault)
+                await _supervise(controller, notifier, fault, stopping)
             except Exception as e:
                 if isinstance(e, InternalError) or not isinstance(e, VmhostError):
                     await reloader.recover(e)  # a bug: a new vmhost may do better
@@ -256,18 +262,27 @@ class _Adopt:
 
 
 async def _supervise(
-    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
+    controller: QemuController,
+    notifier: notify.Notifier,
+    fault: asyncio.Event,
+    stopping: asyncio.Event,
 ) -> None:
-    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
-    heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
-    ended = asyncio.create_task(controller.wait())
+    """Until the VM ends; the planted test fault ends it too, as a bug would.  Nothing here
+    wakes an idle vmhost but the watchdog, at half WatchdogSec=."""
+    tasks = [
+        asyncio.create_task(controller.wait()),
+        asyncio.create_task(_planted(fault)),
+        asyncio.create_task(_status_while_stopping(controller, notifier, stopping)),
+    ]
+    if (interval := notify.watchdog_interval()) is not None:
+        tasks.append(asyncio.create_task(_watchdog(notifier, interval)))
     try:
-        done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
     finally:
-        heartbeat.cancel()
-        ended.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 async def _stop_before_exit(controller: QemuController, error: Exception) -> None:
@@ -286,6 +301,7 @@ async def _stop_before_exit(controller: QemuController, error: Exception) -> Non
 def _on_state(
     controller: QemuController,
     notifier: notify.Notifier,
+    stopping: asyncio.Event,
     state: VMState,
     message: str,
     qmp_event: str,
@@ -294,6 +310,7 @@ def _on_state(
     text = controller.status_text()
     if state is VMState.STOPPING:
         notifier.stopping(text)  # systemd starts counting TimeoutStopSec= here
+        stopping.set()
         stopsignals.extend_stop_timeout(controller, notifier)
     else:
         notifier.status(text)
@@ -307,22 +324,30 @@ def _on_state(
         log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
 
 
-async def _heartbeat(
-    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
-) -> None:
-    """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
-    text moves on without a state change (the stop chain's steps and their clocks)."""
-    interval = min(notify.watchdog_interval() or 1.0, 1.0)
-    last = ""
+async def _planted(fault: asyncio.Event) -> None:
+    await fault.wait()
+    raise PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
+
+
+async def _watchdog(notifier: notify.Notifier, interval: float) -> None:
+    """WATCHDOG=1 from the event loop, so a stuck loop is caught."""
     while True:
         await asyncio.sleep(interval)
-        if fault.is_set():
-            raise PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
         notifier.watchdog()
-        text = controller.status_text()
-        if text != last:
+
+
+async def _status_while_stopping(
+    controller: QemuController, notifier: notify.Notifier, stopping: asyncio.Event
+) -> None:
+    """While a stop runs, STATUS= follows its steps and their clocks, which move on
+    without a state change; before that, nothing to refresh."""
+    await stopping.wait()
+    last = ""
+    while True:
+        if (text := controller.status_text()) != last:
             notifier.status(text)
             last = text
+        await asyncio.sleep(STOP_STATUS_EVERY)
 
 
 def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
@@ -366,9 +391,7 @@ def _fail(notifier: notify.Notifier, code: int, text: str, *, logged: bool = Fal
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
