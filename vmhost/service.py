@@ -152,6 +152,7 @@ async def _run(
         on_console=console_logger(name, config.console.journal_lines_per_second),
         start_timeout=config.qemu.start_timeout_seconds,
         on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
+        probe_interval=stopsignals.HANG_PROBE_EVERY,
     )
     stopping = asyncio.Event()
     controller.on_state = functools.partial(_on_state, controller, notifier, stopping)
