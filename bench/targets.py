@@ -142,7 +142,6 @@ class StandIn(Target):
             argv,
             cpu=proc.SERVER_CPU,
             env=env or environment(),
-            cwd=vmdir if isolated else None,  # python -c puts its cwd first on sys.path
             cwd=REPO,
             stdout=subprocess.DEVNULL,
         )
