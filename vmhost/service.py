@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import os
 import socket
@@ -16,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final, NamedTuple, Protocol
 
-from . import activation, journal, machined, notify, paths, reload, stopsignals
+from . import activation, journal, machined, memory, notify, paths, reload, stopsignals
 from . import config as vmconfig
 from .config import Config
 from .control.server import Server, bind
@@ -182,7 +181,7 @@ async def _run(
                 await origin.start(controller)
                 await machine  # bounded, never raises: machinectl lists the VM once it is ready
                 if controller.state in (VMState.RUNNING, VMState.PAUSED):
-                    gc.freeze()  # what start-up built lives forever: keep it out of collections
+                    memory.settle()
                     origin.announce(controller, notifier, reloader)
                 await _supervise(controller, notifier, fault, stopping)
             except Exception as e:
