@@ -381,9 +381,9 @@ def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     if args.command == "check-config":
         sys.exit(_check_config(args.name, args.config))
 
-    from .nossl import without_ssl
+    from .lean import without_unused
 
-    with without_ssl():
+    with without_unused():
         from .service import Options, run
 
     code = run(

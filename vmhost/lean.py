@@ -1,4 +1,4 @@
-"""Importing the service's libraries without OpenSSL.
+"""Importing the service's libraries without what it never uses: OpenSSL, bz2, lzma.
 
 asyncio, uvloop and qemu.qmp import :mod:`ssl` at start-up, though vmhost never
 speaks TLS: that maps libssl and libcrypto and builds the ssl module's enums,
@@ -8,6 +8,11 @@ need a few names from it at import time, which a stand-in provides.  The
 stand-in leaves ``sys.modules`` once they are imported, so a later ``import
 ssl`` still gets the real one; TLS through those three is refused meanwhile
 (their ``isinstance`` checks see the stand-in's classes).
+
+:mod:`hashlib` is imported here too, without OpenSSL's ``_hashlib``: the VM's
+SMBIOS UUID (``uuid5``) needs SHA-1 once, which Python's own ``_sha1`` computes
+alike, without mapping libcrypto for it.  And :mod:`shutil` (``which``, for the
+config's QEMU binary) without bz2 and lzma, which only its archive functions use.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import sys
 import types
 from collections.abc import Iterator
 
+_BLOCKED = frozenset({"ssl", "_hashlib", "bz2", "lzma"})
+
 
 class SSLError(OSError):
     """The stand-in's: nothing raises it, nothing here speaks TLS."""
 
 
 def _stand_in() -> types.ModuleType:
-    module = types.ModuleType("ssl", "vmhost.nossl's stand-in: this process speaks no TLS")
+    module = types.ModuleType("ssl", "vmhost.lean's stand-in: this process speaks no TLS")
     for name in ("SSLContext", "SSLObject", "SSLSocket", "MemoryBIO"):
         setattr(module, name, type(name, (), {"__module__": __name__}))
     names: dict[str, object] = {
@@ -45,16 +52,21 @@ def _no_tls(*_args: object, **_kwargs: object) -> None:
 
 
 @contextlib.contextmanager
-def without_ssl() -> Iterator[None]:
-    """Imports made inside see no OpenSSL; a no-op where ssl or asyncio is loaded already."""
-    if "ssl" in sys.modules or "asyncio" in sys.modules:
+def without_unused() -> Iterator[None]:
+    """Imports made inside see no OpenSSL, bz2 or lzma; a no-op where any of those, or a
+    module that would have imported them, is loaded already."""
+    if _BLOCKED & sys.modules.keys() or {"asyncio", "hashlib", "shutil"} & sys.modules.keys():
         yield
         return
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # asyncio: "built without ssl"
+    for name in _BLOCKED:  # asyncio: "built without ssl"; hashlib: its own digests
+        sys.modules[name] = None  # type: ignore[assignment]
     try:
         import asyncio  # noqa: F401
+        import hashlib  # noqa: F401
+        import shutil  # noqa: F401
 
         sys.modules["ssl"] = _stand_in()
         yield
     finally:
-        del sys.modules["ssl"]
+        for name in _BLOCKED:
+            del sys.modules[name]
