@@ -8,9 +8,10 @@ import textwrap
 
 SERVE_IMPORTS = """
 import sys
-import vmhost.cli
+from vmhost import cli
 from vmhost.lean import without_unused
-with without_unused():
+with without_unused():  # as cli.vmhost_main does, argparse included
+    cli._vmhost_args(["serve", "NAME"])
     from vmhost.service import run
 """
 

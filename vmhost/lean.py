@@ -22,7 +22,8 @@ import sys
 import types
 from collections.abc import Iterator
 
-_BLOCKED = frozenset({"ssl", "_hashlib", "bz2", "lzma"})
+_BLOCKS = (("ssl", "asyncio"), ("_hashlib", "hashlib"), ("bz2", "shutil"), ("lzma", "shutil"))
+"""What is kept out, and the module that would import it."""
 
 
 class SSLError(OSError):
@@ -53,20 +54,19 @@ def _no_tls(*_args: object, **_kwargs: object) -> None:
 
 @contextlib.contextmanager
 def without_unused() -> Iterator[None]:
-    """Imports made inside see no OpenSSL, bz2 or lzma; a no-op where any of those, or a
-    module that would have imported them, is loaded already."""
-    if _BLOCKED & sys.modules.keys() or {"asyncio", "hashlib", "shutil"} & sys.modules.keys():
-        yield
-        return
-    for name in _BLOCKED:  # asyncio: "built without ssl"; hashlib: its own digests
+    """Imports made inside see no OpenSSL, bz2 or lzma; each is left alone where it, or the
+    module that would have imported it, is loaded already."""
+    blocked = [name for name, user in _BLOCKS if not {name, user} & sys.modules.keys()]
+    for name in blocked:  # asyncio: "built without ssl"; hashlib: its own digests
         sys.modules[name] = None  # type: ignore[assignment]
     try:
         import asyncio  # noqa: F401
         import hashlib  # noqa: F401
         import shutil  # noqa: F401
 
-        sys.modules["ssl"] = _stand_in()
+        if "ssl" in blocked:
+            sys.modules["ssl"] = _stand_in()
         yield
     finally:
-        for name in _BLOCKED:
+        for name in blocked:
             del sys.modules[name]
