@@ -167,7 +167,16 @@ class Reference(Target):
 class Service(Target):
     """``vmhost serve`` with a real QEMU (no guest), server and QEMU on the server CPU."""
 
-    def __init__(self, workdir: Path, name: str = "bench", *, cpu: int | None = proc.SERVER_CPU):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str = "bench",
+        *,
+        cpu: int | None = proc.SERVER_CPU,
+        env: dict[str, str] | None = None,
+        isolated: bool = False,
+    ) -> None:
+        """``env`` and ``isolated`` (``python -S``) serve another copy of the package."""
         self.label = "vmhost serve (real controller, QEMU without guest)"
         vmdir = workdir / name
         config = blank_vm(vmdir, name)
@@ -175,10 +184,12 @@ class Service(Target):
         self.info = f'{{"ok":true,"state":"running","ssh_port":{port},"backend":"qemu"}}'
         sock = vmdir / "vmhost.sock"
         self.started = time.perf_counter()
+        argv = serve_argv(name, config, sock, vmdir / "state")
         process = proc.spawn(
-            serve_argv(name, config, sock, vmdir / "state"),
+            [argv[0], "-S", *argv[1:]] if isolated else argv,
             cpu=cpu,
-            env=environment(),
+            env=env or environment(),
+            cwd=vmdir if isolated else None,  # python -c puts its cwd first on sys.path
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=(vmdir / "vmhost.log").open("wb"),

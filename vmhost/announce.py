@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Callable
 
-from . import notify, stopsignals
+from . import memory, notify, stopsignals
 from .vm.controller import QemuController
 from .vm.state import VMState
 
@@ -32,7 +31,7 @@ async def when_ready(
     async def ready() -> None:
         await readiness.first_ready.wait()
         if not controller.state.ended:
-            gc.freeze()  # what start-up built lives forever: keep it out of collections
+            memory.settle()
             announce()
 
     waiting = asyncio.create_task(ready())

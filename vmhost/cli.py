@@ -309,7 +309,7 @@ def _check_config(name: str, path: Path | None) -> int:
     return 0
 
 
-def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
+def _vmhost_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vmhost", description="Supervise one QEMU VM.")
     parser.add_argument("--version", action="version", version=f"vmhost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -333,22 +333,19 @@ def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
     )
     check.add_argument("name")
     check.add_argument("--config", type=Path, help="default: /etc/vmhost/NAME.toml")
-    args = parser.parse_args(argv)
-    if args.command == "check-config":
-        sys.exit(_check_config(args.name, args.config))
+    return parser.parse_args(argv)
 
-    from .service import Options, run
 
-    code = run(
-        Options(
-            name=args.name,
-            config=args.config,
-            socket=args.socket,
-            state_dir=args.state_dir,
-            pid_file=args.pid_file,
-            verbose=args.verbose,
-        )
-    )
+def vmhost_main(argv: Sequence[str] | None = None) -> NoReturn:
+    from .lean import without_unused
+
+    with without_unused():  # first: argparse imports shutil
+        args = _vmhost_args(argv)
+        if args.command == "check-config":
+            sys.exit(_check_config(args.name, args.config))
+        from .service import Options, run
+
+    code = run(Options(**{field: getattr(args, field) for field in Options._fields}))
     # The VM is gone: skip the interpreter's teardown, ~50 ms that only free memory
     # and that a `force_stop` or `systemctl stop` would otherwise wait for.
     logging.shutdown()

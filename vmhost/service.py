@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
-from . import activation, announce, journal, machined, notify, paths, reload, stopsignals
+from . import activation, announce, journal, machined, notify, paths, reload, stopsignals, supervise
 from . import config as vmconfig
 from .config import Config
 from .control.attach import Consoles
@@ -28,7 +27,6 @@ from .errors import (
     ControllerError,
     GuestNotReadyError,
     InternalError,
-    PlantedFault,
     UsageError,
     VMCrashedError,
     VmhostError,
@@ -36,7 +34,11 @@ from .errors import (
 from .pidfile import PidFile
 from .vm.console import console_logger
 from .vm.controller import QemuController
-from .vm.state import VMState
+
+try:
+    import uvloop
+except ImportError:  # the stdlib loop serves too, slower
+    uvloop = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,8 @@ EXIT_CONFIG: Final = 78
 _SUN_PATH_MAX: Final = 107
 """Bytes of an AF_UNIX path, without the terminating NUL."""
 
-_EVENTS: Final = {
-    VMState.STOPPING: journal.Event.STOPPING,
-    VMState.STOPPED: journal.Event.STOPPED,
-    VMState.CRASHED: journal.Event.CRASHED,
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     name: str
     config: Path | None = None
     socket: Path | None = None
@@ -156,8 +151,10 @@ async def _run(
         ),
         start_timeout=config.qemu.start_timeout_seconds,
         on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
+        probe_interval=stopsignals.HANG_PROBE_EVERY,
     )
-    controller.on_state = functools.partial(_on_state, controller, notifier)
+    stopping = asyncio.Event()
+    controller.on_state = functools.partial(supervise.on_state, controller, notifier, stopping)
     server = Server(controller, listen, logs=functools.partial(_logs, name), consoles=consoles)
     reloader = reload.Reloader(
         server=server,
@@ -185,7 +182,7 @@ async def _run(
                 await machine  # bounded, never raises: machinectl lists the VM once it is ready
                 ready = functools.partial(origin.announce, controller, notifier, reloader)
                 async with announce.when_ready(controller, notifier, ready):
-                    await _supervise(controller, notifier, fault)
+                    await supervise.supervise(controller, notifier, fault, stopping)
             except Exception as e:
                 if isinstance(e, InternalError) or not isinstance(e, VmhostError):
                     await reloader.recover(e)  # a bug: a new vmhost may do better
@@ -263,21 +260,6 @@ class _Adopt:
         reloader.reloaded(self.handover)
 
 
-async def _supervise(
-    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
-) -> None:
-    """Until the VM ends; a failing heartbeat (a bug, or the planted test fault) ends it too."""
-    heartbeat = asyncio.create_task(_heartbeat(controller, notifier, fault))
-    ended = asyncio.create_task(controller.wait())
-    try:
-        done, _ = await asyncio.wait((heartbeat, ended), return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-    finally:
-        heartbeat.cancel()
-        ended.cancel()
-
-
 async def _stop_before_exit(controller: QemuController, error: Exception) -> None:
     """vmhost fails for good (an error it cannot re-exec away, a failed take-over): the
     guest still gets the stop chain, bounded by ``[stop] timeout_seconds``, never a power cut.
@@ -289,48 +271,6 @@ async def _stop_before_exit(controller: QemuController, error: Exception) -> Non
         await controller.stop()
     except Exception as e:  # the VM's end (even a crash) is not this exit's cause
         log.warning("VM %s after the stop: %s", controller.name, e)
-
-
-def _on_state(
-    controller: QemuController,
-    notifier: notify.Notifier,
-    state: VMState,
-    message: str,
-    qmp_event: str,
-) -> None:
-    """Every state change: STATUS= for systemctl status, one journal record."""
-    text = controller.status_text()
-    if state is VMState.STOPPING:
-        notifier.stopping(text)  # systemd starts counting TimeoutStopSec= here
-        stopsignals.extend_stop_timeout(controller, notifier)
-    else:
-        notifier.status(text)
-    fields = {"VMHOST_STATE": state.value}
-    if qmp_event:
-        fields["QMP_EVENT"] = qmp_event
-    event = _EVENTS.get(state)
-    if event is not None:
-        journal.log_event(event, f"VM {controller.name} {state.value}: {message}", **fields)
-    else:
-        log.info("VM %s %s: %s", controller.name, state.value, message, extra=fields)
-
-
-async def _heartbeat(
-    controller: QemuController, notifier: notify.Notifier, fault: asyncio.Event
-) -> None:
-    """WATCHDOG=1 from the event loop (so a stuck loop is caught), and STATUS= whenever its
-    text moves on without a state change (the stop chain's steps and their clocks)."""
-    interval = min(notify.watchdog_interval() or 1.0, 1.0)
-    last = ""
-    while True:
-        await asyncio.sleep(interval)
-        if fault.is_set():
-            raise PlantedFault(f"planted by ${reload.FAULT_ENV} (SIGUSR2)")
-        notifier.watchdog()
-        text = controller.status_text()
-        if text != last:
-            notifier.status(text)
-            last = text
 
 
 def _tee(*sinks: Callable[[bytes], None]) -> Callable[[bytes], None]:
@@ -384,9 +324,7 @@ def _fail(notifier: notify.Notifier, code: int, text: str, *, logged: bool = Fal
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

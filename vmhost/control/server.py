@@ -76,6 +76,7 @@ _STOPPING: Final = wire.encode_response(Response(ok=True, state="stopping"))
 _ENDED: Final = wire.error_response("vmhost is exiting")
 _TURNS_PER_SLICE: Final = 4
 """Turns run before the loop looks at new I/O again (about a millisecond)."""
+_SWEEP_EVERY: Final = 1.0  # seconds; the idle sweep runs only while a connection is open
 _BACKLOG: Final = socket.SOMAXCONN
 """The loop calls listen() again: as long a queue as systemd's default ``Backlog=`` gives (the
 kernel caps both at ``net.core.somaxconn``, 4096 by default), and as :func:`bind` asks for."""
@@ -134,7 +135,6 @@ class Server:
         factory = functools.partial(Connection, self)
         _raise_fd_limit(self.limits.max_connections)
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
-        self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self) -> None:
         """Stop listening; answer what the kernel queued meanwhile; drop the rest.
@@ -145,8 +145,6 @@ class Server:
         if self._server is None or self._sock is None:
             return
         self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         if isinstance(self._listen, Path):
             with contextlib.suppress(FileNotFoundError):
                 self._listen.unlink()
@@ -157,8 +155,8 @@ class Server:
             queue.shutdown(socket.SHUT_RD)  # connects are refused now; the queued stay accepted
         with queue:
             await self._answer_queued(queue, final)
-        if self._turn_runner is not None:
-            self._turn_runner.cancel()
+        for timer in filter(None, (self._turn_runner, self._sweeper)):
+            timer.cancel()
         for conn in self._connections:
             conn.transport.abort()
         self.streams.cut("vmhost is exiting")
@@ -298,6 +296,8 @@ class Server:
             del self._connections[oldest]
             oldest.transport.abort()
         self._connections[conn] = None
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
 
     def touch(self, conn: Connection) -> None:
         """Move ``conn`` to the young end, so dict order is idle order."""
@@ -334,7 +334,8 @@ class Server:
             expired.append(conn)
         for conn in expired:
             conn.expire()
-        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep) if self._connections else None
 
     def stream(self, conn: Connection, request: Request) -> None:
         """Hand ``conn`` to its stream; it leaves the idle-connection bookkeeping."""

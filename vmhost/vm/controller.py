@@ -37,7 +37,7 @@ StateListener = Callable[[VMState, str, str], None]
 
 START_TIMEOUT: Final = 90.0
 """The start budget when none is given: systemd's default TimeoutStartSec."""
-PROBE_INTERVAL: Final = 3.0  # the probe is most of an idle vmhost's CPU
+PROBE_INTERVAL: Final = 3.0  # the default; each probe costs ~0.2-0.7 ms of CPU
 PROBE_TIMEOUT: Final = 2.0
 EXIT_GRACE: Final = 1.0
 """A wide guard: how long QEMU's streams may take to report its exit after the other did."""
@@ -58,6 +58,7 @@ class QemuController:
         on_console: Callable[[bytes], None] | None = None,
         start_timeout: float = START_TIMEOUT,
         on_start_wait: Callable[[float], None] | None = None,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> None:
         self.config = config
         self.name = name
@@ -67,8 +68,8 @@ class QemuController:
         self.start_timeout = start_timeout
         """How long QEMU may take to greet on QMP (a big preallocated guest takes long)."""
         self.on_start_wait = on_start_wait
-        """Told the seconds left every few seconds while QEMU builds its machine, so the
-        service can send EXTEND_TIMEOUT_USEC."""
+        """Told the seconds left while QEMU builds its machine (for EXTEND_TIMEOUT_USEC)."""
+        self.probe_interval = probe_interval  # between hang probes; see :meth:`probe_now`
         self.changes = Changes()
         self._run = RunState()
         self._process = QemuProcess(self._exited)
@@ -251,6 +252,9 @@ class QemuController:
         self._process.close()
         self.readiness.close()
 
+    def probe_now(self) -> None:  # the kernel said QEMU stopped or went on: does it answer?
+        self._qmp.probe_now.set()
+
     # -- reload: handing QEMU over to a re-executed vmhost ---------------------
 
     def handover_refusal(self) -> str:
@@ -299,7 +303,7 @@ class QemuController:
 
     def _supervise(self, *, reconnect_agent: bool = False) -> None:
         self._spawn(self._watch_qmp())
-        self._spawn(self._qmp.probe(PROBE_INTERVAL, PROBE_TIMEOUT, self._probed))
+        self._spawn(self._qmp.probe(self.probe_interval, PROBE_TIMEOUT, self._probed))
         if self._agent is not None:
             self._agent.start(reconnect=reconnect_agent)
 

@@ -34,6 +34,7 @@ class QmpSession:
         self.shutdown_event: dict[str, Any] | None = None
         self.vcpus_stopped = False
         self._disconnecting: asyncio.Task[None] | None = None
+        self.probe_now = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -107,12 +108,19 @@ class QmpSession:
             pass
 
     async def probe(
-        self, interval: float, timeout: float, answered: Callable[[bool], None]
+        self,
+        interval: float,
+        timeout: float,
+        answered: Callable[[bool], None],
     ) -> None:
-        """Every ``interval``, a cheap command: ``answered`` whether it came back within
-        ``timeout`` (a hung QEMU answers nothing, not even an error), while connected."""
+        """Every ``interval``, or at once when :attr:`probe_now` is set, a cheap command:
+        ``answered`` whether it came back within ``timeout`` (a hung QEMU answers nothing,
+        not even an error), while connected."""
         while self.connected:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self.probe_now.wait()
+            self.probe_now.clear()
             try:
                 await self.execute("query-status", timeout)
             except TimeoutError:
