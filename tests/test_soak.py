@@ -11,22 +11,14 @@ from pathlib import Path
 
 import container
 import pytest
-from conftest import free_port, prerequisite_missing
-from container import Container, ContainerUnavailable
+from conftest import free_port
+from container import Container
 from guest.build import GuestImage
 from soak import Soak
-from test_systemd_e2e import _ASK, SYSUSERS, UNITS, VM
+from test_systemd_e2e import _ASK, SYSUSERS, UNITS, VM, venv
 
+__all__ = ["venv"]  # a fixture, used by name
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def venv() -> Path:
-    try:
-        container.require_host()
-        return container.venv()
-    except ContainerUnavailable as e:
-        prerequisite_missing(f"cannot start a systemd container here: {e}")
 
 
 @pytest.fixture(scope="module")
