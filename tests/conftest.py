@@ -73,6 +73,7 @@ class FakeController:
         self.state = VMState.RUNNING
         self.stops: list[float | None] = []
         self.force_stops = 0
+        self.migrations: list[str] = []
         self._ended = asyncio.Event()
         self.changes = Changes()
         self.changes.publish(Change(self.state))
@@ -93,6 +94,13 @@ class FakeController:
         self.force_stops += 1
         self.end()
         return self.wait()
+
+    def migrate(self, uri: str) -> str:
+        if self.state is not VMState.RUNNING:
+            return f"the VM is {self.state.value}"
+        self.migrations.append(uri)
+        self.state = VMState.MIGRATING
+        return ""
 
     def end(self, state: VMState = VMState.STOPPED) -> None:
         """The VM is gone: stops resolve, ``wait`` returns."""

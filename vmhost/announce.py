@@ -27,6 +27,9 @@ async def when_ready(
     readiness.on_status = lambda: notifier.status(controller.status_text())
     if controller.state is VMState.BOOTING:  # systemd waits for the guest too
         notifier.extend_timeout(readiness.start_left() + stopsignals.EXTEND_MARGIN)
+    elif controller.state is VMState.INCOMING:  # ... or for it to arrive
+        wait = controller.migration.config.timeout_seconds
+        notifier.extend_timeout(wait + stopsignals.EXTEND_MARGIN)
 
     async def ready() -> None:
         await readiness.first_ready.wait()

@@ -81,6 +81,9 @@ def _ctl_parser() -> argparse.ArgumentParser:
             p.add_argument("-f", "--follow", action="store_true")
             p.add_argument("-n", "--lines", type=int, default=10)
     terminal.add_parser(sub, common)
+    from . import migratectl
+
+    migratectl.add_parsers(sub, common)
     return parser
 
 
@@ -100,6 +103,10 @@ def _ctl(args: argparse.Namespace) -> int:
         return show_here(_name(args), args.lines, args.follow)
     if args.command == "start":
         return _start(_name(args))
+    if args.command == "receive":
+        from .migratectl import receive
+
+        return receive(_name(args), args.host)
     if sock is None:
         sock = socket_path(_name(args))
         if args.command in ("status", "stop") and (asleep := _asleep(args.name)) is not None:
@@ -110,6 +117,10 @@ def _ctl(args: argparse.Namespace) -> int:
         return 0 if client.is_alive() else 1
     if args.command == "console":
         return terminal.console(sock, label, args)
+    if args.command == "migrate":
+        from .migratectl import migrate
+
+        return migrate(_name(args), args, client)
     if args.command == "logs":
         shown = 0
         for line in client.logs(args.lines, follow=args.follow):
@@ -168,10 +179,14 @@ def _state_line(label: str, response: Response) -> str:
 def _down(name: str, command: str, json_out: bool) -> int:
     """Nothing listens for NAME: stopped if it is configured here, else unknown."""
     from .control.wire import Response
+    from .marks import migrated
+    from .paths import state_dir
 
     if not _known(name):
         return EXIT_UNKNOWN
-    _show(name, Response(ok=True, state="stopped"), json_out)
+    where = migrated(state_dir(name))
+    down = Response(ok=True, state="stopped", vm_state="migrated" if where else "")
+    _show(name, down, json_out)
     return EXIT_NOT_RUNNING if command == "status" else 0
 
 

@@ -72,6 +72,10 @@ class _Calls(Generic[R]):
     def force_stop(self) -> R:
         return self.call(Request(method=wire.FORCE_STOP))
 
+    def migrate(self, uri: str) -> R:
+        """Start a live migration to the target listening at ``uri`` (a vmhost extension)."""
+        return self.call(Request(method=wire.MIGRATE, uri=uri, detail=self.detail))
+
 
 class Client(_Calls[Response]):
     """Blocking client; each call is one connection."""

@@ -10,6 +10,7 @@ fails the unit before QEMU starts rather than as an obscure QEMU exit.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -69,7 +70,10 @@ class DiskConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class NetworkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ssh_port: _Port = 0
-    """Host 127.0.0.1:ssh_port forwards to guest port 22; 0 means no forward."""
+    """Host ssh_address:ssh_port forwards to guest port 22; 0 means no forward."""
+    ssh_address: str = "127.0.0.1"
+    """The host address the SSH forward binds: a host's own, where hosts share a loopback
+    (a migration's target binds it while the source still holds its own)."""
     host_loopback: bool = False
     """Let the guest reach the host's 127.0.0.1 through the gateway (QEMU's old default)."""
 
@@ -137,6 +141,18 @@ class QemuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     or a large hugepage guest takes long.  systemd is asked for the time (EXTEND_TIMEOUT_USEC)."""
 
 
+class MigrationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where this host, as a live migration's target, listens for the stream."""
+
+    listen_address: str = "0.0.0.0"
+    port: _Port = 49152
+    timeout_seconds: Annotated[int, msgspec.Meta(ge=1)] = 300
+    """The whole migration, on either end: then the source cancels, the target gives up."""
+    downtime_limit_ms: Annotated[int, msgspec.Meta(ge=1)] = 300
+    max_bandwidth_mib: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    """MiB/s the stream may take, so a migration does not starve the host's other traffic."""
+
+
 class SystemdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     register_machine: bool = True
     """Register the VM with systemd-machined (``machinectl``) when run as a systemd service."""
@@ -153,6 +169,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     console: ConsoleConfig = ConsoleConfig()
     stop: StopConfig = StopConfig()
     qemu: QemuConfig = QemuConfig()
+    migration: MigrationConfig = MigrationConfig()
     systemd: SystemdConfig = SystemdConfig()
 
 
@@ -275,6 +292,14 @@ def _check(config: Config) -> tuple[str, str] | None:
         problem = _file_problem(disk.path, write=not disk.read_only)
         if problem:
             return f"disks[{i}].path", problem
+    for field, address in (
+        ("network.ssh_address", config.network.ssh_address),
+        ("migration.listen_address", config.migration.listen_address),
+    ):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            return field, f"not an IP address: {address!r}"
     ssh, agent = config.network.ssh_port, config.agent.port
     if agent and agent == ssh:
         return "agent.port", f"{agent} is already network.ssh_port"

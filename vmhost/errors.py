@@ -55,6 +55,14 @@ class GuestNotReadyError(ControllerError):
     """The guest did not get ready (``[boot] ready``) in time and was stopped."""
 
 
+class MigrationError(ControllerError):
+    """A live migration failed, was cancelled or timed out; on the source the guest runs on."""
+
+
+class IncomingFailedError(MigrationError):
+    """The guest never arrived at this migration target, which gave up (nothing ran here)."""
+
+
 class AgentError(ControllerError):
     """The guest agent was unreachable, too slow, or refused; the cause is chained."""
 

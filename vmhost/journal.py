@@ -61,6 +61,7 @@ class Event(enum.Enum):
     CRASHED = UUID("9c198aa67b8549218780195849241649")
     FAILED = UUID("6bfc1a302fd04df0824f5a49c15d5ef4")
     RELOADED = UUID("18b5b2c0dc2f4c81a1d5a170be84f393")
+    MIGRATED = UUID("e127d58daed64c23b9477ba59e66cde8")
 
     @property
     def message_id(self) -> str:

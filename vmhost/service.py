@@ -15,7 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final, NamedTuple, Protocol
 
-from . import activation, announce, journal, machined, notify, paths, reload, stopsignals, supervise
+from . import (
+    activation,
+    announce,
+    journal,
+    machined,
+    marks,
+    notify,
+    paths,
+    reload,
+    stopsignals,
+    supervise,
+)
 from . import config as vmconfig
 from .config import Config
 from .control.attach import Consoles
@@ -26,6 +37,7 @@ from .errors import (
     ConfigError,
     ControllerError,
     GuestNotReadyError,
+    IncomingFailedError,
     InternalError,
     UsageError,
     VMCrashedError,
@@ -34,6 +46,7 @@ from .errors import (
 from .pidfile import PidFile
 from .vm.console import console_logger
 from .vm.controller import QemuController
+from .vm.process import ExitCause
 
 try:
     import uvloop
@@ -58,6 +71,10 @@ EXIT_REBOOT: Final = 7
 """``machinectl reboot``: the guest is off; systemd starts it again (RestartForceExitStatus=)."""
 EXIT_NOT_READY: Final = 8
 """The guest was not ready within ``[boot] ready_timeout_seconds``: stopped, not restarted."""
+EXIT_MIGRATED: Final = 9
+"""The guest left by live migration: a success, and it does not run here any more."""
+EXIT_INCOMING_FAILED: Final = 10
+"""A migration's target that never got the guest: not restarted (it would boot a second one)."""
 EXIT_USAGE: Final = 64
 """EX_USAGE: the command line cannot work (a socket path longer than AF_UNIX allows)."""
 EXIT_INTERRUPTED: Final = 130
@@ -103,6 +120,8 @@ def run(options: Options) -> int:
         return _fail(notifier, EXIT_VM_CRASHED, str(e), logged=True)
     except GuestNotReadyError as e:
         return _fail(notifier, EXIT_NOT_READY, str(e))
+    except IncomingFailedError as e:
+        return _fail(notifier, EXIT_INCOMING_FAILED, str(e))
     except ControllerError as e:
         return _fail(notifier, EXIT_START_FAILED, str(e))
     except Exception as e:
@@ -152,6 +171,7 @@ async def _run(
         start_timeout=config.qemu.start_timeout_seconds,
         on_start_wait=lambda left: notifier.extend_timeout(left + stopsignals.EXTEND_MARGIN),
         probe_interval=stopsignals.HANG_PROBE_EVERY,
+        incoming=origin.incoming,
     )
     stopping = asyncio.Event()
     controller.on_state = functools.partial(supervise.on_state, controller, notifier, stopping)
@@ -190,6 +210,9 @@ async def _run(
                 raise
     finally:
         await controller.close()
+    if controller.ending is ExitCause.MIGRATED:
+        marks.note_migrated(state_dir, controller.migration.target)
+        return EXIT_MIGRATED
     return EXIT_REBOOT if stop.rebooting else EXIT_OK
 
 
@@ -202,6 +225,8 @@ class _Origin(Protocol):
     socket_path: Path | None
     """The socket's path when vmhost binds it itself (removed at the end)."""
     reexecs: list[float]
+    incoming: bool
+    """A live migration's target: the guest comes from the source."""
 
     async def take_over(self, controller: QemuController) -> None: ...
 
@@ -221,12 +246,16 @@ class _Boot:
         self.listen = activation.listen_socket()
         self.socket_path = None if self.listen else options.socket or paths.socket_path(name)
         self.reexecs: list[float] = []
+        state_dir = _state_dir(options, name)
+        self.incoming = marks.take_incoming(state_dir)  # asked by `vmhostctl receive`
+        marks.forget_migrated(state_dir)  # started here again
 
     async def take_over(self, controller: QemuController) -> None:
         """Nothing to take over."""
 
     async def start(self, controller: QemuController) -> None:
-        journal.log_event(journal.Event.STARTED, f"starting VM {self.name}")
+        how = " to receive it by live migration" if self.incoming else ""
+        journal.log_event(journal.Event.STARTED, f"starting VM {self.name}{how}")
         await controller.start()
 
     def announce(
@@ -246,6 +275,7 @@ class _Adopt:
         self.listen: socket.socket | None = socket.socket(fileno=handover.listen_fd)
         self.socket_path = Path(handover.socket_path) if handover.socket_path else None
         self.reexecs = handover.reexecs
+        self.incoming = False
 
     async def take_over(self, controller: QemuController) -> None:
         """QEMU becomes ours before anyone is served; signals stay held until then."""

@@ -20,6 +20,7 @@ STOP_STATUS_EVERY: Final = 1.0
 _EVENTS: Final = {
     VMState.STOPPING: journal.Event.STOPPING,
     VMState.STOPPED: journal.Event.STOPPED,
+    VMState.MIGRATED: journal.Event.MIGRATED,
     VMState.CRASHED: journal.Event.CRASHED,
 }
 

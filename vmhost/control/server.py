@@ -27,6 +27,7 @@ from typing import Final, Protocol
 
 from .. import __version__
 from ..errors import AlreadyRunningError
+from ..vm.migration import check_uri
 from ..vm.state import VMState
 from . import wire
 from .attach import Consoles
@@ -69,11 +70,19 @@ class Controller(Watched, Protocol):
         """Start killing the VM now; the result resolves once it is gone."""
         ...
 
+    def migrate(self, uri: str) -> str:
+        """Start a live migration to ``uri``: "" once begun, else why not."""
+        ...
+
     async def wait(self) -> None: ...
 
 
 _STOPPING: Final = wire.encode_response(Response(ok=True, state="stopping"))
 _ENDED: Final = wire.error_response("vmhost is exiting")
+_MIGRATING: Final = wire.encode_response(Response(ok=True, state="running", vm_state="migrating"))
+_NO_STOP_WHILE_MIGRATING: Final = (
+    "the VM is migrating: stop it once that ends (systemctl stop cancels the migration)"
+)
 _TURNS_PER_SLICE: Final = 4
 """Turns run before the loop looks at new I/O again (about a millisecond)."""
 _SWEEP_EVERY: Final = 1.0  # seconds; the idle sweep runs only while a connection is open
@@ -231,10 +240,15 @@ class Server:
         method = request.method
         if method in (wire.STATUS, wire.INFO):
             return self.state_answer(method, request.detail)
+        if method == wire.MIGRATE:
+            why = "vmhost is exiting" if self.closing else self._migrate(request.uri)
+            return wire.error_response(f"cannot migrate: {why}") if why else _MIGRATING
         if method in (wire.STOP, wire.FORCE_STOP):
             if self.closing:  # the VM is gone already
                 return _STOPPING
             c = self.controller
+            if method == wire.STOP and c.state is VMState.MIGRATING:  # never lost: refused
+                return wire.error_response(_NO_STOP_WHILE_MIGRATING)
             if method == wire.FORCE_STOP:
                 self._spawn(c.force_stop())
                 return _STOPPING
@@ -244,6 +258,9 @@ class Server:
         if self.streams.serves(method):
             return _ENDED if self.closing else None
         return wire.error_response(f"unknown method: {method}")
+
+    def _migrate(self, uri: str) -> str:
+        return check_uri(uri) or self.controller.migrate(uri)
 
     def _stop_detail(self, asked: int) -> bytes:
         """A stop's answer with the detail fields: the time the running chain was granted."""

@@ -25,7 +25,8 @@ FORCE_STOP: Final = "force_stop"
 LOGS: Final = "logs"
 WATCH: Final = "watch"
 CONSOLE: Final = "console"
-METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH, CONSOLE})
+MIGRATE: Final = "migrate"
+METHODS: Final = frozenset({STATUS, INFO, STOP, FORCE_STOP, LOGS, WATCH, CONSOLE, MIGRATE})
 STREAMS: Final = frozenset({LOGS, WATCH, CONSOLE})
 """Methods answered with many lines, until the server closes."""
 READ_WRITE: Final = "read-write"
@@ -41,8 +42,8 @@ class Request(msgspec.Struct, omit_defaults=True):
 
     ``detail`` asks for the extension fields of :class:`Response`; ``lines`` and
     ``follow`` belong to the ``logs`` extension method, ``lines``, ``read_only``,
-    ``force`` and ``since`` to ``console`` (:mod:`vmhost.control.attach`).  A Go peer
-    sends none.
+    ``force`` and ``since`` to ``console`` (:mod:`vmhost.control.attach`), ``uri`` (the
+    target's ``tcp:HOST:PORT``) to ``migrate``.  A Go peer sends none.
     """
 
     method: str = ""
@@ -53,6 +54,7 @@ class Request(msgspec.Struct, omit_defaults=True):
     read_only: bool = False
     force: bool = False
     since: str = ""
+    uri: str = ""
 
 
 class Response(msgspec.Struct, omit_defaults=True):

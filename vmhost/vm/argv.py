@@ -36,6 +36,7 @@ def argv(
     console_fd: int,
     kvm: bool,
     held: bool = False,
+    incoming: bool = False,
     console_input_fd: int = -1,
     notify_fd: int | None = None,
 ) -> list[str]:
@@ -51,6 +52,8 @@ def argv(
     (:func:`console_with_input`): QEMU 7.2 has no command-line syntax for it.
 
     ``held`` starts QEMU with its vCPUs stopped (``-S``) until a QMP ``cont``.
+    ``incoming`` makes it a live migration's target: its guest comes from the stream a
+    QMP ``migrate-incoming`` listens for (:mod:`.migration`).
     There is deliberately no ``-no-reboot``: a guest that reboots keeps its VM.
     """
     machine = config.machine
@@ -84,7 +87,9 @@ def argv(
     # The agent has no TCP forward: the slirp guard forwards a unix socket to it (environment()).
     netdev = "user,id=net0"
     if config.network.ssh_port:
-        netdev += f",hostfwd=tcp:127.0.0.1:{config.network.ssh_port}-:{SSH_GUEST_PORT}"
+        netdev += (
+            f",hostfwd=tcp:{config.network.ssh_address}:{config.network.ssh_port}-:{SSH_GUEST_PORT}"
+        )
     args += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
     for i, share in enumerate(config.agent.shares):
         # The model is the config's (mapped-xattr unless "none" is named there): see ShareConfig.
@@ -115,6 +120,8 @@ def argv(
         args += ["-sandbox", SANDBOX]
     if held:
         args.append("-S")
+    if incoming:
+        args += ["-incoming", "defer"]
     return args + list(config.qemu.extra_args)
 
 

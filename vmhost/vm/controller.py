@@ -15,10 +15,17 @@ from typing import IO, TYPE_CHECKING, Any, Final
 from qemu.qmp import QMPError
 
 from ..config import Config
-from ..errors import ControllerError, GuestNotReadyError, VMCrashedError
+from ..errors import (
+    ControllerError,
+    GuestNotReadyError,
+    IncomingFailedError,
+    VMCrashedError,
+)
 from . import argv as qemu_argv
 from .console import read_console
 from .handover import RunningQemu, hand_over, refusal, resume_streams
+from .migrating import Migrating
+from .migration import Migration, listen_uri
 from .process import ExitCause, QemuProcess, classify
 from .provisioning import AgentLink
 from .qmp import COMMAND_TIMEOUT, QmpSession
@@ -43,7 +50,7 @@ EXIT_GRACE: Final = 1.0
 """A wide guard: how long QEMU's streams may take to report its exit after the other did."""
 
 
-class QemuController:
+class QemuController(Migrating):
     """Supervises one QEMU for one VM; the server's ``Controller``."""
 
     backend: Final = "qemu"
@@ -59,6 +66,7 @@ class QemuController:
         start_timeout: float = START_TIMEOUT,
         on_start_wait: Callable[[float], None] | None = None,
         probe_interval: float = PROBE_INTERVAL,
+        incoming: bool = False,
     ) -> None:
         self.config = config
         self.name = name
@@ -70,10 +78,13 @@ class QemuController:
         self.on_start_wait = on_start_wait
         """Told the seconds left while QEMU builds its machine (for EXTEND_TIMEOUT_USEC)."""
         self.probe_interval = probe_interval  # between hang probes; see :meth:`probe_now`
+        self.incoming = incoming
+        """A live migration's target: the guest comes from the source (:meth:`migrate`)."""
         self.changes = Changes()
         self._run = RunState()
         self._process = QemuProcess(self._exited)
         self._qmp = QmpSession(name, self._on_event)
+        self.migration = Migration(self._qmp, config.migration)
         self._stop: StopChain | None = None
         self._ending: ExitCause | None = None
         self._ending_detail = ""
@@ -156,25 +167,30 @@ class QemuController:
             self._spawn(self._qmp.read_events())
             self._process.check_guard(self.config, env["LD_PRELOAD"])
             await self.console_input.connect(self._qmp)  # before the guest's first byte
-            if "-S" not in self.config.qemu.extra_args:  # else the config holds it itself
+            if self.incoming:
+                await self.migration.listen(listen_uri(self.config.migration))
+            elif "-S" not in self.config.qemu.extra_args:  # else the config holds it itself
                 await self._qmp.execute("cont")
             status = await self._qmp.execute("query-status")
         except (QMPError, OSError, TimeoutError, ControllerError) as e:
             await self._fail_start(e)
             return
+        if self.incoming:
+            return self._await_guest()
         log.info("QEMU runs (pid %d)", self.pid)
         if self._run.state is VMState.STARTING:
             running = isinstance(status, dict) and status.get("status") != "paused"
             self._qmp.vcpus_stopped = not running
             note = self.readiness.started(self._process.started)
             self._move(self.readiness.live() if running else VMState.PAUSED, f"QEMU runs{note}")
-        self._supervise()
+        self._supervise(agent=True)
 
     def _launch(self, env: dict[str, str]) -> socket.socket:
         if self._agent is not None:
             self._agent.prepare()
         notify = self.readiness.guest_end()
-        sock, self._console = self._process.launch(self.config, self.name, env, notify)
+        launch = self._process.launch
+        sock, self._console = launch(self.config, self.name, env, notify, incoming=self.incoming)
         self._read_streams()
         return sock
 
@@ -200,11 +216,14 @@ class QemuController:
             await self.wait()
         await self._process.exiting(EXIT_GRACE)  # QEMU's last words, up to its stderr EOF
         detail = "; ".join(self._process.stderr_tail) or str(cause) or repr(cause)
-        raise ControllerError(f"QEMU failed to start: {detail}") from cause
+        error = IncomingFailedError if self.incoming else ControllerError  # never restarted
+        raise error(f"QEMU failed to start: {detail}") from cause
 
     async def wait(self) -> None:
         """Until QEMU is gone; raises if it did not end by power-off or request."""
         await self._run.end()
+        if self._ending is ExitCause.INCOMING_FAILED:
+            raise IncomingFailedError(f"{self._ending.value}{self._ending_detail}")
         if self._ending in (ExitCause.CRASHED, ExitCause.KILLED):
             raise VMCrashedError(f"{self._ending.value}{self._ending_detail}")
         if self._ending is ExitCause.START_FAILED:
@@ -221,6 +240,7 @@ class QemuController:
         awaited, so a ``status`` right after already says ``stopping``.
         """
         if self._stop is None and self._run.can_move(VMState.STOPPING):
+            migrating = self._run.state is VMState.MIGRATING
             self.readiness.stop_waiting()
             self._stop = StopChain(
                 granted(self.config.stop, timeout),
@@ -231,7 +251,7 @@ class QemuController:
                 announce=self._announce_step,
             )
             self._move(VMState.STOPPING, f"stop requested, {self._stop.timeout:g} s to finish")
-            self._spawn(self._stop.run())
+            self._spawn(self._stop_after_migration() if migrating else self._stop.run())
         return self._run.end()
 
     def force_stop(self) -> Awaitable[None]:
@@ -297,14 +317,14 @@ class QemuController:
         state = self._run.state
         if paused != (state is VMState.PAUSED) and state is not VMState.UNRESPONSIVE:
             self._move(VMState.PAUSED if paused else VMState.RUNNING, "QMP query-status")
-        self._supervise(reconnect_agent=handed.agent)
+        self._supervise(agent=True, reconnect_agent=handed.agent)
 
     # -- watching QEMU --------------------------------------------------------
 
-    def _supervise(self, *, reconnect_agent: bool = False) -> None:
+    def _supervise(self, *, agent: bool = False, reconnect_agent: bool = False) -> None:
         self._spawn(self._watch_qmp())
         self._spawn(self._qmp.probe(self.probe_interval, PROBE_TIMEOUT, self._probed))
-        if self._agent is not None:
+        if agent and self._agent is not None:
             self._agent.start(reconnect=reconnect_agent)
 
     def _exited(self, code: int) -> None:
@@ -321,6 +341,10 @@ class QemuController:
             cause, detail = classify(
                 code, state, self._process.signalled, self._qmp.shutdown_event, failure
             )
+            if self.migration.completed:
+                cause, detail = ExitCause.MIGRATED, f" (downtime {self.migration.downtime_ms} ms)"
+            elif cause is ExitCause.INCOMING_FAILED and self.migration.failure:
+                detail = f": {self.migration.failure}"
         except Exception:
             log.exception("cannot tell how QEMU ended (exit code %d)", code)
         finally:
@@ -348,6 +372,8 @@ class QemuController:
                 self._move(VMState.BOOTING, f"guest reset; {self.readiness.note}", name)
             if self._agent is not None and state is not VMState.STOPPING:
                 self._agent.reprovision()
+        elif name == "MIGRATION":
+            self.migration.event(data)
         elif name == "GUEST_PANICKED":
             log.error("guest kernel panic: %s", data, extra={"QMP_EVENT": name})
         elif name not in ("STOP", "RESUME"):

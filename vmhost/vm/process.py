@@ -37,6 +37,8 @@ class ExitCause(enum.Enum):
     KILLED = "QEMU killed from outside"
     START_FAILED = "QEMU failed to start"
     NOT_READY = "guest not ready"
+    MIGRATED = "migrated to another host"
+    INCOMING_FAILED = "the incoming migration failed"
 
     @property
     def state(self) -> VMState:
@@ -50,6 +52,8 @@ _FINAL: Final = {
     ExitCause.KILLED: VMState.CRASHED,
     ExitCause.START_FAILED: VMState.ERROR,
     ExitCause.NOT_READY: VMState.ERROR,
+    ExitCause.MIGRATED: VMState.MIGRATED,
+    ExitCause.INCOMING_FAILED: VMState.ERROR,
 }
 
 
@@ -66,6 +70,8 @@ def classify(
     how = f" by {signal_name(-code)}" if code < 0 else f", exit status {code}"
     if state is VMState.STARTING and (code >= 0 or signalled):
         return ExitCause.START_FAILED, how
+    if state is VMState.INCOMING:  # QEMU gives up itself when the stream breaks
+        return ExitCause.INCOMING_FAILED, how
     if state is VMState.STOPPING and not_ready:
         return ExitCause.NOT_READY, f": {not_ready}"
     if state is VMState.STOPPING:
@@ -115,6 +121,8 @@ class QemuProcess:
         name: str,
         env: dict[str, str],
         notify: socket.socket | None = None,
+        *,
+        incoming: bool = False,
     ) -> tuple[socket.socket, IO[bytes]]:
         """QEMU for ``config``, held before the guest's first instruction (``-S``); returns
         vmhost's end of QMP and the console pipe's read end (the input's write end is
@@ -131,6 +139,7 @@ class QemuProcess:
                 console_fd=console_write,
                 kvm=argv.accel_is_kvm(config),
                 held=True,
+                incoming=incoming,
                 console_input_fd=input_read,
                 notify_fd=notify.fileno() if notify is not None else None,
             )

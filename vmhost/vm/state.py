@@ -23,13 +23,19 @@ class VMState(enum.Enum):
     """The VM's lifecycle state; ``wire`` is the Go daemon's coarser word for it."""
 
     STARTING = "starting"
+    INCOMING = "incoming"
+    """A live migration's target: QEMU waits for the guest to arrive."""
     BOOTING = "booting"
     """QEMU runs the guest, which is not ready yet (``[boot] ready``)."""
     RUNNING = "running"
     PAUSED = "paused"
     UNRESPONSIVE = "unresponsive"
+    MIGRATING = "migrating"
+    """A live migration's source: the guest still runs here while its memory is sent."""
     STOPPING = "stopping"
     STOPPED = "stopped"
+    MIGRATED = "migrated"
+    """The guest runs on another host now; nothing of it is left here."""
     CRASHED = "crashed"
     ERROR = "error"
 
@@ -39,11 +45,14 @@ class VMState(enum.Enum):
 
     @property
     def ended(self) -> bool:
-        return self in (VMState.STOPPED, VMState.CRASHED, VMState.ERROR)
+        return self in (VMState.STOPPED, VMState.MIGRATED, VMState.CRASHED, VMState.ERROR)
 
 
 _WIRE: Final = {
     VMState.STARTING: "running",
+    VMState.INCOMING: "running",
+    VMState.MIGRATING: "running",
+    VMState.MIGRATED: "stopped",
     VMState.BOOTING: "running",
     VMState.RUNNING: "running",
     VMState.PAUSED: "running",
@@ -58,6 +67,7 @@ _WIRE: Final = {
 _NEXT: Final = {
     VMState.STARTING: frozenset(
         {
+            VMState.INCOMING,
             VMState.BOOTING,
             VMState.RUNNING,
             VMState.PAUSED,
@@ -65,6 +75,10 @@ _NEXT: Final = {
             VMState.CRASHED,
             VMState.ERROR,
         }
+    ),
+    # The guest arrived (and runs, or was paused on the source), or never will.
+    VMState.INCOMING: frozenset(
+        {VMState.RUNNING, VMState.PAUSED, VMState.STOPPING, VMState.CRASHED, VMState.ERROR}
     ),
     # BOOTING and RUNNING go both ways: the guest got ready ([boot] ready), or was reset.
     **{
@@ -74,6 +88,7 @@ _NEXT: Final = {
                 VMState.RUNNING,
                 VMState.PAUSED,
                 VMState.UNRESPONSIVE,
+                VMState.MIGRATING,
                 VMState.STOPPING,
                 VMState.STOPPED,
                 VMState.CRASHED,
@@ -82,10 +97,25 @@ _NEXT: Final = {
         - {live}
         for live in (VMState.BOOTING, VMState.RUNNING, VMState.PAUSED, VMState.UNRESPONSIVE)
     },
+    # Back where it was when the migration fails; MIGRATED once QEMU is gone after it.
+    VMState.MIGRATING: frozenset(
+        {
+            VMState.RUNNING,
+            VMState.PAUSED,
+            VMState.BOOTING,
+            VMState.STOPPING,
+            VMState.MIGRATED,
+            VMState.CRASHED,
+        }
+    ),
     # Once a stop is asked, only its end; CRASHED if deciding how QEMU ended itself failed,
-    # ERROR if it was the stop of a guest that never got ready.
-    VMState.STOPPING: frozenset({VMState.STOPPED, VMState.CRASHED, VMState.ERROR}),
+    # ERROR if it was the stop of a guest that never got ready; MIGRATED if the migration
+    # the stop cancelled had already completed.
+    VMState.STOPPING: frozenset(
+        {VMState.STOPPED, VMState.MIGRATED, VMState.CRASHED, VMState.ERROR}
+    ),
     VMState.STOPPED: frozenset(),
+    VMState.MIGRATED: frozenset(),
     VMState.CRASHED: frozenset(),
     VMState.ERROR: frozenset(),
 }
