@@ -341,7 +341,7 @@ class QemuController(Migrating):
             cause, detail = classify(
                 code, state, self._process.signalled, self._qmp.shutdown_event, failure
             )
-            if self.migration.completed:
+            if self.migration.left:
                 cause, detail = ExitCause.MIGRATED, f" (downtime {self.migration.downtime_ms} ms)"
             elif cause is ExitCause.INCOMING_FAILED and self.migration.failure:
                 detail = f": {self.migration.failure}"

@@ -62,10 +62,18 @@ class Migration:
         self.target = ""
         """Where the guest was sent (the URI)."""
         self._changed = asyncio.Event()
+        self._asked = asyncio.Event()
+        """Set once QEMU took the ``migrate`` command (or refused it): a cancel before that
+        would find nothing to cancel."""
 
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+    @property
+    def left(self) -> bool:
+        """The guest was sent away from here (not: it arrived here)."""
+        return self.completed and bool(self.target)
 
     def event(self, data: Mapping[str, Any]) -> None:
         """A MIGRATION event (the controller forwards them)."""
@@ -84,7 +92,10 @@ class Migration:
             await self._qmp.execute("migrate-set-parameters", arguments=limits)
             await self._qmp.execute("migrate", arguments={"uri": uri})
         except QMPError as e:
+            self.status = "failed"
             raise self._failed(f"QEMU refused to migrate: {e}") from e
+        finally:
+            self._asked.set()
         deadline = time.monotonic() + self.config.timeout_seconds
         while not await self._until(_ENDS, min(PROGRESS_EVERY, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
@@ -97,13 +108,19 @@ class Migration:
         self.downtime_ms = int(info.get("downtime", 0))
         if not self.completed:
             raise self._failed(str(info.get("error-desc") or f"migration {self.status}"))
-        log.info("migration to %s completed: downtime %d ms", uri, self.downtime_ms)
+        sent = int((info.get("ram") or {}).get("transferred", 0)) >> 20
+        on_progress(
+            f"migrated: {sent} MiB sent in {info.get('total-time', 0) / 1000:.2f} s,"
+            f" downtime {self.downtime_ms} ms"
+        )
 
     async def cancel(self) -> bool:
         """Cancel a migration under way; whether it had completed (the guest left) anyway."""
         if self.status in _ENDS or not self.status:
             return self.completed
         with contextlib.suppress(QMPError, TimeoutError):
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                await self._asked.wait()
             await self._qmp.execute("migrate_cancel")
             await self._until(_ENDS, CANCEL_TIMEOUT)
         return self.completed

@@ -138,7 +138,7 @@ class QemuProcess:
                 qmp_fd=qmp_child.fileno(),
                 console_fd=console_write,
                 kvm=argv.accel_is_kvm(config),
-                held=True,
+                held=not incoming,  # an incoming guest runs as it ran on the source
                 incoming=incoming,
                 console_input_fd=input_read,
                 notify_fd=notify.fileno() if notify is not None else None,
