@@ -74,10 +74,10 @@ def _vm_state(vmhost: Vmhost) -> str:
         return ""
 
 
-def guest_uptime(vm: VM) -> int:
+def guest_uptime(vm: VM) -> float:
     """The guest's own uptime, from its agent."""
 
-    async def ask() -> int:
+    async def ask() -> float:
         loop = asyncio.get_running_loop()
         agent = await Agent.connect(str(vm.dir / "agent.sock"), deadline=loop.time() + 30)
         try:
@@ -105,7 +105,8 @@ def test_the_guest_moves_without_rebooting(make_vm: MakeVM, vmhost_for: VmhostFo
     assert any(" ms" in c.message for c in seen if c.event == "migration"), seen  # downtime
     assert "migrated: migrated to another host (downtime" in source.output()
     assert marks.migrated(source.vm.dir) == uri(target)
-    status = wait_for(lambda: target.status().vm_state == "running" and target.status(), 30, "")
+    wait_for(lambda: target.status().vm_state == "running", 30, "the guest running at the target")
+    status = target.status()
     assert status.pid and qemu_alive(status.pid)
     assert guest_uptime(target.vm) >= before
     assert "TINYGUEST READY" not in target.vm.console.read_text(errors="replace")
