@@ -10,6 +10,9 @@ binds each node's own loopback address.  Only what a real node has differs:
   NAME.toml on every node;
 - vmhost is the venv of tests/container.py and the units of units/, its
   commands on Pacemaker's PATH; the agent is bound where the .deb installs it.
+- root on every node reaches the others by ssh (live migration's remote shell), by
+  their names (one /etc/hosts) on port 2022 of each node's own address, with one
+  key pair and one host key for all.
 Fencing is disabled (stonith-enabled=false): a test cannot power-cycle a
 container the way a fence device does a host.
 """
@@ -47,6 +50,8 @@ d /var/lib/pacemaker/cores 0750 hacluster haclient -
 d /var/log/pacemaker 0770 hacluster haclient -
 d /var/lib/corosync 0700 root root -
 """
+SSH_PORT: Final = 2022
+"""Apart from a host's own sshd on 22, which would hold every address of the loopback."""
 _CIB_OPTIONS: Final = {"stonith-enabled": "false", "dc-deadtime": "2s"}
 _STICKINESS: Final = """<rsc_defaults><meta_attributes id="rsc-options">
 <nvpair id="rsc-options-stickiness" name="resource-stickiness" value="100"/>
@@ -193,6 +198,7 @@ def cluster(venv: Path, work: Path) -> Iterator[Cluster]:
             )
             ct.install_units([container.REPO / u for u in _UNITS], venv)
             nodes[ct.name] = ct
+        _ssh(nodes, subnet, etc / "ssh")
         booted = Cluster(nodes, shared, configs, venv)
         online = "Online: [ " + " ".join(names) + " ]"
         wait_for(
@@ -211,6 +217,34 @@ def cluster(venv: Path, work: Path) -> Iterator[Cluster]:
             if booted.alive():
                 booted.crm("crm_attribute", *stop_all, check=False)
                 booted.crm("crm_resource", "--wait", "--timeout=60s", check=False)
+
+
+def _ssh(nodes: dict[str, Container], subnet: str, keys: Path) -> None:
+    """sshd on each node's own address; root's key and client config; the nodes' names."""
+    keys.mkdir()
+    for key in ("host", "root"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / key)], check=True
+        )
+    hosts = "".join(f"{subnet}.{10 + i} {name}\n" for i, name in enumerate(nodes, 1))
+    client = (
+        f"Host *\n Port {SSH_PORT}\n IdentityFile /root/.ssh/id_ed25519\n"
+        " StrictHostKeyChecking no\n UserKnownHostsFile /dev/null\n LogLevel ERROR\n"
+    )
+    for i, ct in enumerate(nodes.values(), 1):
+        ct.write("/etc/hosts", f"127.0.0.1 localhost\n{hosts}")
+        ct.write(
+            "/etc/ssh/sshd_config",
+            f"ListenAddress {subnet}.{10 + i}:{SSH_PORT}\nHostKey /etc/ssh/host\n"
+            "PermitRootLogin prohibit-password\nUsePAM yes\n",  # no: refuses a locked root
+        )
+        ct.write("/etc/ssh/host", (keys / "host").read_text())
+        ct.write("/root/.ssh/id_ed25519", (keys / "root").read_text())
+        ct.write("/root/.ssh/authorized_keys", (keys / "root.pub").read_text())
+        ct.write("/root/.ssh/config", client)
+        ct.run("chmod", "-R", "go-rwx", "/etc/ssh/host", "/root/.ssh")
+        ct.systemctl("reset-failed", "ssh.service", check=False)
+        ct.systemctl("restart", "ssh.service")
 
 
 def _node_config(etc: Path, names: list[str], subnet: str, venv: Path) -> Path:
@@ -241,6 +275,7 @@ def _node_config(etc: Path, names: list[str], subnet: str, venv: Path) -> Path:
     )
     (etc / "sysusers.d/pacemaker.conf").write_text(
         'g haclient -\nu hacluster -:haclient "cluster user" /var/lib/pacemaker\n'
+        'u sshd - "sshd privilege separation" /run/sshd\n'
     )
     shutil.copy(container.REPO / "units/sysusers.d/vmhost.conf", etc / "sysusers.d")
     shutil.copy(container.REPO / "ocf/vm", etc / "resource.d/vmhost/vm")
@@ -272,8 +307,15 @@ def _seed_cib(etc: Path) -> str:
     return f"f /var/lib/pacemaker/cib/cib.xml 0600 hacluster haclient - {xml}\n"
 
 
-def primitive(resource: str, vm: str, *, monitor: str = "5s") -> str:
-    """The resource's CIB XML, with the op timeouts the README recommends."""
+def primitive(resource: str, vm: str, *, monitor: str = "5s", migrate: bool = False) -> str:
+    """The resource's CIB XML, with the op timeouts the README recommends; ``migrate``: moved
+    live (allow-migrate)."""
+    meta = (
+        f'<meta_attributes id="{resource}-meta"><nvpair id="{resource}-allow-migrate"'
+        ' name="allow-migrate" value="true"/></meta_attributes>'
+        if migrate
+        else ""
+    )
     ops = (
         f'<op id="{resource}-start" name="start" interval="0" timeout="60s"/>'
         f'<op id="{resource}-stop" name="stop" interval="0" timeout="40s"/>'
@@ -283,7 +325,7 @@ def primitive(resource: str, vm: str, *, monitor: str = "5s") -> str:
         f'<primitive id="{resource}" class="ocf" provider="vmhost" type="vm">'
         f'<instance_attributes id="{resource}-params">'
         f'<nvpair id="{resource}-name" name="name" value="{vm}"/></instance_attributes>'
-        f"<operations>{ops}</operations></primitive>"
+        f"{meta}<operations>{ops}</operations></primitive>"
     )
 
 

@@ -32,7 +32,7 @@ VENV_CACHE: Final = Path(os.environ.get("VMHOST_TEST_VENV_CACHE", "/var/cache/vm
 _PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV: Final = {"PATH": _PATH, "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
 _HIERARCHIES: Final = ("systemd", "unified")
-CLUSTER_UNITS: Final = ("corosync.service", "pacemaker.service", "logd.service")
+CLUSTER_UNITS: Final = ("corosync.service", "pacemaker.service", "logd.service", "ssh.service")
 """Enabled by presets once the cluster packages are installed (scripts/setup): they would
 fail in every container that is not a node of tests/cluster.py's cluster, so they are masked."""
 

@@ -59,9 +59,10 @@ def pcmk(guest: GuestImage) -> Iterator[Cluster]:
         with cluster.cluster(venv, work) as booted:
             shutil.copy(guest.kernel, booted.shared / "vmlinuz")
             shutil.copy(guest.initrd, booted.shared / "initrd.img")
-            for name in ("vm", "solo"):
+            for name in ("vm", "solo", "mig"):
                 fresh_disk(guest, booted.shared / f"{name}.img")
-                (booted.configs / f"{name}.toml").write_text(config(name, f"{name}-token"))
+                agent = "[agent]\nport = 1024\n" if name == "mig" else ""  # its uptime
+                (booted.configs / f"{name}.toml").write_text(config(name, f"{name}-token") + agent)
             booted.crm("cibadmin", "-C", "-o", "resources", "-X", cluster.primitive("vm", "vm"))
             yield booted
     finally:
@@ -280,6 +281,66 @@ def test_missing_pieces_and_probes(pcmk: Cluster) -> None:
         assert pcmk.vm_state(node, "solo") == "inactive"  # not woken by the probe
     finally:
         ct.systemctl("stop", "vmhost@solo.socket")
+
+
+def guest_uptime(pcmk: Cluster, node: str, vm: str) -> float:
+    """The guest's own uptime, asked of its agent on ``node`` (the VM's state directory)."""
+    ask = (
+        "import asyncio, sys\n"
+        "from vmhost.vm.agent import Agent\n"
+        "async def main():\n"
+        "    loop = asyncio.get_running_loop()\n"
+        "    agent = await Agent.connect(sys.argv[1], deadline=loop.time() + 30)\n"
+        "    print((await agent.get_health()).uptime_seconds)\n"
+        "asyncio.run(main())\n"
+    )
+    socket = f"/var/lib/vmhost/{vm}/agent.sock"
+    return float(pcmk.nodes[node].run(f"{pcmk.venv}/bin/python", "-c", ask, socket).stdout)
+
+
+@pytest.mark.slow
+def test_a_move_with_allow_migrate_is_live(pcmk: Cluster) -> None:
+    """allow-migrate=true: --move migrates the guest live; one boot, its uptime counts on."""
+    primitive = cluster.primitive("mig", "mig", migrate=True)
+    pcmk.crm("cibadmin", "-C", "-o", "resources", "-X", primitive)
+    try:
+        source, _ = pcmk.wait_running("mig", "mig", set(pcmk.nodes))
+        wait_for("the guest", lambda: "TINYGUEST READY" in mig_log(pcmk, source))
+        before = guest_uptime(pcmk, source, "mig")
+        target = next(n for n in pcmk.nodes if n != source)
+        source_run = invocation(pcmk.nodes[source], "mig")
+        started = time.monotonic()
+        pcmk.crm("crm_resource", "--move", "--resource", "mig", "--node", target)
+        _, took = pcmk.wait_running("mig", "mig", {target})
+        print(f"\ncrm_resource --move (allow-migrate) {source} -> {target}: {took:.1f} s")
+        assert time.monotonic() - started < 60
+        after = guest_uptime(pcmk, target, "mig")
+        assert after >= before
+        old = mig_log(pcmk, source, source_run)
+        assert "migrated: migrated to another host (downtime" in old
+        assert "stop: ACPI power-down" not in old
+        assert pcmk.vm_state(source, "mig") == "inactive"
+        assert pcmk.nodes[source].show("vmhost@mig.socket", "ActiveState")["ActiveState"] == (
+            "inactive"  # down with the service: no connect boots it here again
+        )
+        assert "TINYGUEST READY" not in mig_log(pcmk, target)  # it did not boot there
+        assert markers(pcmk, "mig") == ["mig-token"]  # one boot on the shared disk
+        assert pcmk.failures("mig") == []
+        ops = journal(pcmk.nodes[source], "SYSLOG_IDENTIFIER=pacemaker-controld")
+        assert "mig_migrate_to_0" in ops or "migrate_to" in ops
+    finally:
+        pcmk.crm("crm_resource", "--clear", "--resource", "mig", check=False)
+        pcmk.crm("crm_resource", "--resource", "mig", "--meta", "--set-parameter",
+                 "target-role", "--parameter-value", "Stopped", check=False)  # fmt: skip
+        pcmk.crm("crm_resource", "--wait", "--timeout=60s", check=False)
+        pcmk.crm("cibadmin", "-D", "-o", "resources", "-X", '<primitive id="mig"/>', check=False)
+    assert markers(pcmk, "mig") == ["mig-token"]
+
+
+def mig_log(pcmk: Cluster, node: str, run: str = "") -> str:
+    return journal(
+        pcmk.nodes[node], f"_SYSTEMD_INVOCATION_ID={run or invocation(pcmk.nodes[node], 'mig')}"
+    )
 
 
 @pytest.mark.slow
