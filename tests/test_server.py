@@ -21,7 +21,8 @@ from conftest import FakeController
 import vmhost
 from vmhost.control import wire
 from vmhost.control.connection import Limits
-from vmhost.control.server import Server, bind
+from vmhost.control.listen import bind
+from vmhost.control.server import Server
 from vmhost.control.wire import Request
 from vmhost.errors import AlreadyRunningError
 from vmhost.vm.state import Change, VMState

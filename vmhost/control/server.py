@@ -1,23 +1,20 @@
 """The control server: one listening unix socket, many short connections.
 
-Listening (bound here, or handed over by systemd or a previous vmhost), dispatch,
-the answers encoded once per VM state, the connection cap and idle sweep, and two
-endings: :meth:`Server.close` (a final exit: what the kernel queued is answered) and
-:meth:`Server.drain` (a reload: the backlog is kept for the next vmhost).  Framing is
-:mod:`vmhost.control.connection`; ``watch`` and ``logs`` are :mod:`vmhost.control.streams`.
+Listening (on a socket :mod:`vmhost.control.listen` binds, or handed over by systemd or
+a previous vmhost), dispatch, the answers encoded once per VM state, the connection cap
+and idle sweep, and two endings: :meth:`Server.close` (a final exit: what the kernel
+queued is answered) and :meth:`Server.drain` (a reload: the backlog is kept for the next
+vmhost).  Framing is :mod:`vmhost.control.connection`; ``watch`` and ``logs`` are
+:mod:`vmhost.control.streams`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
-import os
-import resource
 import socket
-import stat
 import sys
 import time
 from collections import deque
@@ -26,11 +23,11 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from .. import __version__
-from ..errors import AlreadyRunningError
 from ..vm.state import VMState
 from . import wire
 from .attach import Consoles
 from .connection import Connection, Limits
+from .listen import bind, raise_fd_limit
 from .streams import LogSource, Streams, Watched
 from .wire import Request, Response
 
@@ -80,8 +77,6 @@ _SWEEP_EVERY: Final = 1.0  # seconds; the idle sweep runs only while a connectio
 _BACKLOG: Final = socket.SOMAXCONN
 """The loop calls listen() again: as long a queue as systemd's default ``Backlog=`` gives (the
 kernel caps both at ``net.core.somaxconn``, 4096 by default), and as :func:`bind` asks for."""
-_FD_HEADROOM: Final = 256
-"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 _QUEUED_MAX: Final = 512
 _QUEUED_SECONDS: Final = 0.05
 """At close: how many queued connections are answered, and how long that may take."""
@@ -133,7 +128,7 @@ class Server:
         self._sock = sock
         loop = asyncio.get_running_loop()
         factory = functools.partial(Connection, self)
-        _raise_fd_limit(self.limits.max_connections)
+        raise_fd_limit(self.limits.max_connections)
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
 
     async def close(self) -> None:
@@ -346,56 +341,3 @@ class Server:
         self._connections.pop(conn, None)
         if conn.stream is not None:
             conn.stream.cancel()
-
-
-def bind(path: Path, *, mode: int = 0o660) -> socket.socket:
-    """A listening socket at ``path``; a stale socket file is replaced, a live server is not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            sock.bind(str(path))
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise
-            _remove_stale(path)
-            sock.bind(str(path))
-        os.chmod(path, mode)
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise AlreadyRunningError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise AlreadyRunningError(f"another vmhost is already serving {path}")
-
-
-def _raise_fd_limit(connections: int) -> None:
-    """Let the connection cap, not EMFILE, decide who is served.
-
-    systemd gives a service 1024 descriptors (soft) unless the unit says
-    otherwise: a flood of idle connections then stops every accept, good
-    clients included, instead of evicting the idlest.  Go raises its soft
-    limit by itself; we raise it as far as the hard limit allows.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + _FD_HEADROOM
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-    if raised < wanted:
-        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)
