@@ -82,6 +82,8 @@ _QUEUED_SECONDS: Final = 0.05
 """At close: how many queued connections are answered, and how long that may take."""
 _FINAL_SECONDS: Final = 2.0
 """At close of a socket that was shut down: time for clients that do not read their answer."""
+_GRACE_SECONDS: Final = 1.0
+"""At close: how long after its connect a connection's first request may still come."""
 
 
 class Server:
@@ -132,7 +134,8 @@ class Server:
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
 
     async def close(self) -> None:
-        """Stop listening; answer what the kernel queued meanwhile; drop the rest.
+        """Stop listening; answer what the kernel queued meanwhile and the requests still
+        coming on accepted connections; drop the rest.
 
         A socket we bound ourselves is ours alone: it is shut down first, so every later
         connect is refused and every one queued is answered.  One handed to us (systemd's)
@@ -150,6 +153,7 @@ class Server:
             queue.shutdown(socket.SHUT_RD)  # connects are refused now; the queued stay accepted
         with queue:
             await self._answer_queued(queue, final)
+        await self._answer_coming()
         for timer in filter(None, (self._turn_runner, self._sweeper)):
             timer.cancel()
         for conn in self._connections:
@@ -181,6 +185,16 @@ class Server:
                 *(loop.connect_accepted_socket(factory, sock) for sock in accepted)
             )
             await self._wait_closed([conn for _, conn in connected], deadline - loop.time())
+
+    async def _answer_coming(self) -> None:
+        """Connections accepted before close whose request is on its way (a client writes
+        just after its connect) get their answer, until ``_GRACE_SECONDS`` after the last
+        connect.  One between requests is closed at once: a stop waits for no idle client."""
+        coming = [conn for conn in self._connections if conn.buffer or not conn.answered]
+        if coming:  # in idle order: the youngest is the last
+            left = coming[-1].since + _GRACE_SECONDS - time.monotonic()
+            if left > 0:
+                await self._wait_closed(coming, left)
 
     async def drain(self, timeout: float, last_line: str) -> socket.socket:
         """Stop accepting (new clients wait in the listen backlog), end log streams and
