@@ -28,7 +28,7 @@ from guest.build import GuestImage
 from vmhost import machined, notify, reload
 from vmhost.client import Client
 from vmhost.errors import ClientError
-from vmhost.service import EXIT_FAILURE, EXIT_OK
+from vmhost.service import EXIT_FAILURE, EXIT_OK, EXIT_VM_CRASHED
 
 pytestmark = pytest.mark.slow
 
@@ -297,3 +297,28 @@ def test_worker_threads_never_take_the_held_signals(make_vm: MakeVM, vmhost_for:
     assert all(mask == held for mask in workers.values()), workers
     Client(vm.socket).stop(10)
     assert vm.wait(20) == EXIT_OK
+
+
+def test_qemu_killed_at_the_adopt_step_is_a_crash(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:
+    """QEMU SIGKILLed between the handover and the new vmhost's adopt: exit 3, no traceback."""
+    vm = vmhost_for(make_vm())
+    vm.start()
+    qemu_pid = vm.wait_running().pid
+    vm.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "re-executing vmhost" not in vm.output():  # the exec follows without a yield
+        assert time.monotonic() < deadline, vm.output()
+        time.sleep(0.001)
+    vm.signal(signal.SIGSTOP)  # before the adopt: it imports vmhost first
+    os.kill(qemu_pid, signal.SIGKILL)
+    wait_for(lambda: _zombie(qemu_pid), 5, "QEMU's death")
+    vm.signal(signal.SIGCONT)
+    assert vm.wait(30) == EXIT_VM_CRASHED, vm.output()
+    output = vm.output()
+    assert "vmhost reloaded" not in output, "killed too late: the adopt had succeeded"
+    assert "crashed: QEMU killed from outside by SIGKILL" in output, output
+    assert "Traceback" not in output, output
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

@@ -19,9 +19,11 @@ import uvloop
 from conftest import FakeController
 
 import vmhost
+from vmhost.control import server as server_module
 from vmhost.control import wire
 from vmhost.control.connection import Limits
-from vmhost.control.server import Server, bind
+from vmhost.control.listen import bind
+from vmhost.control.server import Server
 from vmhost.control.wire import Request
 from vmhost.errors import AlreadyRunningError
 from vmhost.vm.state import Change, VMState
@@ -309,11 +311,6 @@ async def test_queued_connections_answered_at_close(
     assert controller.stops == [] and controller.force_stops == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the soak (issue 29): close() aborts a connection whose request has not "
-    "come yet; under `systemctl restart` one Go client in 323 got EOF instead of an answer",
-)
 async def test_a_request_written_just_after_the_connect_is_answered_through_a_restart(
     tmp_path: Path, controller: FakeController
 ) -> None:
@@ -333,6 +330,27 @@ async def test_a_request_written_just_after_the_connect_is_answered_through_a_re
         answer = await _answer(client)
         await closing
     assert answer.endswith(b"\n"), answer
+
+
+async def test_idle_connections_do_not_hold_up_close(
+    tmp_path: Path, controller: FakeController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client between requests and one silent for longer than the grace are closed at once."""
+    monkeypatch.setattr(server_module, "_GRACE_SECONDS", 0.3)
+    path = tmp_path / "s.sock"
+    with _listening(path) as listener:
+        srv = Server(controller, listener)
+        await srv.start()
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(path))
+        await asyncio.sleep(0.4)
+        kept = _send(path, b'{"method":"status"}\n')
+        kept.setblocking(False)
+        assert await asyncio.get_running_loop().sock_recv(kept, 100) == STATUS
+        started = time.monotonic()
+        await srv.close()
+        assert time.monotonic() - started < 0.2
+    assert await _answer(silent) == await _answer(kept) == b""
 
 
 @pytest.mark.parametrize("chain", [40, None])

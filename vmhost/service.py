@@ -30,7 +30,8 @@ from . import (
 from . import config as vmconfig
 from .config import Config
 from .control.attach import Consoles
-from .control.server import Server, bind
+from .control.listen import bind
+from .control.server import Server
 from .errors import (
     ActivationError,
     AlreadyRunningError,

@@ -1,23 +1,20 @@
 """The control server: one listening unix socket, many short connections.
 
-Listening (bound here, or handed over by systemd or a previous vmhost), dispatch,
-the answers encoded once per VM state, the connection cap and idle sweep, and two
-endings: :meth:`Server.close` (a final exit: what the kernel queued is answered) and
-:meth:`Server.drain` (a reload: the backlog is kept for the next vmhost).  Framing is
-:mod:`vmhost.control.connection`; ``watch`` and ``logs`` are :mod:`vmhost.control.streams`.
+Listening (on a socket :mod:`vmhost.control.listen` binds, or handed over by systemd or
+a previous vmhost), dispatch, the answers encoded once per VM state, the connection cap
+and idle sweep, and two endings: :meth:`Server.close` (a final exit: what the kernel
+queued is answered) and :meth:`Server.drain` (a reload: the backlog is kept for the next
+vmhost).  Framing is :mod:`vmhost.control.connection`; ``watch`` and ``logs`` are
+:mod:`vmhost.control.streams`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
-import os
-import resource
 import socket
-import stat
 import sys
 import time
 from collections import deque
@@ -26,12 +23,12 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from .. import __version__
-from ..errors import AlreadyRunningError
 from ..vm.migration import check_uri
 from ..vm.state import VMState
 from . import wire
 from .attach import Consoles
 from .connection import Connection, Limits
+from .listen import bind, raise_fd_limit
 from .streams import LogSource, Streams, Watched
 from .wire import Request, Response
 
@@ -89,13 +86,13 @@ _SWEEP_EVERY: Final = 1.0  # seconds; the idle sweep runs only while a connectio
 _BACKLOG: Final = socket.SOMAXCONN
 """The loop calls listen() again: as long a queue as systemd's default ``Backlog=`` gives (the
 kernel caps both at ``net.core.somaxconn``, 4096 by default), and as :func:`bind` asks for."""
-_FD_HEADROOM: Final = 256
-"""Descriptors beside the control connections: QMP, console, agent, journal, log streams."""
 _QUEUED_MAX: Final = 512
 _QUEUED_SECONDS: Final = 0.05
 """At close: how many queued connections are answered, and how long that may take."""
 _FINAL_SECONDS: Final = 2.0
 """At close of a socket that was shut down: time for clients that do not read their answer."""
+_GRACE_SECONDS: Final = 1.0
+"""At close: how long after its connect a connection's first request may still come."""
 
 
 class Server:
@@ -142,11 +139,12 @@ class Server:
         self._sock = sock
         loop = asyncio.get_running_loop()
         factory = functools.partial(Connection, self)
-        _raise_fd_limit(self.limits.max_connections)
+        raise_fd_limit(self.limits.max_connections)
         self._server = await loop.create_unix_server(factory, sock=sock, backlog=_BACKLOG)
 
     async def close(self) -> None:
-        """Stop listening; answer what the kernel queued meanwhile; drop the rest.
+        """Stop listening; answer what the kernel queued meanwhile and the requests still
+        coming on accepted connections; drop the rest.
 
         A socket we bound ourselves is ours alone: it is shut down first, so every later
         connect is refused and every one queued is answered.  One handed to us (systemd's)
@@ -164,6 +162,7 @@ class Server:
             queue.shutdown(socket.SHUT_RD)  # connects are refused now; the queued stay accepted
         with queue:
             await self._answer_queued(queue, final)
+        await self._answer_coming()
         for timer in filter(None, (self._turn_runner, self._sweeper)):
             timer.cancel()
         for conn in self._connections:
@@ -195,6 +194,16 @@ class Server:
                 *(loop.connect_accepted_socket(factory, sock) for sock in accepted)
             )
             await self._wait_closed([conn for _, conn in connected], deadline - loop.time())
+
+    async def _answer_coming(self) -> None:
+        """Connections accepted before close whose request is on its way (a client writes
+        just after its connect) get their answer, until ``_GRACE_SECONDS`` after the last
+        connect.  One between requests is closed at once: a stop waits for no idle client."""
+        coming = [conn for conn in self._connections if conn.buffer or not conn.answered]
+        if coming:  # in idle order: the youngest is the last
+            left = coming[-1].since + _GRACE_SECONDS - time.monotonic()
+            if left > 0:
+                await self._wait_closed(coming, left)
 
     async def drain(self, timeout: float, last_line: str) -> socket.socket:
         """Stop accepting (new clients wait in the listen backlog), end log streams and
@@ -363,56 +372,3 @@ class Server:
         self._connections.pop(conn, None)
         if conn.stream is not None:
             conn.stream.cancel()
-
-
-def bind(path: Path, *, mode: int = 0o660) -> socket.socket:
-    """A listening socket at ``path``; a stale socket file is replaced, a live server is not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            sock.bind(str(path))
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise
-            _remove_stale(path)
-            sock.bind(str(path))
-        os.chmod(path, mode)
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def _remove_stale(path: Path) -> None:
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise AlreadyRunningError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise AlreadyRunningError(f"another vmhost is already serving {path}")
-
-
-def _raise_fd_limit(connections: int) -> None:
-    """Let the connection cap, not EMFILE, decide who is served.
-
-    systemd gives a service 1024 descriptors (soft) unless the unit says
-    otherwise: a flood of idle connections then stops every accept, good
-    clients included, instead of evicting the idlest.  Go raises its soft
-    limit by itself; we raise it as far as the hard limit allows.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + _FD_HEADROOM
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return
-    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-    if raised < wanted:
-        log.warning("only %d file descriptors (hard limit) for %d connections", raised, connections)

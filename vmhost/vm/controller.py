@@ -310,9 +310,11 @@ class QemuController(Migrating):
             self._spawn(self._qmp.read_events())
             status = await self._qmp.execute("query-status")
         except (QMPError, OSError, TimeoutError) as e:
-            if not self._process.reaped:  # else wait() tells how it ended
+            await self._run.end(within=EXIT_GRACE)  # QMP at its end: QEMU is likely going
+            if not self._run.ended:
                 raise ControllerError(f"cannot take over QEMU (pid {handed.pid}): {e!r}") from e
-            return
+            log.warning("QEMU (pid %d) ended while being taken over: %s", handed.pid, e)
+            return  # wait() tells how it ended
         paused = isinstance(status, dict) and status.get("status") == "paused"
         state = self._run.state
         if paused != (state is VMState.PAUSED) and state is not VMState.UNRESPONSIVE:

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
-from qemu.qmp import QMPClient, QMPError, Runstate
+from qemu.qmp import ConnectError, QMPClient, QMPError, Runstate
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,13 @@ class QmpSession:
         try:
             async with asyncio.timeout_at(deadline):
                 await self.client.connect(sock)
+        except AssertionError:
+            # qemu.qmp asserts that the session it set up runs: on a socket at its end (QEMU
+            # gone during a handover) its reader has ended it by then.  A failed connect.
+            if self.client.runstate is Runstate.RUNNING:
+                raise
+            await self.disconnect()
+            raise ConnectError("QMP ended while connecting", EOFError("QMP closed")) from None
         finally:
             if ticker is not None:
                 ticker.cancel()
