@@ -23,34 +23,30 @@ from ..errors import (
 )
 from . import argv as qemu_argv
 from .console import read_console
-from .handover import RunningQemu, hand_over, refusal, resume_streams
+from .handover import Reloadable
 from .migrating import Migrating
 from .migration import Migration, listen_uri
+from .parts import EXIT_GRACE, StateListener
 from .process import ExitCause, QemuProcess, classify
 from .provisioning import AgentLink
-from .qmp import COMMAND_TIMEOUT, QmpSession
+from .qmp import QmpSession
 from .readiness import Readiness
 from .state import Change, Changes, RunState, VMState
 from .stopchain import StopChain, budget, event_name, granted
 from .tasks import Background
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    pass
 
 log = logging.getLogger(__name__)
-
-StateListener = Callable[[VMState, str, str], None]
-"""``(state, message, qmp_event)``: told of every state change, in order."""
 
 START_TIMEOUT: Final = 90.0
 """The start budget when none is given: systemd's default TimeoutStartSec."""
 PROBE_INTERVAL: Final = 3.0  # the default; each probe costs ~0.2-0.7 ms of CPU
 PROBE_TIMEOUT: Final = 2.0
-EXIT_GRACE: Final = 1.0
-"""A wide guard: how long QEMU's streams may take to report its exit after the other did."""
 
 
-class QemuController(Migrating):
+class QemuController(Migrating, Reloadable):
     """Supervises one QEMU for one VM; the server's ``Controller``."""
 
     backend: Final = "qemu"
@@ -275,52 +271,6 @@ class QemuController(Migrating):
     def probe_now(self) -> None:  # the kernel said QEMU stopped or went on: does it answer?
         self._qmp.probe_now.set()
 
-    # -- reload: handing QEMU over to a re-executed vmhost ---------------------
-
-    def handover_refusal(self) -> str:
-        """Why QEMU cannot be handed over right now; empty when it can."""
-        return refusal(self._run, self._process)
-
-    async def handover(self) -> RunningQemu:
-        """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over
-        (:func:`.handover.hand_over`); the caller execs next, or calls :meth:`resume`."""
-        assert self._console is not None
-        parts = (self._run, self._process, self._qmp, self._console, self.readiness)
-        return await hand_over(*parts, agent=self._connected_agent() is not None)
-
-    def resume(self) -> None:
-        """Read QEMU's streams again: the handover did not happen."""
-        resume_streams(self._process, self._qmp, self.readiness)
-
-    async def adopt(self, handed: RunningQemu) -> None:
-        """Take over the QEMU a previous vmhost of this PID handed over (instead of :meth:`start`).
-
-        The state is the handed-over one from the first moment, so clients
-        queued meanwhile never see ``starting``; QMP is attached to the
-        established session (no greeting, no negotiation) and asked
-        ``query-status`` to prove QEMU answers.
-        """
-        self._run = RunState(handed.state)
-        self.changes.publish(Change(handed.state, "taken over by the reloaded vmhost"))
-        self._console = handed.restore(self._process, self._qmp, self.readiness)
-        self._read_streams()
-        try:
-            sock = socket.socket(fileno=handed.qmp_fd)
-            await self._qmp.connect(sock, budget=COMMAND_TIMEOUT, greeting=False)
-            self._spawn(self._qmp.read_events())
-            status = await self._qmp.execute("query-status")
-        except (QMPError, OSError, TimeoutError) as e:
-            await self._run.end(within=EXIT_GRACE)  # QMP at its end: QEMU is likely going
-            if not self._run.ended:
-                raise ControllerError(f"cannot take over QEMU (pid {handed.pid}): {e!r}") from e
-            log.warning("QEMU (pid %d) ended while being taken over: %s", handed.pid, e)
-            return  # wait() tells how it ended
-        paused = isinstance(status, dict) and status.get("status") == "paused"
-        state = self._run.state
-        if paused != (state is VMState.PAUSED) and state is not VMState.UNRESPONSIVE:
-            self._move(VMState.PAUSED if paused else VMState.RUNNING, "QMP query-status")
-        self._supervise(agent=True, reconnect_agent=handed.agent)
-
     # -- watching QEMU --------------------------------------------------------
 
     def _supervise(self, *, agent: bool = False, reconnect_agent: bool = False) -> None:
@@ -415,16 +365,6 @@ class QemuController(Migrating):
             self._move(VMState.RUNNING, message, "guest-ready")
         else:  # paused or unresponsive meanwhile: it comes back as running
             self.changes.publish(Change(self._run.state, message, "guest-ready"))
-
-    def _connected_agent(self) -> Agent | None:
-        return self._agent.agent if self._agent is not None else None
-
-    def _move(self, state: VMState, message: str, qmp_event: str = "") -> None:
-        """The one place the VM's state changes (the run-state refuses impossible moves)."""
-        self._run.move(state)
-        if self.on_state is not None:
-            self.on_state(state, message, qmp_event)
-        self.changes.publish(Change(state, message, qmp_event))
 
     def _announce_step(self, step: str, message: str) -> None:
         log.info("%s", message, extra={"VMHOST_STATE": "stopping"})

@@ -4,16 +4,22 @@ QEMU's streams at a line boundary so no message is cut between the two."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import socket
 from typing import IO, Any, Final
 
 import msgspec
+from qemu.qmp import QMPError
 
-from ..errors import ReloadRefusedError
+from ..errors import ControllerError, ReloadRefusedError
+from .parts import EXIT_GRACE, Parts
 from .process import QemuProcess
-from .qmp import QmpSession, pause_at_line
+from .qmp import COMMAND_TIMEOUT, QmpSession, pause_at_line
 from .readiness import Readiness
-from .state import RunState, VMState
+from .state import Change, RunState, VMState
+
+log = logging.getLogger(__name__)
 
 QUIESCE_TIMEOUT: Final = 1.0
 """For QEMU's streams to reach a line boundary before a handover."""
@@ -135,3 +141,52 @@ def resume_streams(process: QemuProcess, qmp: QmpSession, readiness: Readiness) 
     for stream in (qmp.stream, process.stream, readiness.stream):
         if stream is not None and not stream[0].is_closing():
             stream[0].resume_reading()
+
+
+class Reloadable(Parts):
+    """The controller's reload half (a base of :class:`~.controller.QemuController`): QEMU
+    handed over to a re-executed vmhost, and taken over by it."""
+
+    def handover_refusal(self) -> str:
+        """Why QEMU cannot be handed over right now; empty when it can."""
+        return refusal(self._run, self._process)
+
+    async def handover(self) -> RunningQemu:
+        """Pause QEMU's streams at a line boundary and describe what a new vmhost takes over
+        (:func:`.handover.hand_over`); the caller execs next, or calls :meth:`resume`."""
+        assert self._console is not None
+        parts = (self._run, self._process, self._qmp, self._console, self.readiness)
+        return await hand_over(*parts, agent=self._connected_agent() is not None)
+
+    def resume(self) -> None:
+        """Read QEMU's streams again: the handover did not happen."""
+        resume_streams(self._process, self._qmp, self.readiness)
+
+    async def adopt(self, handed: RunningQemu) -> None:
+        """Take over the QEMU a previous vmhost of this PID handed over (instead of :meth:`start`).
+
+        The state is the handed-over one from the first moment, so clients
+        queued meanwhile never see ``starting``; QMP is attached to the
+        established session (no greeting, no negotiation) and asked
+        ``query-status`` to prove QEMU answers.
+        """
+        self._run = RunState(handed.state)
+        self.changes.publish(Change(handed.state, "taken over by the reloaded vmhost"))
+        self._console = handed.restore(self._process, self._qmp, self.readiness)
+        self._read_streams()
+        try:
+            sock = socket.socket(fileno=handed.qmp_fd)
+            await self._qmp.connect(sock, budget=COMMAND_TIMEOUT, greeting=False)
+            self._tasks.spawn(self._qmp.read_events())
+            status = await self._qmp.execute("query-status")
+        except (QMPError, OSError, TimeoutError) as e:
+            await self._run.end(within=EXIT_GRACE)  # QMP at its end: QEMU is likely going
+            if not self._run.ended:
+                raise ControllerError(f"cannot take over QEMU (pid {handed.pid}): {e!r}") from e
+            log.warning("QEMU (pid %d) ended while being taken over: %s", handed.pid, e)
+            return  # wait() tells how it ended
+        paused = isinstance(status, dict) and status.get("status") == "paused"
+        state = self._run.state
+        if paused != (state is VMState.PAUSED) and state is not VMState.UNRESPONSIVE:
+            self._move(VMState.PAUSED if paused else VMState.RUNNING, "QMP query-status")
+        self._supervise(agent=True, reconnect_agent=handed.agent)

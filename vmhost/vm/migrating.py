@@ -10,42 +10,16 @@ import signal
 
 from qemu.qmp import QMPError
 
-from ..config import Config
 from ..errors import MigrationError
-from .migration import Migration, listen_uri
-from .process import QemuProcess
-from .provisioning import AgentLink
-from .qmp import QmpSession
-from .readiness import Readiness
-from .state import Change, Changes, RunState, VMState
-from .stopchain import StopChain
-from .tasks import Background
+from .migration import listen_uri
+from .parts import EXIT_GRACE, Parts
+from .state import Change, VMState
 
 log = logging.getLogger(__name__)
 
-EXIT_GRACE = 1.0
-"""How long QEMU may take to exit once asked to quit."""
 
-
-class Migrating:
+class Migrating(Parts):
     """Both ends: :meth:`migrate` on the source, :meth:`_await_guest` on the target."""
-
-    config: Config
-    migration: Migration
-    readiness: Readiness
-    changes: Changes
-    _run: RunState
-    _qmp: QmpSession
-    _process: QemuProcess
-    _stop: StopChain | None
-    _agent: AgentLink | None
-    _tasks: Background
-
-    def _move(self, state: VMState, message: str, qmp_event: str = "") -> None:
-        raise NotImplementedError
-
-    def _supervise(self, *, agent: bool = False, reconnect_agent: bool = False) -> None:
-        raise NotImplementedError
 
     def migrate(self, uri: str) -> str:
         """Send the guest to the target listening at ``uri``: "" once begun, else why not.
