@@ -17,12 +17,13 @@ import shutil
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 from uuid import UUID
 
 import msgspec
 
 from .errors import ConfigError
+from .tomlerrors import explain
 
 MIN_MEMORY_MIB: Final = 64
 """Below this no Linux guest with an initrd gets to userspace."""
@@ -204,7 +205,7 @@ def load(path: Path) -> Config:
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {_explain(str(exc), raw)}") from exc
+        raise ConfigError(f"{path}: {explain(str(exc), raw, Config)}") from exc
     if config.agent.secrets and mode & 0o044:
         # As ssh does with a private key: refuse rather than run with a leaked secret.
         raise ConfigError(
@@ -337,78 +338,3 @@ def _file_problem(path: str, *, write: bool) -> str:
 def _reason(exc: Exception) -> str:
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return text[:1].lower() + text[1:]
-
-
-_AT: Final = " - at `$"
-_SEGMENT: Final = re.compile(r"\.(\w+)|\[(\d+|\.\.\.)\]")
-
-
-def _explain(message: str, raw: dict[str, Any]) -> str:
-    """Rewrite msgspec's ``Expected ... - at `$.a.b``` as ``a.b: expected ..., got VALUE``."""
-    text, _, where = message.partition(_AT)
-    segments: list[str | int] = [
-        name if name else (int(index) if index.isdigit() else "...")
-        for name, index in _SEGMENT.findall(where.rstrip("`"))
-    ]
-    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
-        return f"{_dotted([*segments, m[1]])}: unknown key"
-    if m := re.fullmatch(r"Object missing required field `(.+)`", text):
-        return f"{_dotted([*segments, m[1]])}: required"
-    field = _dotted(segments)
-    value = _lookup(raw, segments)
-    if text.startswith("Invalid enum value"):
-        choices = ", ".join(_toml(v) for v in _choices(segments))
-        return f"{field}: expected one of {choices}, got {_toml(value)}"
-    if m := re.fullmatch(r"Expected `(\w+)(?: \| null)?`, got `(\w+)`", text):  # null: optional
-        expected = "table" if m[1] == "object" else m[1]
-        return f"{field}: expected {expected}, got {m[2] if value is None else _toml(value)}"
-    if m := re.fullmatch(r"Invalid (\w+)", text):  # a string of a typed format: "Invalid UUID"
-        return f"{field}: expected a {m[1]}, got {_toml(value)}"
-    if m := re.fullmatch(r"Expected `\w+` (.+)", text):  # a constraint: ">= 1"
-        return f"{field}: expected {m[1]}, got {_toml(value)}"
-    return f"{field}: {text}"
-
-
-def _dotted(segments: list[str | int]) -> str:
-    out = ""
-    for s in segments:
-        out += f"[{s}]" if isinstance(s, int) or s == "..." else f".{s}" if out else s
-    return out
-
-
-def _lookup(raw: Any, segments: list[str | int]) -> Any:
-    """The offending value in the parsed TOML; None (never a TOML value) if not addressable."""
-    for s in segments:
-        try:
-            raw = raw[s]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return raw
-
-
-def _choices(segments: list[str | int]) -> tuple[Any, ...]:
-    """The allowed values of the Literal field at ``segments``, from the Struct types."""
-    info: msgspec.inspect.Type = msgspec.inspect.type_info(Config)
-    for s in segments:
-        if isinstance(info, msgspec.inspect.UnionType):
-            info = next(t for t in info.types if isinstance(t, msgspec.inspect.StructType))
-        if isinstance(info, msgspec.inspect.StructType):
-            info = next(f.type for f in info.fields if f.name == s)
-        elif isinstance(info, msgspec.inspect.ListType):
-            info = info.item_type
-    return info.values if isinstance(info, msgspec.inspect.LiteralType) else ()
-
-
-def _toml(value: Any) -> str:
-    """A value as it would be written in TOML, so the message quotes what the user wrote."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return msgspec.json.encode(value).decode()
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return type(value).__name__
