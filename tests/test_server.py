@@ -11,7 +11,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import pytest
@@ -513,7 +513,7 @@ async def test_logs_capped_and_streamed(tmp_path: Path, controller: FakeControll
     asked: list[tuple[int, bool]] = []
     more = asyncio.Event()
 
-    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+    async def journal(lines: int, follow: bool) -> AsyncGenerator[str, None]:
         asked.append((lines, follow))
         yield "first"
         await more.wait()
@@ -540,7 +540,7 @@ async def test_nothing_runs_after_a_stream(
     writes pause and resume: no stop, no second journal reader."""
     asked: list[int] = []
 
-    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+    async def journal(lines: int, follow: bool) -> AsyncGenerator[str, None]:
         asked.append(lines)
         for i in range(lines):
             yield f"{i:04d}" + "x" * 1000  # far past the transport's high-water mark
@@ -577,7 +577,7 @@ async def test_log_streams_past_the_cap_are_refused(
     client gone (seen at the next record: EOF alone may be a half-close) serves the next."""
     more = asyncio.Event()
 
-    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+    async def journal(lines: int, follow: bool) -> AsyncGenerator[str, None]:
         yield "a record"
         await more.wait()
         yield "another"
@@ -605,13 +605,36 @@ async def test_log_streams_past_the_cap_are_refused(
             other.close()
 
 
+async def test_a_vanished_log_follower_releases_its_journal_reader(
+    sock_path: Path, controller: FakeController
+) -> None:
+    """A logs -f client that goes away while no record comes: its reader is closed at once."""
+    released = asyncio.Event()
+
+    async def journal(lines: int, follow: bool) -> AsyncGenerator[str, None]:
+        try:
+            yield "a record"
+            await asyncio.Event().wait()  # following: nothing more comes
+        finally:
+            released.set()  # the journal's descriptors go with it
+
+    async with Server(controller, sock_path, logs=journal):
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        writer.write(b'{"method":"logs","follow":true}\n')
+        async with asyncio.timeout(3):
+            assert await reader.readline() == b'{"ok":true,"message":"a record"}\n'
+        writer.close()
+        async with asyncio.timeout(3):
+            await released.wait()
+
+
 async def test_drain_ends_log_streams_and_keeps_new_clients_waiting(
     sock_path: Path, controller: FakeController
 ) -> None:
     """A reload's drain: a log stream gets a last line and EOF; a client that connects meanwhile
     waits in the backlog, unrefused, and is answered once accepting resumes."""
 
-    async def journal(lines: int, follow: bool) -> AsyncIterator[str]:
+    async def journal(lines: int, follow: bool) -> AsyncGenerator[str, None]:
         yield "a record"
         await asyncio.Event().wait()  # following: nothing more comes
 

@@ -14,7 +14,7 @@ import contextlib
 import grp
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 
 from cysystemd.async_reader import AsyncJournalReader
@@ -43,7 +43,7 @@ def _format(entry: JournalEntry) -> str:
     return format_entry(entry.data, entry.get_realtime_usec())
 
 
-async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncIterator[str]:
+async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncGenerator[str, None]:
     """The last ``lines`` records of ``vmhost@vm.service`` with ``VMHOST_VM=vm``, oldest first;
     then new ones if ``follow``.
 

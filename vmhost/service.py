@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Final, NamedTuple, Protocol
 
@@ -314,7 +314,7 @@ def _tee(*sinks: Callable[[bytes], None]) -> Callable[[bytes], None]:
     return each
 
 
-def _logs(name: str, lines: int, follow: bool) -> AsyncIterator[str]:
+def _logs(name: str, lines: int, follow: bool) -> AsyncGenerator[str, None]:
     from .logs import entries  # cysystemd is loaded only when someone asks for logs
 
     return entries(name, lines=lines, follow=follow)

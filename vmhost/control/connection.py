@@ -142,8 +142,8 @@ class Connection(asyncio.Protocol):
         self._serve(False)
 
     def eof_received(self) -> bool:
-        if self.watch is not None:  # the watcher went away (or will send nothing more)
-            self.transport.close()
+        if self.stream is not None:  # a watcher or log follower went away: its stream ends
+            self.transport.close()  # (a journal reader waiting for records holds descriptors)
             return True
         idle = not self.buffer and self.answered  # Go closes it in silence: nothing to scan
         if self.stream is None and not idle and not self.transport.is_closing():

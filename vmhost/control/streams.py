@@ -10,9 +10,10 @@ never evicted for room), so :class:`Streams` keeps it instead, for the server's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 from ..errors import TooManyWatchersError, VmhostError
@@ -23,7 +24,7 @@ from .wire import Request, Response
 
 log = logging.getLogger(__name__)
 
-LogSource = Callable[[int, bool], AsyncIterator[str]]
+LogSource = Callable[[int, bool], AsyncGenerator[str, None]]
 """``(lines, follow)`` → formatted journal lines, for the ``logs`` extension."""
 
 _WATCH_SNDBUF: Final = 8 * 1024
@@ -197,15 +198,16 @@ class Watch:
             transport.close()
 
 
-async def _pump_logs(conn: Sink, lines: AsyncIterator[str]) -> None:
+async def _pump_logs(conn: Sink, lines: AsyncGenerator[str, None]) -> None:
     try:
-        async for line in lines:
-            while conn.paused:
-                conn.drained = asyncio.Event()
-                await conn.drained.wait()
-            if conn.transport.is_closing():
-                return
-            conn.transport.write(wire.encode_response(Response(ok=True, message=line)))
+        async with contextlib.aclosing(lines):  # its journal reader closed now, not at a gc
+            async for line in lines:
+                while conn.paused:
+                    conn.drained = asyncio.Event()
+                    await conn.drained.wait()
+                if conn.transport.is_closing():
+                    return
+                conn.transport.write(wire.encode_response(Response(ok=True, message=line)))
     except VmhostError as e:
         conn.transport.write(wire.error_response(str(e)))
     finally:
