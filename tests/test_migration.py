@@ -13,8 +13,10 @@ import dataclasses
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from conftest import VM, free_port
@@ -173,3 +175,39 @@ def test_a_target_nobody_sends_to_gives_up(make_vm: MakeVM, vmhost_for: VmhostFo
     assert target.wait(30) == EXIT_INCOMING_FAILED
     assert "no guest arrived within 2 s" in target.output()
     assert not qemu_alive(qemu)
+
+
+def x509(directory: Path) -> Path:
+    """A CA, and the target's (IP 127.0.0.1) and the source's certificates it signed, named
+    as QEMU's tls-creds-x509 reads them."""
+    directory.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ca",
+            "-keyout", "ca-key.pem", "-out", "ca-cert.pem")  # fmt: skip
+    for end in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={end}",
+                "-keyout", f"{end}-key.pem", "-out", f"{end}.csr")  # fmt: skip
+        (directory / "ext.cnf").write_text(
+            f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={end}Auth\n"
+        )
+        openssl("x509", "-req", "-in", f"{end}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", f"{end}-cert.pem")  # fmt: skip
+    return directory
+
+
+def test_the_stream_can_be_tls(make_vm: MakeVM, vmhost_for: VmhostFor, tmp_path: Path) -> None:
+    """With QEMU's x509 credentials named in [migration], the guest moves over TLS."""
+    pki = x509(tmp_path / "pki")
+    tls = (
+        'tls_server_creds = "migs"\ntls_client_creds = "migc"\n[qemu]\nextra_args = ['
+        f'"-object", "tls-creds-x509,id=migs,dir={pki},endpoint=server,verify-peer=on", '
+        f'"-object", "tls-creds-x509,id=migc,dir={pki},endpoint=client"]\n'
+    )
+    source, target = pair(make_vm, vmhost_for, tls)
+    Client(source.socket).migrate(uri(target))
+    assert source.wait(60) == EXIT_MIGRATED
+    wait_for(lambda: _vm_state(target) == "running", 30, "the guest running at the target")
+    assert guest_uptime(target.vm) > 0

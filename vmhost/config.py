@@ -152,6 +152,10 @@ class MigrationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     downtime_limit_ms: Annotated[int, msgspec.Meta(ge=1)] = 300
     max_bandwidth_mib: Annotated[int, msgspec.Meta(ge=1)] = 1024
     """MiB/s the stream may take, so a migration does not starve the host's other traffic."""
+    tls_server_creds: str = ""
+    tls_client_creds: str = ""
+    """Ids of ``tls-creds-x509`` objects in ``[qemu] extra_args`` (``endpoint=server`` to
+    receive, ``endpoint=client`` to send): the stream is then TLS, its peer verified."""
 
 
 class SystemdConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -86,7 +86,12 @@ class Migration:
         guest running here (a cancel, a failure, the deadline: then this cancels it)."""
         self.status, self.failure, self.target = "setup", "", uri
         bandwidth = self.config.max_bandwidth_mib * 2**20
-        limits = {"downtime-limit": self.config.downtime_limit_ms, "max-bandwidth": bandwidth}
+        limits: dict[str, object] = {
+            "downtime-limit": self.config.downtime_limit_ms,
+            "max-bandwidth": bandwidth,
+        }
+        if self.config.tls_client_creds:
+            limits["tls-creds"] = self.config.tls_client_creds
         try:
             await self._qmp.execute("migrate-set-capabilities", arguments=_EVENTS)
             await self._qmp.execute("migrate-set-parameters", arguments=limits)
@@ -129,6 +134,9 @@ class Migration:
         """The target's QEMU (``-incoming defer``) listens on ``uri`` from now on."""
         self.status = "setup"
         await self._qmp.execute("migrate-set-capabilities", arguments=_EVENTS)
+        if self.config.tls_server_creds:
+            tls = {"tls-creds": self.config.tls_server_creds}
+            await self._qmp.execute("migrate-set-parameters", arguments=tls)
         await self._qmp.execute("migrate-incoming", arguments={"uri": uri})
 
     async def arrived(self) -> None:
