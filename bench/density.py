@@ -9,7 +9,9 @@ them are up, so the shared pages are split the same way for every group:
   each with a real QEMU that boots nothing;
 - idle CPU per vmhost from ``/proc/PID/task/*/schedstat`` (nanoseconds: the tick
   counts of ``/proc/PID/stat`` are too coarse for a tenth of a millisecond a second);
-- exec → READY=1 (median) of the working tree's ``vmhost serve``.
+- exec → READY=1 (median) of the working tree's ``vmhost serve``;
+- at scale (``--scale-vms``, 0 to skip): tiny guests under a container's systemd
+  (tests/fleet.py, root only), started at once, listed, stopped at once.
 
 Writes bench/density.md.
 """
@@ -26,6 +28,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -142,16 +145,53 @@ class Fleet:
         return sum(used) / len(used) / elapsed / 1e6
 
 
+@dataclass
+class Scale:
+    """Seconds, for ``count`` tiny guests under a container's systemd."""
+
+    count: int
+    memory_mib: int
+    load: float
+    units_active: float
+    guests_ready: float
+    listed: float
+    stopped: float
+
+
+def scale(count: int) -> Scale:
+    """Start ``count`` tiny guests at once, list them, stop them at once: the scale test's
+    recipe (tests/fleet.py), timed."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import container
+    import fleet
+    from conftest import CACHE
+    from guest.build import build
+
+    guest, venv = build(CACHE / "guest"), container.venv()
+    with container.boot("vmhost-density", ro_binds=[str(venv), str(guest.kernel.parent)]) as ct:
+        fleet.setup(ct, venv)
+        vms = fleet.make_fleet(ct, venv, guest, count)
+        load = os.getloadavg()[0]
+        started = fleet.start_all(ct, vms)
+        listed, _ = fleet.timed_list(vms[0])
+        stopped = fleet.stop_all(ct)
+    times = (started.units_active, started.guests_ready, listed, stopped)
+    return Scale(count, fleet.MEMORY_MIB, load, *times)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench.density", description=__doc__)
     parser.add_argument("--vms", type=int, default=10, help="processes per group (default 10)")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle measured")
     parser.add_argument("--runs", type=int, default=10, help="exec -> READY=1 repetitions")
     parser.add_argument("--against", metavar="REV", help="also vmhost serve at git REV")
+    parser.add_argument(
+        "--scale-vms", type=int, default=20, help="tiny guests at scale (default 20; 0: skip)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0]
+    loads = [os.getloadavg()[0]]
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="vmhost-density-") as tmp:
         work = Path(tmp)
@@ -171,9 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 fleet.close()
             rows.append((label, f"{pss:.1f} MiB", f"{idle:.3f} ms/s"))
+        loads.append(os.getloadavg()[0])
         start = lifecycle.start_stop(work / "start", args.runs)
     ready = [r.exec_to_ready * 1000 for r in start.runs]
-    text = _report(args, started, load, rows, ready)
+    at_scale = scale(args.scale_vms) if args.scale_vms else None
+    text = _report(args, started, loads, rows, (pss, idle, ready)) + _scale_report(at_scale)
     args.out.write_text(text)
     print(text)
     return 0
@@ -182,16 +224,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(
     args: argparse.Namespace,
     started: str,
-    load: float,
+    loads: list[float],
     rows: list[tuple[str, str, str]],
-    ready: list[float],
+    tree: tuple[float, float, list[float]],
 ) -> str:
     command = " ".join(["python3 -m bench.density", *sys.argv[1:]])
+    pss, idle, ready = tree
+    median = proc.median(ready)
     lines = [
-        "# Many idle VMs: footprint, idle CPU, start-up",
+        "# Many VMs on one host: footprint, idle CPU, start-up, scale",
         "",
-        f"`{command}`, {started}; {os.cpu_count()} CPUs, load average {load:.1f} at the start"
-        " (a loaded machine inflates the CPU figures: cold caches on every wakeup).",
+        f"`{command}`, {started}; {os.cpu_count()} CPUs, load average {loads[0]:.1f} at the"
+        " start (a loaded machine inflates the CPU and time figures: cold caches on every"
+        " wakeup, a share of 2 CPUs).",
         "",
         f"{args.vms} processes of each kind side by side; PSS per process (shared pages split"
         f" among their users); idle CPU per vmhost over {args.idle:g} s from schedstat.",
@@ -200,9 +245,45 @@ def _report(
         "|---|--:|--:|",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
         "",
-        f"exec → READY=1 of the working tree's `vmhost serve` (QEMU runs, no guest boots):"
-        f" median {proc.median(ready):.0f} ms (min {min(ready):.0f}, max {max(ready):.0f},"
-        f" n={len(ready)}).",
+        f"exec → READY=1 of the working tree's `vmhost serve` (QEMU runs, no guest boots;"
+        f" load average {loads[1]:.1f}): median {median:.0f} ms (min"
+        f" {min(ready):.0f}, max {max(ready):.0f}, n={len(ready)}).",
+        "",
+        "| goal (issue 28) | measured | met |",
+        "|---|--:|---|",
+        _goal(f"PSS ≤ 15 MiB per vmhost at {args.vms}", f"{pss:.1f} MiB", pss <= 15),
+        _goal("idle CPU ≤ 0.1 ms/s per vmhost", f"{idle:.3f} ms/s", idle <= 0.1),
+        _goal("exec → READY=1 ≤ 120 ms median", f"{median:.0f} ms", median <= 120),
+        "",
+        f"Per VM at 100 VMs: {pss * 100 / 1024:.2f} GiB of vmhost processes ({pss:.1f} MiB"
+        f" each) and {idle * 100:.1f} ms of CPU per second all told ({idle * 100 / 10:.2f}% of"
+        " one CPU); each QEMU and its guest come on top.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _goal(goal: str, measured: str, met: bool) -> str:
+    return f"| {goal} | {measured} | {'yes' if met else 'NO'} |"
+
+
+def _scale_report(at: Scale | None) -> str:
+    if at is None:
+        return ""
+    lines = [
+        "",
+        f"## At scale: {at.count} tiny guests under systemd",
+        "",
+        f"{at.count} VMs of {at.memory_mib} MiB, TCG, in a systemd container (tests/fleet.py, as"
+        f" tests/test_scale.py; load average {at.load:.1f} before the start).",
+        "",
+        "| step | seconds |",
+        "|---|--:|",
+        f"| `systemctl start` of all at once: every unit active | {at.units_active:.1f} |",
+        f"| … every guest booted (its READY line on the console) | {at.guests_ready:.1f} |",
+        f"| `vmhostctl list` over all (median of 3, process start included; goal ≤ 0.5) |"
+        f" {at.listed:.2f} |",
+        f"| `systemctl stop 'vmhost@*'`: every guest powered off by ACPI | {at.stopped:.1f} |",
         "",
     ]
     return "\n".join(lines)
