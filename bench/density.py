@@ -10,6 +10,8 @@ them are up, so the shared pages are split the same way for every group:
 - idle CPU per vmhost from ``/proc/PID/task/*/schedstat`` (nanoseconds: the tick
   counts of ``/proc/PID/stat`` are too coarse for a tenth of a millisecond a second);
 - exec → READY=1 (median) of the working tree's ``vmhost serve``;
+- all of it under one interpreter (``--python``; by default a venv made as the package
+  makes it, see :func:`packaged_python`: the bench re-runs itself under it);
 - at scale (``--scale-vms``, 0 to skip): tiny guests under a container's systemd
   (tests/fleet.py, root only), started at once, listed, stopped at once.
 
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import platform
 import subprocess
 import sys
 import sysconfig
@@ -161,7 +164,7 @@ class Scale:
 def scale(count: int) -> Scale:
     """Start ``count`` tiny guests at once, list them, stop them at once: the scale test's
     recipe (tests/fleet.py), timed."""
-    sys.path.insert(0, str(REPO / "tests"))
+    _tests()
     import container
     import fleet
     from conftest import CACHE
@@ -179,6 +182,22 @@ def scale(count: int) -> Scale:
     return Scale(count, fleet.MEMORY_MIB, load, *times)
 
 
+def _tests() -> None:
+    """tests/ on the path: the container, the guest and the fleet are the test suite's."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+
+
+def packaged_python() -> Path:
+    """A venv made as the package makes it: Debian's /usr/bin/python3, the code installed (not
+    editable), no test tools (tests/container.py's).  The dev venv is no model of a host: an
+    other build of the interpreter, an editable finder and typing_extensions at every start."""
+    _tests()
+    import container
+
+    return container.venv() / "bin" / "python"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench.density", description=__doc__)
     parser.add_argument("--vms", type=int, default=10, help="processes per group (default 10)")
@@ -188,8 +207,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--scale-vms", type=int, default=20, help="tiny guests at scale (default 20; 0: skip)"
     )
+    parser.add_argument(
+        "--python", type=Path, help="what runs vmhost and the anchors (default: packaged_python)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    python = args.python or packaged_python()
+    if Path(sys.executable) == python:
+        text = processes(args)
+    else:  # everything per process is measured under that interpreter
+        child = [str(python), "-m", "bench.density", "--vms", str(args.vms), "--idle",
+                 str(args.idle), "--runs", str(args.runs), "--scale-vms", "0", "--python",
+                 str(python), "--out", str(args.out)]  # fmt: skip
+        if args.against:
+            child += ["--against", args.against]
+        subprocess.run(child, check=True, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL)
+        text = args.out.read_text()
+    if args.scale_vms:
+        text += _scale_report(scale(args.scale_vms))
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+def processes(args: argparse.Namespace) -> str:
+    """The anchors, vmhost's PSS and idle CPU, exec → READY=1: the report's first part."""
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     loads = [os.getloadavg()[0]]
     rows: list[tuple[str, str, str]] = []
@@ -214,11 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loads.append(os.getloadavg()[0])
         start = lifecycle.start_stop(work / "start", args.runs)
     ready = [r.exec_to_ready * 1000 for r in start.runs]
-    at_scale = scale(args.scale_vms) if args.scale_vms else None
-    text = _report(args, started, loads, rows, (pss, idle, ready)) + _scale_report(at_scale)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    return _report(args, started, loads, rows, (pss, idle, ready))
 
 
 def _report(
@@ -228,15 +266,18 @@ def _report(
     rows: list[tuple[str, str, str]],
     tree: tuple[float, float, list[float]],
 ) -> str:
-    command = " ".join(["python3 -m bench.density", *sys.argv[1:]])
+    against = f" --against {args.against}" if args.against else ""
+    command = f"python3 -m bench.density --vms {args.vms} --idle {args.idle:g} --runs {args.runs}"
     pss, idle, ready = tree
     median = proc.median(ready)
     lines = [
         "# Many VMs on one host: footprint, idle CPU, start-up, scale",
         "",
-        f"`{command}`, {started}; {os.cpu_count()} CPUs, load average {loads[0]:.1f} at the"
-        " start (a loaded machine inflates the CPU and time figures: cold caches on every"
-        " wakeup, a share of 2 CPUs).",
+        f"`{command}{against}`, {started}; {os.cpu_count()} CPUs, load average {loads[0]:.1f}"
+        " at the start (a loaded machine inflates the CPU and time figures: cold caches on"
+        " every wakeup, a share of 2 CPUs).  Every process below runs"
+        f" `{sys.executable}` (Python {platform.python_version()}); by default a venv made as"
+        " the package makes it (Debian's python3, the code installed, no test tools).",
         "",
         f"{args.vms} processes of each kind side by side; PSS per process (shared pages split"
         f" among their users); idle CPU per vmhost over {args.idle:g} s from schedstat.",
