@@ -44,7 +44,8 @@ class Side(msgspec.Struct):
 
 
 def export(rev: str, into: Path) -> Path:
-    """The ``vmhost`` package as it was at ``rev``."""
+    """The ``vmhost`` package as it was at ``rev``, with the working tree's build of the slirp
+    guard (a C library QEMU preloads, built at install: git has only its source)."""
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", rev, "vmhost"], capture_output=True, check=True
     ).stdout
@@ -54,6 +55,9 @@ def export(rev: str, into: Path) -> Path:
             tar.extractall(into, filter="data")
         else:
             tar.extractall(into)
+    if (into / "vmhost" / "slirp_guard.c").exists():
+        for built in (REPO / "vmhost").glob("_slirp_guard*.so"):
+            shutil.copy2(built, into / "vmhost")
     return into
 
 
