@@ -46,8 +46,11 @@ def setup(ct: Container, venv: Path) -> None:
 
 def make_fleet(ct: Container, venv: Path, guest: GuestImage, count: int) -> list[VM]:
     """COUNT configured VMs, tiny guests of MEMORY_MIB each, not started."""
-    vms = []
-    for i in range(1, count + 1):
+    vms: list[VM] = []
+    ports: set[int] = set()
+    while len(ports) < count:  # distinct: free now, and not the same one twice
+        ports.add(free_port())
+    for i, port in zip(range(1, count + 1), sorted(ports), strict=True):
         vm = VM(ct, f"vm{i:02d}", f"vm{i:02d}-{os.urandom(4).hex()}", venv)  # listed in order
         vm_dir = f"/var/lib/vmhost/{vm.name}"
         ct.run("mkdir", "-p", vm_dir)
@@ -66,7 +69,7 @@ cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
 [[disks]]
 path = "{vm.disk}"
 [network]
-ssh_port = {free_port()}
+ssh_port = {port}
 [stop]
 timeout_seconds = {STOP_TIMEOUT}
 """,
@@ -78,12 +81,12 @@ timeout_seconds = {STOP_TIMEOUT}
 def start_all(ct: Container, vms: Sequence[VM]) -> Started:
     """``systemctl start`` of them all in one command; then until every guest says READY."""
     began = time.monotonic()
-    ct.run("systemctl", "start", *(vm.unit for vm in vms), timeout=600)
+    start = ct.run("systemctl", "start", *(vm.unit for vm in vms), timeout=600, check=False)
     active = time.monotonic() - began
-    states = {vm.name: vm.show("ActiveState", "SubState") for vm in vms}
-    assert all(s == {"ActiveState": "active", "SubState": "running"} for s in states.values()), (
-        states
-    )
+    states = {vm.name: vm.show("ActiveState", "SubState", "NRestarts") for vm in vms}
+    first_time = {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}
+    failed = [vm for vm in vms if states[vm.name] != first_time]
+    assert start.returncode == 0 and not failed, (start.stderr, *map(_evidence, failed))
     pending = {vm.name for vm in vms}
     deadline = began + 60 + 15 * len(vms)  # TCG boots share two cores
     while pending:
@@ -92,6 +95,11 @@ def start_all(ct: Container, vms: Sequence[VM]) -> Started:
         assert time.monotonic() < deadline, f"guests not ready: {sorted(pending)}"
         time.sleep(0.5)
     return Started(active, time.monotonic() - began)
+
+
+def _evidence(vm: VM) -> str:
+    unit = vm.ct.run("journalctl", "--no-pager", "-n", "40", "-u", vm.unit, check=False).stdout
+    return f"--- {vm.name}: {vm.show('ActiveState', 'Result', 'NRestarts')}\n{unit}"
 
 
 def timed_list(vm: VM, runs: int = 3) -> tuple[float, list[dict[str, Any]]]:
