@@ -9,7 +9,11 @@ them are up, so the shared pages are split the same way for every group:
   each with a real QEMU that boots nothing;
 - idle CPU per vmhost from ``/proc/PID/task/*/schedstat`` (nanoseconds: the tick
   counts of ``/proc/PID/stat`` are too coarse for a tenth of a millisecond a second);
-- exec → READY=1 (median) of the working tree's ``vmhost serve``.
+- exec → READY=1 (median) of the working tree's ``vmhost serve``;
+- all of it under one interpreter (``--python``; by default a venv made as the package
+  makes it, see :func:`packaged_python`: the bench re-runs itself under it);
+- at scale (``--scale-vms``, 0 to skip): tiny guests under a container's systemd
+  (tests/fleet.py, root only), started at once, listed, stopped at once.
 
 Writes bench/density.md.
 """
@@ -20,12 +24,14 @@ import argparse
 import contextlib
 import datetime
 import os
+import platform
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -142,16 +148,92 @@ class Fleet:
         return sum(used) / len(used) / elapsed / 1e6
 
 
+@dataclass
+class Scale:
+    """Seconds, for ``count`` tiny guests under a container's systemd."""
+
+    count: int
+    memory_mib: int
+    load: float
+    units_active: float
+    guests_ready: float
+    listed: float
+    stopped: float
+
+
+def scale(count: int) -> Scale:
+    """Start ``count`` tiny guests at once, list them, stop them at once: the scale test's
+    recipe (tests/fleet.py), timed."""
+    _tests()
+    import container
+    import fleet
+    from conftest import CACHE
+    from guest.build import build
+
+    guest, venv = build(CACHE / "guest"), container.venv()
+    with container.boot("vmhost-density", ro_binds=[str(venv), str(guest.kernel.parent)]) as ct:
+        fleet.setup(ct, venv)
+        vms = fleet.make_fleet(ct, venv, guest, count)
+        load = os.getloadavg()[0]
+        started = fleet.start_all(ct, vms)
+        listed, _ = fleet.timed_list(vms[0])
+        stopped = fleet.stop_all(ct)
+    times = (started.units_active, started.guests_ready, listed, stopped)
+    return Scale(count, fleet.MEMORY_MIB, load, *times)
+
+
+def _tests() -> None:
+    """tests/ on the path: the container, the guest and the fleet are the test suite's."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+
+
+def packaged_python() -> Path:
+    """A venv made as the package makes it: Debian's /usr/bin/python3, the code installed (not
+    editable), no test tools (tests/container.py's).  The dev venv is no model of a host: an
+    other build of the interpreter, an editable finder and typing_extensions at every start."""
+    _tests()
+    import container
+
+    return container.venv() / "bin" / "python"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m bench.density", description=__doc__)
     parser.add_argument("--vms", type=int, default=10, help="processes per group (default 10)")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle measured")
     parser.add_argument("--runs", type=int, default=10, help="exec -> READY=1 repetitions")
     parser.add_argument("--against", metavar="REV", help="also vmhost serve at git REV")
+    parser.add_argument(
+        "--scale-vms", type=int, default=20, help="tiny guests at scale (default 20; 0: skip)"
+    )
+    parser.add_argument(
+        "--python", type=Path, help="what runs vmhost and the anchors (default: packaged_python)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    python = args.python or packaged_python()
+    if Path(sys.executable) == python:
+        text = processes(args)
+    else:  # everything per process is measured under that interpreter
+        child = [str(python), "-m", "bench.density", "--vms", str(args.vms), "--idle",
+                 str(args.idle), "--runs", str(args.runs), "--scale-vms", "0", "--python",
+                 str(python), "--out", str(args.out)]  # fmt: skip
+        if args.against:
+            child += ["--against", args.against]
+        subprocess.run(child, check=True, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL)
+        text = args.out.read_text()
+    if args.scale_vms:
+        text += _scale_report(scale(args.scale_vms))
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+def processes(args: argparse.Namespace) -> str:
+    """The anchors, vmhost's PSS and idle CPU, exec → READY=1: the report's first part."""
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0]
+    loads = [os.getloadavg()[0]]
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="vmhost-density-") as tmp:
         work = Path(tmp)
@@ -171,27 +253,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 fleet.close()
             rows.append((label, f"{pss:.1f} MiB", f"{idle:.3f} ms/s"))
+        loads.append(os.getloadavg()[0])
         start = lifecycle.start_stop(work / "start", args.runs)
     ready = [r.exec_to_ready * 1000 for r in start.runs]
-    text = _report(args, started, load, rows, ready)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    return _report(args, started, loads, rows, (pss, idle, ready))
 
 
 def _report(
     args: argparse.Namespace,
     started: str,
-    load: float,
+    loads: list[float],
     rows: list[tuple[str, str, str]],
-    ready: list[float],
+    tree: tuple[float, float, list[float]],
 ) -> str:
-    command = " ".join(["python3 -m bench.density", *sys.argv[1:]])
+    against = f" --against {args.against}" if args.against else ""
+    command = f"python3 -m bench.density --vms {args.vms} --idle {args.idle:g} --runs {args.runs}"
+    pss, idle, ready = tree
+    median = proc.median(ready)
     lines = [
-        "# Many idle VMs: footprint, idle CPU, start-up",
+        "# Many VMs on one host: footprint, idle CPU, start-up, scale",
         "",
-        f"`{command}`, {started}; {os.cpu_count()} CPUs, load average {load:.1f} at the start"
-        " (a loaded machine inflates the CPU figures: cold caches on every wakeup).",
+        f"`{command}{against}`, {started}; {os.cpu_count()} CPUs, load average {loads[0]:.1f}"
+        " at the start (a loaded machine inflates the CPU and time figures: cold caches on"
+        " every wakeup, a share of 2 CPUs).  Every process below runs"
+        f" `{sys.executable}` (Python {platform.python_version()}); by default a venv made as"
+        " the package makes it (Debian's python3, the code installed, no test tools).",
         "",
         f"{args.vms} processes of each kind side by side; PSS per process (shared pages split"
         f" among their users); idle CPU per vmhost over {args.idle:g} s from schedstat.",
@@ -200,9 +286,45 @@ def _report(
         "|---|--:|--:|",
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
         "",
-        f"exec → READY=1 of the working tree's `vmhost serve` (QEMU runs, no guest boots):"
-        f" median {proc.median(ready):.0f} ms (min {min(ready):.0f}, max {max(ready):.0f},"
-        f" n={len(ready)}).",
+        f"exec → READY=1 of the working tree's `vmhost serve` (QEMU runs, no guest boots;"
+        f" load average {loads[1]:.1f}): median {median:.0f} ms (min"
+        f" {min(ready):.0f}, max {max(ready):.0f}, n={len(ready)}).",
+        "",
+        "| goal (issue 28) | measured | met |",
+        "|---|--:|---|",
+        _goal(f"PSS ≤ 15 MiB per vmhost at {args.vms}", f"{pss:.1f} MiB", pss <= 15),
+        _goal("idle CPU ≤ 0.1 ms/s per vmhost", f"{idle:.3f} ms/s", idle <= 0.1),
+        _goal("exec → READY=1 ≤ 120 ms median", f"{median:.0f} ms", median <= 120),
+        "",
+        f"Per VM at 100 VMs: {pss * 100 / 1024:.2f} GiB of vmhost processes ({pss:.1f} MiB"
+        f" each) and {idle * 100:.1f} ms of CPU per second all told ({idle * 100 / 10:.2f}% of"
+        " one CPU); each QEMU and its guest come on top.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _goal(goal: str, measured: str, met: bool) -> str:
+    return f"| {goal} | {measured} | {'yes' if met else 'NO'} |"
+
+
+def _scale_report(at: Scale | None) -> str:
+    if at is None:
+        return ""
+    lines = [
+        "",
+        f"## At scale: {at.count} tiny guests under systemd",
+        "",
+        f"{at.count} VMs of {at.memory_mib} MiB, TCG, in a systemd container (tests/fleet.py, as"
+        f" tests/test_scale.py; load average {at.load:.1f} before the start).",
+        "",
+        "| step | seconds |",
+        "|---|--:|",
+        f"| `systemctl start` of all at once: every unit active | {at.units_active:.1f} |",
+        f"| … every guest booted (its READY line on the console) | {at.guests_ready:.1f} |",
+        f"| `vmhostctl list` over all (median of 3, process start included; goal ≤ 0.5) |"
+        f" {at.listed:.2f} |",
+        f"| `systemctl stop 'vmhost@*'`: every guest powered off by ACPI | {at.stopped:.1f} |",
         "",
     ]
     return "\n".join(lines)

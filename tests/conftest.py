@@ -29,6 +29,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     soak.addoption("--soak-vms", type=int, default=4, help="VMs of the long soak (-m soak)")
     soak.addoption("--soak-minutes", type=float, default=30, help="minutes of the long soak")
     soak.addoption("--soak-seed", type=int, default=None, help="replay this seed (default: new)")
+    scale = parser.getgroup("scale", "many VMs at once (tests/test_scale.py)")
+    scale.addoption("--scale-vms", type=int, default=4, help="VMs started at once (issue: 20)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

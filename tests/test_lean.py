@@ -23,11 +23,12 @@ def _python(code: str) -> str:
 
 
 def test_serve_imports_no_openssl_no_archives_no_client() -> None:
-    """The serve path loads neither ssl, OpenSSL's hashes, bz2, lzma, nor the client."""
+    """The serve path loads neither ssl, OpenSSL's hashes, bz2, lzma, the client, nor
+    logging.handlers and its pickle."""
     out = _python(
         SERVE_IMPORTS
         + """
-unused = ("ssl", "_ssl", "_hashlib", "bz2", "lzma", "vmhost.client")
+unused = ("ssl", "_ssl", "_hashlib", "bz2", "lzma", "vmhost.client", "logging.handlers", "pickle")
 print(sorted(m for m in unused if m in sys.modules))
 maps = open("/proc/self/maps").read()
 print("libssl" in maps, "libcrypto" in maps)

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import logging.handlers
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from systemd import journal
 from ..config import ConsoleConfig
 from ..journal import CONSOLE_IDENTIFIER, FIELD_VM, journal_connected
 from .argv import console_with_input
+from .rotating import RotatingFile
 
 if TYPE_CHECKING:
     from .qmp import QmpSession
@@ -46,15 +46,7 @@ async def read_console(
     each byte as it comes: what is read is handled before the next await, so
     a handover needs no quiescing here and the rest stays in the pipe.
     """
-    # The stdlib's size rotation; latin-1 is one char per byte both ways, so the guest's
-    # bytes land unchanged and the handler's lengths are byte counts.
-    out = logging.handlers.RotatingFileHandler(
-        state_dir / "console.log",
-        maxBytes=config.file_kib * 1024,
-        backupCount=config.files - 1,
-        encoding="latin-1",
-    )
-    out.terminator = ""
+    out = RotatingFile(state_dir / "console.log", config.file_kib * 1024, config.files)
     with contextlib.closing(pipe), contextlib.closing(out):  # also when cancelled
         while True:
             await _readable(pipe.fileno())
@@ -63,7 +55,7 @@ async def read_console(
                 continue
             if not chunk:
                 return
-            out.emit(_console_record(chunk.decode("latin-1")))
+            out.write(chunk)
             if on_console is not None:
                 on_console(chunk)
             if len(chunk) < CHUNK:
@@ -111,10 +103,6 @@ class ConsoleInput:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _console_record(text: str) -> logging.LogRecord:
-    return logging.LogRecord("console", logging.INFO, "", 0, text, None, None)
 
 
 async def _readable(fd: int) -> None:

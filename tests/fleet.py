@@ -1,0 +1,120 @@
+"""A fleet of tiny-guest VMs under a container's systemd, started and stopped all at once: the
+scale test's (tests/test_scale.py) and the density bench's (bench/density.py) one recipe.
+
+Guests get 80 MiB, the least the tiny guest's stock Debian kernel boots in (the issue asks 64):
+at 64 MiB it cannot even decompress itself (its bzImage asks 51.5 MiB for that), at 72 the
+booted kernel runs out of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conftest import free_port
+from container import Container
+from guest.build import GuestImage
+from test_systemd_e2e import _ASK, _HAMMER, READY_LINE, SYSUSERS, UNITS, VM
+
+MEMORY_MIB = 80
+STOP_TIMEOUT = 30
+"""Each VM's ``[stop] timeout_seconds``: its deadline for a graceful stop."""
+
+
+@dataclass
+class Started:
+    """What starting them all at once took, in seconds."""
+
+    units_active: float
+    guests_ready: float
+
+
+def setup(ct: Container, venv: Path) -> None:
+    """The units as the package installs them, the vmhost group, the clients' scripts."""
+    ct.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
+    ct.run("systemd-sysusers")
+    ct.install_units(UNITS, venv)
+    ct.write("/run/e2e/ask.py", _ASK)
+    ct.write("/run/e2e/hammer.py", _HAMMER)
+
+
+def make_fleet(ct: Container, venv: Path, guest: GuestImage, count: int) -> list[VM]:
+    """COUNT configured VMs, tiny guests of MEMORY_MIB each, not started."""
+    vms: list[VM] = []
+    ports: set[int] = set()
+    while len(ports) < count:  # distinct: free now, and not the same one twice
+        ports.add(free_port())
+    for i, port in zip(range(1, count + 1), sorted(ports), strict=True):
+        vm = VM(ct, f"vm{i:02d}", f"vm{i:02d}-{os.urandom(4).hex()}", venv)  # listed in order
+        vm_dir = f"/var/lib/vmhost/{vm.name}"
+        ct.run("mkdir", "-p", vm_dir)
+        ct.run("cp", str(guest.kernel), str(guest.initrd), vm_dir)  # the unit's /var/tmp is private
+        ct.run("cp", "--sparse=always", str(guest.disk), vm.disk)
+        ct.write(
+            f"/etc/vmhost/{vm.name}.toml",
+            f"""\
+[machine]
+accel = "auto"
+memory_mib = {MEMORY_MIB}
+[boot]
+kernel = "{vm_dir}/{guest.kernel.name}"
+initrd = "{vm_dir}/{guest.initrd.name}"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
+[[disks]]
+path = "{vm.disk}"
+[network]
+ssh_port = {port}
+[stop]
+timeout_seconds = {STOP_TIMEOUT}
+""",
+        )
+        vms.append(vm)
+    return vms
+
+
+def start_all(ct: Container, vms: Sequence[VM]) -> Started:
+    """``systemctl start`` of them all in one command; then until every guest says READY."""
+    began = time.monotonic()
+    start = ct.run("systemctl", "start", *(vm.unit for vm in vms), timeout=600, check=False)
+    active = time.monotonic() - began
+    states = {vm.name: vm.show("ActiveState", "SubState", "NRestarts") for vm in vms}
+    first_time = {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}
+    failed = [vm for vm in vms if states[vm.name] != first_time]
+    assert start.returncode == 0 and not failed, (start.stderr, *map(_evidence, failed))
+    pending = {vm.name for vm in vms}
+    deadline = began + 60 + 15 * len(vms)  # TCG boots share two cores
+    while pending:
+        console = ct.journal("SYSLOG_IDENTIFIER=vmhost-console")
+        pending -= {r.get("VMHOST_VM") for r in console if READY_LINE in str(r.get("MESSAGE"))}
+        assert time.monotonic() < deadline, f"guests not ready: {sorted(pending)}"
+        time.sleep(0.5)
+    return Started(active, time.monotonic() - began)
+
+
+def _evidence(vm: VM) -> str:
+    unit = vm.ct.run("journalctl", "--no-pager", "-n", "40", "-u", vm.unit, check=False).stdout
+    return f"--- {vm.name}: {vm.show('ActiveState', 'Result', 'NRestarts')}\n{unit}"
+
+
+def timed_list(vm: VM, runs: int = 3) -> tuple[float, list[dict[str, Any]]]:
+    """The median wall time of ``vmhostctl list --json`` (process start included), its rows."""
+    times, rows = [], []
+    for _ in range(runs):
+        began = time.monotonic()
+        out = vm.ctl("list", "--json").stdout
+        times.append(time.monotonic() - began)
+        rows = json.loads(out)
+    return statistics.median(times), rows
+
+
+def stop_all(ct: Container) -> float:
+    """``systemctl stop 'vmhost@*'``, every service and socket at once; the seconds it took."""
+    began = time.monotonic()
+    ct.run("systemctl", "stop", "vmhost@*", timeout=300)
+    return time.monotonic() - began
