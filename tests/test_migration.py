@@ -193,8 +193,9 @@ def x509(directory: Path) -> Path:
         (directory / "ext.cnf").write_text(
             f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={end}Auth\n"
         )
-        openssl("x509", "-req", "-in", f"{end}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", f"{end}-cert.pem")  # fmt: skip
+        signed = ("-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "1")
+        openssl("x509", "-req", "-in", f"{end}.csr", *signed, "-extfile", "ext.cnf",
+                "-out", f"{end}-cert.pem")  # fmt: skip
     return directory
 
 
