@@ -181,6 +181,7 @@ def test_relative_config_path_gives_absolute_paths(
             '[systemd]\nregister_machine = "yes"\n',
             'systemd.register_machine: expected bool, got "yes"',
         ),
+        ("[migration]\ntimeout_seconds = 0\n", "migration.timeout_seconds: expected >= 1, got 0"),
     ],
 )
 def test_bad_value_names_file_and_field(vmdir: Path, text: str, message: str) -> None:
@@ -234,6 +235,14 @@ def test_bad_value_names_file_and_field(vmdir: Path, text: str, message: str) ->
         (
             MINIMAL + '[qemu]\nbinary = "disk.img"\n',
             "qemu.binary: not an executable or not in PATH: disk.img",
+        ),
+        (
+            MINIMAL + '[network]\nssh_address = "host1"\n',
+            "network.ssh_address: not an IP address: 'host1'",
+        ),
+        (
+            MINIMAL + '[migration]\nlisten_address = "0.0.0.0:1"\n',
+            "migration.listen_address: not an IP address: '0.0.0.0:1'",
         ),
     ],
 )

@@ -34,6 +34,8 @@ MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
 SLOW = "max_bandwidth_mib = 1"
 """A stream slow enough (1 MiB/s for ~20 MiB of the guest's used memory) to act during it."""
+TARGET_ADDRESS = "127.0.0.2"
+"""The target's SSH forward binds the source's port on this address ([network] ssh_address)."""
 
 
 @pytest.fixture
@@ -50,14 +52,15 @@ def pair(make_vm: MakeVM, vmhost_for: VmhostFor, migration: str = "") -> tuple[V
     source.boot()
     target_dir = source_vm.dir.with_name(source_vm.dir.name + "-target")
     target_dir.mkdir()
-    ssh_port = free_port()
+    # The same forward's port on another address of this host, as on another host.
     text = source_vm.config.read_text().replace(
-        f"ssh_port = {source_vm.ssh_port}", f"ssh_port = {ssh_port}"
+        f"ssh_port = {source_vm.ssh_port}",
+        f'ssh_port = {source_vm.ssh_port}\nssh_address = "{TARGET_ADDRESS}"',
     )
     config = target_dir / "vm.toml"
     config.write_text(text)
     config.chmod(0o600)
-    target_vm = dataclasses.replace(source_vm, dir=target_dir, config=config, ssh_port=ssh_port)
+    target_vm = dataclasses.replace(source_vm, dir=target_dir, config=config)
     marks.request_incoming(target_dir)
     target = vmhost_for(target_vm).start()
     wait_for(lambda: _vm_state(target) == "incoming", 60, "the target waiting for the guest")
@@ -112,7 +115,7 @@ def test_the_guest_moves_without_rebooting(make_vm: MakeVM, vmhost_for: VmhostFo
     assert status.pid and qemu_alive(status.pid)
     assert guest_uptime(target.vm) >= before
     assert "TINYGUEST READY" not in target.vm.console.read_text(errors="replace")
-    with socket.create_connection(("127.0.0.1", target.vm.ssh_port), timeout=10) as session:
+    with socket.create_connection((TARGET_ADDRESS, target.vm.ssh_port), timeout=10) as session:
         assert session.recv(64).startswith(b"SSH-2.0-tinyguest")  # the forward moved too
     Client(target.socket).stop()
     assert target.wait(60) == EXIT_OK

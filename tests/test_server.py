@@ -694,3 +694,21 @@ async def test_stop_detail_says_what_was_granted(server: Server, sock_path: Path
     assert detailed.message == (
         "stop timeout 600 s (asked 900 s: clamped to [stop] max_timeout_seconds)"
     )
+
+
+async def test_migrate_is_started_or_refused_with_the_reason(
+    server: Server, sock_path: Path, controller: FakeController
+) -> None:
+    """migrate: a bad URI and a VM already migrating are refused; a stop meanwhile too."""
+    bad = b'{"method":"migrate","uri":"exec:sh"}\n'
+    assert await ask(sock_path, bad) == (
+        b'{"ok":false,"error":"cannot migrate: not a tcp:HOST:PORT URI: \'exec:sh\'"}\n'
+    )
+    good = b'{"method":"migrate","uri":"tcp:host2:49152"}\n'
+    assert await ask(sock_path, good) == b'{"ok":true,"state":"running","vm_state":"migrating"}\n'
+    assert controller.migrations == ["tcp:host2:49152"]
+    again = await ask(sock_path, good)
+    assert again == b'{"ok":false,"error":"cannot migrate: the VM is migrating"}\n'
+    refused = await ask(sock_path, b'{"method":"stop"}\n')
+    assert b'"ok":false' in refused and b"migrating" in refused
+    assert controller.stops == []

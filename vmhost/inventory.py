@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from . import paths, systemctl
+from . import marks, paths, systemctl
 from .client import AsyncClient
 from .config import check_name
 from .errors import ClientError, ConfigError, ServerError
@@ -74,7 +74,8 @@ async def _ask(name: str, path: Path, timeout: float) -> Row:
         return Row(name, "unknown", error=str(e))
     except ClientError as e:
         if isinstance(e.__cause__, FileNotFoundError | ConnectionRefusedError):
-            return Row(name, "stopped")  # no socket, or nobody listening on it
+            # no socket, or nobody listening on it: down here, or gone by live migration
+            return Row(name, "migrated" if marks.migrated(paths.state_dir(name)) else "stopped")
         if isinstance(e.__cause__, TimeoutError):
             return Row(name, "unresponsive", error=str(e))  # someone holds it, does not answer
         return Row(name, "unknown", error=str(e))
