@@ -117,8 +117,11 @@ def test_the_guest_moves_without_rebooting(make_vm: MakeVM, vmhost_for: VmhostFo
     assert "TINYGUEST READY" not in target.vm.console.read_text(errors="replace")
     with socket.create_connection((TARGET_ADDRESS, target.vm.ssh_port), timeout=10) as session:
         assert session.recv(64).startswith(b"SSH-2.0-tinyguest")  # the forward moved too
+    wait_for(lambda: "guest agent reconnected" in target.output(), 30, "the agent reconnected")
+    assert "connected and provisioned" not in target.output()  # not provisioned again
     Client(target.socket).stop()
     assert target.wait(60) == EXIT_OK
+    assert "stop: guest agent shutdown" in target.output()
     assert source.vm.clean()
     assert source.vm.marker().splitlines() == [source.vm.token]  # one boot, one line
 

@@ -72,6 +72,7 @@ class AgentLink:
             if reconnect:
                 deadline = asyncio.get_running_loop().time() + COMMAND_TIMEOUT
                 self.agent = await Agent.connect(address, deadline=deadline)
+                log.info("guest agent reconnected (provisioned at the guest's boot)")
                 return
             self.agent = await provision(self.config, address=address)
         except ControllerError as e:
