@@ -14,13 +14,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import VM, free_port
-from fixtures import Vmhost, qemu_alive, vmhost_factory, wait_for
+from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
 
 from vmhost import marks
 from vmhost.client import Client
@@ -206,7 +207,7 @@ def x509(directory: Path) -> Path:
 
 
 def test_the_stream_can_be_tls(make_vm: MakeVM, vmhost_for: VmhostFor, tmp_path: Path) -> None:
-    """With QEMU's x509 credentials named in [migration], the guest moves over TLS."""
+    """With QEMU's x509 credentials named in [migration], vmhostctl migrate moves it over TLS."""
     pki = x509(tmp_path / "pki")
     tls = (
         'tls_server_creds = "migs"\ntls_client_creds = "migc"\n[qemu]\nextra_args = ['
@@ -214,7 +215,11 @@ def test_the_stream_can_be_tls(make_vm: MakeVM, vmhost_for: VmhostFor, tmp_path:
         f'"-object", "tls-creds-x509,id=migc,dir={pki},endpoint=client"]\n'
     )
     source, target = pair(make_vm, vmhost_for, tls)
-    Client(source.socket).migrate(uri(target))
+    ctl = "from vmhost.cli import vmhostctl_main; raise SystemExit(vmhostctl_main())"
+    argv = ["--socket", str(source.socket), "migrate", "--uri", uri(target)]
+    done = subprocess.run([sys.executable, "-c", ctl, *argv], env=ENV, capture_output=True)
+    assert done.returncode == 0, done
+    assert b"migrated: " in done.stdout and b" ms" in done.stdout  # vmhostctl's last line
     assert source.wait(60) == EXIT_MIGRATED
     wait_for(lambda: _vm_state(target) == "running", 30, "the guest running at the target")
     assert guest_uptime(target.vm) > 0

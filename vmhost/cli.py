@@ -120,7 +120,7 @@ def _ctl(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         from .migratectl import migrate
 
-        return migrate(_name(args), args, client)
+        return migrate(label, args, client)
     if args.command == "logs":
         shown = 0
         for line in client.logs(args.lines, follow=args.follow):

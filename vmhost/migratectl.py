@@ -54,11 +54,21 @@ def add_parsers(
     receive.add_argument("--host", help="this host's name or address, as the source reaches it")
 
 
-def migrate(name: str, args: argparse.Namespace, client: Client) -> int:
+def migrate(label: str, args: argparse.Namespace, client: Client) -> int:
+    """Exit 0 once the guest runs at the target, 1 if it runs on here."""
+    name = args.name or label
+    state = client.status().vm_state
+    if state not in ("running", "paused"):  # before a target is started for nothing
+        raise VmhostError(f"{name} is {state}: only a running or paused VM migrates")
     uri = args.uri or _remote_receive(name, args.to, args.remote_shell)
     changes = client.watch()
     next(changes)  # subscribed before the migration starts: no change is missed
-    client.migrate(uri)
+    try:
+        client.migrate(uri)
+    except ClientError:
+        if args.to:  # the target waits for nothing: it would give up only at its timeout
+            _remote(args.remote_shell, args.to, ["systemctl", "stop", f"vmhost@{name}.service"])
+        raise
     print(f"{name}: migrating to {uri}", flush=True)
     try:
         for change in changes:
@@ -70,7 +80,7 @@ def migrate(name: str, args: argparse.Namespace, client: Client) -> int:
                 return 1  # failed: back to running here (the message said why)
     except ClientError:
         pass
-    return 0 if _left(name, client) else 1
+    return 0 if _left(args.name, client) else 1
 
 
 def receive(name: str, host: str | None) -> int:
@@ -115,9 +125,7 @@ def _uri(host: str, port: int) -> str:
 def _remote_receive(name: str, host: str, remote_shell: str) -> str:
     """``vmhostctl receive`` on ``host``: the URI its target listens on."""
     here = shutil.which(sys.argv[0]) or "vmhostctl"  # the same install on every host
-    command = [here, "receive", name, "--host", host]
-    argv = [*shlex.split(remote_shell), host, shlex.join(command)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    done = _remote(remote_shell, host, [here, "receive", name, "--host", host])
     lines = done.stdout.split()
     if done.returncode or not lines:
         why = done.stderr.strip() or f"exit status {done.returncode}"
@@ -125,9 +133,14 @@ def _remote_receive(name: str, host: str, remote_shell: str) -> str:
     return lines[-1]
 
 
-def _left(name: str, client: Client) -> bool:
+def _remote(remote_shell: str, host: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+    argv = [*shlex.split(remote_shell), host, shlex.join(command)]
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def _left(name: str | None, client: Client) -> bool:
     """Whether the guest left: once the source's vmhost is gone (the watch may end before
-    its last change is read), the note it left."""
+    its last change is read), the note it left (with only a socket: that it is gone)."""
     deadline = time.monotonic() + RECEIVE_TIMEOUT
     while time.monotonic() < deadline:
         try:
@@ -137,4 +150,4 @@ def _left(name: str, client: Client) -> bool:
         except ClientError:
             pass
         time.sleep(_POLL)
-    return marks.migrated(paths.state_dir(name)) is not None
+    return name is None or marks.migrated(paths.state_dir(name)) is not None
