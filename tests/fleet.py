@@ -9,7 +9,6 @@ booted kernel runs out of memory.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 from conftest import free_port
 from container import Container
 from guest.build import GuestImage
-from test_systemd_e2e import _ASK, _HAMMER, READY_LINE, SYSUSERS, UNITS, VM
+from test_systemd_e2e import _ASK, _HAMMER, READY_LINE, SYSUSERS, UNITS, VM, install_vm
 
 MEMORY_MIB = 80
 STOP_TIMEOUT = 30
@@ -51,29 +50,10 @@ def make_fleet(ct: Container, venv: Path, guest: GuestImage, count: int) -> list
     while len(ports) < count:  # distinct: free now, and not the same one twice
         ports.add(free_port())
     for i, port in zip(range(1, count + 1), sorted(ports), strict=True):
-        vm = VM(ct, f"vm{i:02d}", f"vm{i:02d}-{os.urandom(4).hex()}", venv)  # listed in order
-        vm_dir = f"/var/lib/vmhost/{vm.name}"
-        ct.run("mkdir", "-p", vm_dir)
-        ct.run("cp", str(guest.kernel), str(guest.initrd), vm_dir)  # the unit's /var/tmp is private
-        ct.run("cp", "--sparse=always", str(guest.disk), vm.disk)
-        ct.write(
-            f"/etc/vmhost/{vm.name}.toml",
-            f"""\
-[machine]
-accel = "auto"
-memory_mib = {MEMORY_MIB}
-[boot]
-kernel = "{vm_dir}/{guest.kernel.name}"
-initrd = "{vm_dir}/{guest.initrd.name}"
-cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token}"
-[[disks]]
-path = "{vm.disk}"
-[network]
-ssh_port = {port}
-[stop]
-timeout_seconds = {STOP_TIMEOUT}
-""",
-        )
+        vm = install_vm(  # named to be listed in order
+            ct, venv, guest, f"vm{i:02d}", machine=f"memory_mib = {MEMORY_MIB}",
+            ssh_port=port, timeout=STOP_TIMEOUT,
+        )  # fmt: skip
         vms.append(vm)
     return vms
 

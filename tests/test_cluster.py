@@ -320,6 +320,8 @@ def test_a_move_with_allow_migrate_is_live(pcmk: Cluster) -> None:
         assert "migrated: migrated to another host (downtime" in old
         assert "stop: ACPI power-down" not in old
         assert pcmk.vm_state(source, "mig") == "inactive"
+        said = pcmk.ctl(source, "status", "mig", check=False)
+        assert (said.returncode, said.stdout) == (3, "mig: migrated\n")  # not "stopped"
         assert pcmk.nodes[source].show("vmhost@mig.socket", "ActiveState")["ActiveState"] == (
             "inactive"  # down with the service: no connect boots it here again
         )

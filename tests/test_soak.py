@@ -4,18 +4,16 @@ run; the long one is ``-m soak --soak-vms N --soak-minutes M [--soak-seed S]``."
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import container
 import pytest
-from conftest import free_port
 from container import Container
 from guest.build import GuestImage
 from soak import Soak
-from test_systemd_e2e import _ASK, SYSUSERS, UNITS, VM, venv
+from test_systemd_e2e import _ASK, SYSUSERS, UNITS, VM, install_vm, venv
 
 __all__ = ["venv"]  # a fixture, used by name
 pytestmark = pytest.mark.slow
@@ -37,29 +35,9 @@ def make_vms(ct: Container, venv: Path, guest: GuestImage, prefix: str, count: i
     vms = []
     for i in range(count):
         name = f"{prefix}{i}"
-        vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
-        vm_dir = f"/var/lib/vmhost/{name}"
-        ct.run("mkdir", "-p", vm_dir)
-        ct.run("cp", str(guest.kernel), str(guest.initrd), vm_dir)
-        ct.run("cp", "--sparse=always", str(guest.disk), vm.disk)
-        ct.write(
-            f"/etc/vmhost/{name}.toml",
-            f"""\
-[machine]
-accel = "auto"
-[boot]
-kernel = "{vm_dir}/{guest.kernel.name}"
-initrd = "{vm_dir}/{guest.initrd.name}"
-cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} guest.reboot_once=1"
-[[disks]]
-path = "{vm.disk}"
-[network]
-ssh_port = {free_port()}
-[agent]
-port = 1024
-[stop]
-timeout_seconds = 20
-""",
+        agent = "[agent]\nport = 1024\n"
+        vm = install_vm(
+            ct, venv, guest, name, cmdline="guest.reboot_once=1", toml=agent, timeout=20
         )
         vms.append(vm)
     return vms

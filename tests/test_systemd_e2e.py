@@ -283,6 +283,49 @@ class VM:
         return "needs_recovery" not in self.ct.run("dumpe2fs", "-h", self.disk).stdout
 
 
+def install_vm(
+    ct: Container,
+    venv: Path,
+    image: GuestImage,
+    name: str,
+    *,
+    cmdline: str = "",
+    boot: str = "",
+    machine: str = "",
+    toml: str = "",
+    timeout: int = 10,
+    ssh_port: int = 0,
+) -> VM:
+    """Config, kernel, initrd and a fresh disk for vmhost@NAME in the container; the strings
+    are added to [boot]'s cmdline, [boot], [machine] and the end of the config."""
+    vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
+    vm_dir = f"/var/lib/vmhost/{name}"  # the unit's /var/tmp is private
+    ct.run("mkdir", "-p", vm_dir)
+    ct.run("cp", str(image.kernel), f"{vm_dir}/vmlinuz")
+    ct.run("cp", str(image.initrd), f"{vm_dir}/initrd.img")
+    ct.run("cp", "--sparse=always", str(image.disk), vm.disk)
+    ct.write(
+        f"/etc/vmhost/{name}.toml",
+        f"""\
+[machine]
+accel = "auto"
+{machine}
+[boot]
+kernel = "{vm_dir}/vmlinuz"
+initrd = "{vm_dir}/initrd.img"
+cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} {cmdline}"
+{boot}
+[[disks]]
+path = "{vm.disk}"
+[network]
+ssh_port = {ssh_port or free_port()}
+[stop]
+timeout_seconds = {timeout}
+{toml}""",
+    )
+    return vm
+
+
 @pytest.fixture
 def make_vm(ct: Container, venv: Path, guest: GuestImage) -> Iterator[Callable[..., VM]]:
     """Config, kernel, initrd and a fresh disk for vmhost@NAME; both units stopped afterwards."""
@@ -297,30 +340,7 @@ def make_vm(ct: Container, venv: Path, guest: GuestImage) -> Iterator[Callable[.
         cmdline: str = "",
         boot: str = "",
     ) -> VM:
-        vm = VM(ct, name, f"{name}-{os.urandom(4).hex()}", venv)
-        vm_dir = f"/var/lib/vmhost/{name}"
-        ct.run("mkdir", "-p", vm_dir)
-        ct.run("cp", str(image.kernel), f"{vm_dir}/vmlinuz")
-        ct.run("cp", str(image.initrd), f"{vm_dir}/initrd.img")
-        ct.run("cp", "--sparse=always", str(image.disk), vm.disk)
-        ct.write(
-            f"/etc/vmhost/{name}.toml",
-            f"""\
-[machine]
-accel = "auto"
-[boot]
-kernel = "{vm_dir}/vmlinuz"
-initrd = "{vm_dir}/initrd.img"
-cmdline = "console=ttyS0 quiet panic=-1 guest.token={vm.token} {cmdline}"
-{boot}
-[[disks]]
-path = "{vm.disk}"
-[network]
-ssh_port = {free_port()}
-[stop]
-timeout_seconds = {timeout}
-""",
-        )
+        vm = install_vm(ct, venv, image, name, cmdline=cmdline, boot=boot, timeout=timeout)
         if service:
             ct.write(f"/etc/systemd/system/{vm.unit}.d/test.conf", f"[Service]\n{service}\n")
             ct.systemctl("daemon-reload")
