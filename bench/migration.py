@@ -1,6 +1,6 @@
 """Live migration of the tiny guest between two ``vmhost serve`` on this host.
 
-``python3 -m bench.migration [--runs N] [--memory MIB]`` boots the guest under one vmhost,
+``python3 -m bench.migration [--runs N] [--memory MIB ...]`` boots the guest under one vmhost,
 starts a second as the target (as ``vmhostctl receive`` does), asks the first to migrate
 over loopback TCP, and reads QEMU's own figures from the source's final ``watch`` line:
 the RAM sent, the total time, and the guest's downtime (``query-migrate``'s ``downtime``:
@@ -113,8 +113,8 @@ def report(figures: list[tuple[int, float, int]], memory_mib: int) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()[0]
     return (
-        "# Live migration of the tiny guest (loopback TCP, TCG)\n\n"
-        f"`python3 -m bench.migration --runs {len(figures)} --memory {memory_mib}`, {when};"
+        f"# Live migration of the tiny guest, {memory_mib} MiB (loopback TCP, TCG)\n\n"
+        f"`python3 -m bench.migration --runs {len(figures)}`, {when};"
         f" {os.cpu_count()} CPUs, load average {load:.1f} at the end.\n\n"
         "| | median | min | max |\n|---|--:|--:|--:|\n"
         f"| RAM sent (MiB) | {statistics.median(sent):g} | {min(sent)} | {max(sent)} |\n"
@@ -126,11 +126,13 @@ def report(figures: list[tuple[int, float, int]], memory_mib: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python3 -m bench.migration")
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--memory", type=int, default=256, help="guest RAM, MiB")
+    parser.add_argument("--memory", type=int, nargs="+", default=[256, 1024], help="guest MiB")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vmhost-bench-migration-") as tmp:
-        figures = run(Path(tmp), args.runs, args.memory)
-    text = report(figures, args.memory)
+    texts = []
+    for memory in args.memory:
+        with tempfile.TemporaryDirectory(prefix="vmhost-bench-migration-") as tmp:
+            texts.append(report(run(Path(tmp), args.runs, memory), memory))
+    text = "\n".join(texts)
     OUT.write_text(text)
     print(text)
 

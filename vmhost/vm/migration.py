@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY: Final = 0.5
 """Seconds between the source's progress reports (``watch`` events ``migration``)."""
 CANCEL_TIMEOUT: Final = 10.0
+FIGURES_TRIES: Final = 50
 _ENDS: Final = frozenset({"completed", "failed", "cancelled"})
 _HOST: Final = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
 _EVENTS: Final = {"capabilities": [{"capability": "events", "state": True}]}
@@ -110,6 +111,11 @@ class Migration:
                 raise self._failed(f"not done in {self.config.timeout_seconds} s: cancelled")
             on_progress(await self._progress())
         info = await self._query()
+        for _ in range(FIGURES_TRIES):  # QEMU says "completed" before it has its figures
+            if not self.completed or info.get("total-time"):
+                break
+            await asyncio.sleep(0.02)
+            info = await self._query()
         self.downtime_ms = int(info.get("downtime", 0))
         if not self.completed:
             raise self._failed(str(info.get("error-desc") or f"migration {self.status}"))
