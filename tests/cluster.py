@@ -309,7 +309,7 @@ def _seed_cib(etc: Path) -> str:
 
 def primitive(resource: str, vm: str, *, monitor: str = "5s", migrate: bool = False) -> str:
     """The resource's CIB XML, with the op timeouts the README recommends; ``migrate``: moved
-    live (allow-migrate)."""
+    live (allow-migrate), a failed live move blocking the resource where it runs."""
     meta = (
         f'<meta_attributes id="{resource}-meta"><nvpair id="{resource}-allow-migrate"'
         ' name="allow-migrate" value="true"/></meta_attributes>'
@@ -321,6 +321,12 @@ def primitive(resource: str, vm: str, *, monitor: str = "5s", migrate: bool = Fa
         f'<op id="{resource}-stop" name="stop" interval="0" timeout="40s"/>'
         f'<op id="{resource}-monitor" name="monitor" interval="{monitor}" timeout="30s"/>'
     )
+    if migrate:
+        ops += (
+            f'<op id="{resource}-migrate_to" name="migrate_to" interval="0" timeout="120s"'
+            ' on-fail="block"/>'
+            f'<op id="{resource}-migrate_from" name="migrate_from" interval="0" timeout="60s"/>'
+        )
     return (
         f'<primitive id="{resource}" class="ocf" provider="vmhost" type="vm">'
         f'<instance_attributes id="{resource}-params">'

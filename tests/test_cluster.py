@@ -59,10 +59,14 @@ def pcmk(guest: GuestImage) -> Iterator[Cluster]:
         with cluster.cluster(venv, work) as booted:
             shutil.copy(guest.kernel, booted.shared / "vmlinuz")
             shutil.copy(guest.initrd, booted.shared / "initrd.img")
-            for name in ("vm", "solo", "mig"):
+            for name in ("vm", "solo", "mig", "slow"):
                 fresh_disk(guest, booted.shared / f"{name}.img")
-                agent = "[agent]\nport = 1024\n" if name == "mig" else ""  # its uptime
-                (booted.configs / f"{name}.toml").write_text(config(name, f"{name}-token") + agent)
+                extra = {
+                    "mig": "[agent]\nport = 1024\n",  # its uptime
+                    "slow": "[agent]\nport = 1024\n[migration]\nmax_bandwidth_mib = 1\n"
+                    "timeout_seconds = 3\n",  # a live move never finishes in time
+                }.get(name, "")
+                (booted.configs / f"{name}.toml").write_text(config(name, f"{name}-token") + extra)
             booted.crm("cibadmin", "-C", "-o", "resources", "-X", cluster.primitive("vm", "vm"))
             yield booted
     finally:
@@ -339,10 +343,47 @@ def test_a_move_with_allow_migrate_is_live(pcmk: Cluster) -> None:
     assert markers(pcmk, "mig") == ["mig-token"]
 
 
-def mig_log(pcmk: Cluster, node: str, run: str = "") -> str:
+def mig_log(pcmk: Cluster, node: str, run: str = "", vm: str = "mig") -> str:
     return journal(
-        pcmk.nodes[node], f"_SYSTEMD_INVOCATION_ID={run or invocation(pcmk.nodes[node], 'mig')}"
+        pcmk.nodes[node], f"_SYSTEMD_INVOCATION_ID={run or invocation(pcmk.nodes[node], vm)}"
     )
+
+
+@pytest.mark.slow
+def test_a_failed_live_move_leaves_the_guest_running_at_the_source(pcmk: Cluster) -> None:
+    """A live move that cannot finish in time: the guest runs on at the source, the failure
+    says why, and once cleaned up Pacemaker finds the resource there and only there."""
+    primitive = cluster.primitive("slow", "slow", migrate=True)  # migrate_to on-fail=block
+    pcmk.crm("cibadmin", "-C", "-o", "resources", "-X", primitive)
+    try:
+        source, _ = pcmk.wait_running("slow", "slow", set(pcmk.nodes))
+        run = invocation(pcmk.nodes[source], "slow")
+        wait_for("the guest", lambda: "TINYGUEST READY" in mig_log(pcmk, source, vm="slow"))
+        before = guest_uptime(pcmk, source, "slow")
+        target = next(n for n in pcmk.nodes if n != source)
+        pcmk.crm("crm_resource", "--move", "--resource", "slow", "--node", target)
+        wait_for("the failed migrate_to", lambda: pcmk.failures("slow") != [], timeout=90)
+        [failure] = pcmk.failures("slow")
+        assert (failure["task"], failure["node"]) == ("migrate_to", source)
+        agent = journal(pcmk.nodes[source], "SYSLOG_IDENTIFIER=vm(slow)")
+        assert f"migration to {target} failed" in agent
+        assert "not done in 3 s: cancelled" in mig_log(pcmk, source, run, "slow")
+        assert pcmk.vm_state(source, "slow") == "running"
+        assert invocation(pcmk.nodes[source], "slow") == run  # the same vmhost, never stopped
+        assert pcmk.vm_state(target, "slow") in ("inactive", "failed")  # exit 10, gone
+        assert guest_uptime(pcmk, source, "slow") > before
+        pcmk.crm("crm_resource", "--clear", "--resource", "slow")
+        pcmk.crm("crm_resource", "--cleanup", "--resource", "slow")  # probes everywhere
+        pcmk.wait_running("slow", "slow", {source})
+        assert pcmk.located("slow") == [source]
+        assert invocation(pcmk.nodes[source], "slow") == run
+        assert markers(pcmk, "slow") == ["slow-token"]  # one boot: it never moved
+    finally:
+        pcmk.crm("crm_resource", "--clear", "--resource", "slow", check=False)
+        pcmk.crm("crm_resource", "--resource", "slow", "--meta", "--set-parameter",
+                 "target-role", "--parameter-value", "Stopped", check=False)  # fmt: skip
+        pcmk.crm("crm_resource", "--wait", "--timeout=60s", check=False)
+        pcmk.crm("cibadmin", "-D", "-o", "resources", "-X", '<primitive id="slow"/>', check=False)
 
 
 @pytest.mark.slow
