@@ -170,6 +170,11 @@ def markdown(r: Results) -> str:
         'bottleneck); "loadgen CPU" is the generator\'s own, on its own CPU (below 100% = it '
         "is not the bottleneck).",
         "",
+        "Measured apart, each by its own command: many idle VMs (PSS beside its anchors, idle "
+        "CPU, exec → READY=1, start-all/list/stop-all of 20 VMs) in "
+        "[density.md](density.md) (`python3 -m bench.density`), live migration in "
+        "[migration.md](migration.md) (`python3 -m bench.migration`).",
+        "",
         "## Targets",
         "",
         "| target | goal | measured | met |",

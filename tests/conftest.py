@@ -146,11 +146,22 @@ async def server(sock_path: Path, controller: FakeController) -> AsyncIterator[S
 CACHE = Path(os.environ.get("VMHOST_TEST_CACHE", "/var/tmp/vmhost-test-cache"))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (systemd containers share the host's network)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now and not handed out before in this run.
+
+    The kernel may give the same ephemeral port to two binds in a row once the
+    first is closed, and one VM takes several ports before any is bound.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")
