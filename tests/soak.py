@@ -141,9 +141,12 @@ class Soak:
         try:
             self._step(step, vm, op)
         except (AssertionError, ContainerError) as e:  # a command failing is one too
+            named = e.vms if isinstance(e, Violation) else ()
+            involved = [vm] + [self.checks.vms[n] for n in named if n != vm.name]
+            evidence = "\n".join(self.checks.evidence(v) for v in involved)
             raise Violation(
                 f"seed {self.seed}, step {step} ({vm.name} {op}): {e}\n"
-                f"{self.figures.report(violations=1)}\n{self.checks.evidence(vm)}"
+                f"{self.figures.report(violations=1)}\n{evidence}"
             ) from None
 
     def _step(self, step: int, vm: VM, op: str) -> None:

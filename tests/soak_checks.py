@@ -29,7 +29,11 @@ ENDS: Final = frozenset(
 
 
 class Violation(AssertionError):
-    """An invariant did not hold: the run stops."""
+    """An invariant did not hold: the run stops, with the evidence of the VMs it names."""
+
+    def __init__(self, message: str, vms: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.vms = vms
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Checks:
             if not wrong:
                 break
             if time.monotonic() > deadline:
-                raise Violation(f"not settled after {SETTLE} s: {wrong}")
+                raise Violation(f"not settled after {SETTLE} s: {wrong}", tuple(wrong))
             time.sleep(0.5)
         self.last = seen
         self.counts["agree"] += len(model)
@@ -92,7 +96,9 @@ class Checks:
             key = f"{name}/{vm['service']['InvocationID']}"
             base = self.fd_baseline.setdefault(key, vm["fds"])
             if vm["fds"] > base + FD_SLACK:
-                raise Violation(f"{name}: vmhost holds {vm['fds']} descriptors, {base} at first")
+                raise Violation(
+                    f"{name}: vmhost holds {vm['fds']} descriptors, {base} at first", (name,)
+                )
             self.counts["fds"] += 1
         failed = self.ct.run(
             "systemctl", "list-units", "--failed", "--plain", "--no-legend", "vmhost@*"

@@ -744,6 +744,24 @@ def test_reload_keeps_the_guest(make_vm: Callable[..., VM]) -> None:
     assert vm.clean()
 
 
+def test_a_reloaded_vmhost_feeds_the_watchdog_at_once(make_vm: Callable[..., VM]) -> None:
+    """systemd's watchdog clock runs on through a reload: the re-executed vmhost pings at once."""
+    vm = make_vm("watchdog")
+    vm.ct.systemctl("start", vm.unit)
+    before = vm.show("MainPID", "InvocationID")
+
+    def fed() -> str:
+        return vm.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+
+    first = fed()
+    wait_for("a ping", lambda: fed() != first, timeout=20)
+    last = fed()  # the old process's next ping is half of WatchdogSec=30 away
+    vm.ct.systemctl("reload", vm.unit)
+    wait_for("a ping from the re-executed vmhost", lambda: fed() != last, timeout=5)
+    assert vm.show("MainPID", "InvocationID") == before
+    assert vm.show("NRestarts")["NRestarts"] == "0"
+
+
 def test_qemu_killed_from_outside_is_restarted(make_vm: Callable[..., VM]) -> None:
     """SIGKILL to QEMU: vmhost exits 3 (crashed), Restart=on-failure starts the VM again;
     the socket is kept meanwhile."""

@@ -81,10 +81,12 @@ async def _planted(fault: asyncio.Event) -> None:
 
 
 async def _watchdog(notifier: notify.Notifier, interval: float) -> None:
-    """WATCHDOG=1 from the event loop, so a stuck loop is caught."""
+    """WATCHDOG=1 from the event loop, so a stuck loop is caught.  The first at once: a reload
+    does not reset systemd's watchdog clock, and the process before the exec may have last
+    pinged almost ``interval`` ago."""
     while True:
-        await asyncio.sleep(interval)
         notifier.watchdog()
+        await asyncio.sleep(interval)
 
 
 async def _status_while_stopping(
