@@ -167,12 +167,13 @@ def scale(count: int) -> Scale:
     _tests()
     import container
     import fleet
+    import systemd_vm
     from conftest import CACHE
     from guest.build import build
 
     guest, venv = build(CACHE / "guest"), container.venv()
     with container.boot("vmhost-density", ro_binds=[str(venv), str(guest.kernel.parent)]) as ct:
-        fleet.setup(ct, venv)
+        systemd_vm.install_vmhost(ct, venv)
         vms = fleet.make_fleet(ct, venv, guest, count)
         load = os.getloadavg()[0]
         started = fleet.start_all(ct, vms)

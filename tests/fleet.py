@@ -19,7 +19,7 @@ from typing import Any
 from conftest import free_port
 from container import Container
 from guest.build import GuestImage
-from test_systemd_e2e import _ASK, _HAMMER, READY_LINE, SYSUSERS, UNITS, VM, install_vm
+from systemd_vm import READY_LINE, VM, install_vm
 
 MEMORY_MIB = 80
 STOP_TIMEOUT = 30
@@ -32,15 +32,6 @@ class Started:
 
     units_active: float
     guests_ready: float
-
-
-def setup(ct: Container, venv: Path) -> None:
-    """The units as the package installs them, the vmhost group, the clients' scripts."""
-    ct.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
-    ct.run("systemd-sysusers")
-    ct.install_units(UNITS, venv)
-    ct.write("/run/e2e/ask.py", _ASK)
-    ct.write("/run/e2e/hammer.py", _HAMMER)
 
 
 def make_fleet(ct: Container, venv: Path, guest: GuestImage, count: int) -> list[VM]:

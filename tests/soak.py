@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from container import Container, ContainerError
 from soak_checks import ENDS, Checks, Outcome, Violation
-from test_systemd_e2e import VM, wait_for
+from systemd_vm import VM, wait_for
 
 from vmhost.journal import Event
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from container import Container
-from test_systemd_e2e import UNIT_FAILURE, VM
+from systemd_vm import UNIT_FAILURE, VM
 
 SETTLE: Final = 90.0
 """Seconds a step may take to settle: a crash's restart (RestartSec=2) and a boot under load."""

@@ -2,7 +2,7 @@
 
 The container runs the host's dbus-daemon and systemd-machined (bus-activated
 on the first call), so ``machinectl`` works inside it as on a host.  Runs in
-its own container, with the VM helpers of test_systemd_e2e.
+its own container, with the VM helpers of systemd_vm.py.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import container
 import pytest
 from container import Container
 from guest.build import GuestImage
-from test_systemd_e2e import (
+from systemd_vm import (
     READY_LINE,
-    SYSUSERS,
     UNIT_FAILURE,
     UNIT_SUCCESS,
-    UNITS,
     VM,
+    install_vmhost,
     make_vm,
     venv,
     wait_for,
@@ -42,9 +41,7 @@ NOT_REGISTERED = "not registered with systemd-machined"
 def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
     binds = {venv, guest.kernel.parent}
     with container.boot("vmhost-machined", ro_binds=sorted(map(str, binds))) as booted:
-        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
-        booted.run("systemd-sysusers")
-        booted.install_units(UNITS, venv)
+        install_vmhost(booted, venv)
         yield booted
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import container
 import pytest
 from container import Container
-from fleet import STOP_TIMEOUT, Started, make_fleet, setup, start_all, stop_all, timed_list
+from fleet import STOP_TIMEOUT, Started, make_fleet, start_all, stop_all, timed_list
 from guest.build import GuestImage
-from test_systemd_e2e import VM, hammered, venv
+from systemd_vm import VM, hammered, install_vmhost, venv
 
 from vmhost.journal import Event
 
@@ -60,7 +60,7 @@ def count(pytestconfig: pytest.Config) -> int:
 @pytest.fixture(scope="module")
 def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
     with container.boot("vmhost-scale", ro_binds=[str(venv), str(guest.kernel.parent)]) as booted:
-        setup(booted, venv)
+        install_vmhost(booted, venv)
         yield booted
 
 
@@ -155,7 +155,7 @@ def test_poweroff_stops_every_guest_gracefully(
     binds = [f"{state}:/var/lib/vmhost", f"{journal}:/var/log/journal"]
     ro = [str(venv), str(guest.kernel.parent)]
     with container.boot("vmhost-scale-off", binds=binds, ro_binds=ro) as ct:
-        setup(ct, venv)
+        install_vmhost(ct, venv)
         vms = make_fleet(ct, venv, guest, count)
         start_all(ct, vms)
         since = time.time()

@@ -1,6 +1,6 @@
 """Security defences that need the real systemd (issue 19): credentials, config mode, trusted logs.
 
-Runs in its own container, with the VM helpers of test_systemd_e2e.
+Runs in its own container, with the VM helpers of systemd_vm.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port
 from container import Container
 from guest.build import GuestImage
-from test_systemd_e2e import SYSUSERS, UNITS, VM, make_vm, venv, wait_for
+from systemd_vm import VM, install_vmhost, make_vm, venv, wait_for
 
 from vmhost.journal import Event
 
@@ -30,9 +30,7 @@ NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
 def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
     binds = {venv, guest.kernel.parent}
     with container.boot("vmhost-sec", ro_binds=sorted(map(str, binds))) as booted:
-        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
-        booted.run("systemd-sysusers")  # the vmhost group (SocketGroup=), as the package makes it
-        booted.install_units(UNITS, venv)
+        install_vmhost(booted, venv)
         booted.write("/run/sec/status_latency.py", _STATUS_LATENCY)
         yield booted
 

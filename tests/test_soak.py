@@ -13,7 +13,7 @@ import pytest
 from container import Container
 from guest.build import GuestImage
 from soak import Soak
-from test_systemd_e2e import _ASK, SYSUSERS, UNITS, VM, install_vm, venv
+from systemd_vm import VM, install_vm, install_vmhost, venv
 
 __all__ = ["venv"]  # a fixture, used by name
 pytestmark = pytest.mark.slow
@@ -22,10 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
     with container.boot("vmhost-soak", ro_binds=[str(venv), str(guest.kernel.parent)]) as booted:
-        booted.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
-        booted.run("systemd-sysusers")
-        booted.install_units(UNITS, venv)
-        booted.write("/run/e2e/ask.py", _ASK)
+        install_vmhost(booted, venv)
         yield booted
 
 
