@@ -172,8 +172,7 @@ def scale(count: int) -> Scale:
     from guest.build import build
 
     guest, venv = build(CACHE / "guest"), container.venv()
-    with container.boot("vmhost-density", ro_binds=[str(venv), str(guest.kernel.parent)]) as ct:
-        systemd_vm.install_vmhost(ct, venv)
+    with systemd_vm.booted("vmhost-density", venv, guest) as ct:
         vms = fleet.make_fleet(ct, venv, guest, count)
         load = os.getloadavg()[0]
         started = fleet.start_all(ct, vms)

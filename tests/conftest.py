@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import pytest
 from guest.build import GuestImage, build, fresh_disk
@@ -22,6 +22,9 @@ from vmhost.control.connection import Limits
 from vmhost.control.server import Server
 from vmhost.vm import argv as qemu_argv
 from vmhost.vm.state import Change, Changes, VMState
+
+if TYPE_CHECKING:
+    from fixtures import Vmhost
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -327,3 +330,11 @@ timeout_seconds = {timeout}
         return VM(vm_dir, config, disk, token, port)
 
     return make
+
+
+@pytest.fixture
+def vmhost_for() -> Iterator[Callable[[VM], Vmhost]]:
+    """Runs ``vmhost serve`` for a VM (tests/fixtures.py); kills what a test left running."""
+    from fixtures import vmhost_factory  # fixtures imports this module: not at the top
+
+    yield from vmhost_factory()

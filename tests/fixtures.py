@@ -119,8 +119,14 @@ class Vmhost:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float) -> int:
+        """vmhost's exit code; one still running after ``timeout`` fails the test with its log."""
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"vmhost still running {timeout:g} s later:\n{self.output()}"
+            ) from None
 
     def output(self) -> str:
         try:

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ while after_stop < 3:
 print(json.dumps({"ok": ok, "errors": errors, "states": states}))
 """
 
+STATUS = '{"method":"status"}'
+
 # A Go client's one request: connect, write a line, read a line.
 ASK = """
 import socket, sys
@@ -61,13 +63,29 @@ with socket.socket(socket.AF_UNIX) as s:
 """
 
 
-def install_vmhost(ct: Container, venv: Path) -> None:
-    """The units as the package installs them, the vmhost group (SocketGroup=), the clients."""
-    ct.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
-    ct.run("systemd-sysusers")
-    ct.install_units(UNITS, venv)
-    ct.write("/run/e2e/ask.py", ASK)
-    ct.write("/run/e2e/hammer.py", HAMMER)
+@contextlib.contextmanager
+def booted(
+    name: str, venv: Path, *guests: GuestImage, binds: Sequence[str] = ()
+) -> Iterator[Container]:
+    """A container booted with vmhost installed as the package installs it: the units, the
+    vmhost group (SocketGroup=), the clients.  VENV and the guests' kernels are bound read-only;
+    the checkout is not (see venv())."""
+    ro_binds = sorted({str(venv), *(str(guest.kernel.parent) for guest in guests)})
+    with container.boot(name, binds=binds, ro_binds=ro_binds) as ct:
+        ct.write(f"/etc/sysusers.d/{SYSUSERS.name}", SYSUSERS.read_text())
+        ct.run("systemd-sysusers")
+        ct.install_units(UNITS, venv)
+        ct.write("/run/e2e/ask.py", ASK)
+        ct.write("/run/e2e/hammer.py", HAMMER)
+        yield ct
+
+
+@pytest.fixture(scope="module")
+def ct(request: pytest.FixtureRequest, venv: Path, guest: GuestImage) -> Iterator[Container]:
+    """One container per test module, named after it."""
+    module = request.module.__name__.removeprefix("test_").replace("_", "-")
+    with booted(f"vmhost-{module}", venv, guest) as machine:
+        yield machine
 
 
 @pytest.fixture(scope="module")

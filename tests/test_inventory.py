@@ -15,12 +15,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import VM, FakeController
-from fixtures import Vmhost, vmhost_factory, wait_for
+from fixtures import Vmhost, wait_for
 
 from vmhost import inventory
 from vmhost.cli import vmhostctl_main
@@ -107,11 +107,6 @@ def test_list_of_nothing(host_dirs: tuple[Path, Path], capsys: pytest.CaptureFix
 )
 def test_duration(seconds: int, shown: str) -> None:
     assert inventory.duration(seconds) == shown
-
-
-@pytest.fixture
-def vmhost_for() -> Iterator[Callable[[VM], Vmhost]]:
-    yield from vmhost_factory()
 
 
 @pytest.mark.slow

@@ -8,11 +8,10 @@ its own container, with the VM helpers of systemd_vm.py.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID, uuid5
 
-import container
 import pytest
 from container import Container
 from guest.build import GuestImage
@@ -21,7 +20,7 @@ from systemd_vm import (
     UNIT_FAILURE,
     UNIT_SUCCESS,
     VM,
-    install_vmhost,
+    ct,
     make_vm,
     venv,
     wait_for,
@@ -30,19 +29,11 @@ from systemd_vm import (
 from vmhost.journal import Event
 from vmhost.machined import NAMESPACE
 
-__all__ = ["make_vm", "venv"]  # fixtures, used by name
+__all__ = ["ct", "make_vm", "venv"]  # fixtures, used by name
 pytestmark = pytest.mark.slow
 
 UUID_LINE = "TINYGUEST UUID "
 NOT_REGISTERED = "not registered with systemd-machined"
-
-
-@pytest.fixture(scope="module")
-def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
-    binds = {venv, guest.kernel.parent}
-    with container.boot("vmhost-machined", ro_binds=sorted(map(str, binds))) as booted:
-        install_vmhost(booted, venv)
-        yield booted
 
 
 def machine(vm: VM) -> dict[str, str]:

@@ -16,12 +16,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import VM, free_port
-from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
+from fixtures import ENV, Vmhost, qemu_alive, wait_for
 
 from vmhost import marks
 from vmhost.client import Client
@@ -37,11 +37,6 @@ SLOW = "max_bandwidth_mib = 1"
 """A stream slow enough (1 MiB/s for ~20 MiB of the guest's used memory) to act during it."""
 TARGET_ADDRESS = "127.0.0.2"
 """The target's SSH forward binds the source's port on this address ([network] ssh_address)."""
-
-
-@pytest.fixture
-def vmhost_for() -> Iterator[VmhostFor]:
-    yield from vmhost_factory()
 
 
 def pair(make_vm: MakeVM, vmhost_for: VmhostFor, migration: str = "") -> tuple[Vmhost, Vmhost]:

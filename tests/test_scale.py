@@ -15,16 +15,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import container
 import pytest
 from container import Container
 from fleet import STOP_TIMEOUT, Started, make_fleet, start_all, stop_all, timed_list
 from guest.build import GuestImage
-from systemd_vm import VM, hammered, install_vmhost, venv
+from systemd_vm import VM, booted, ct, hammered, venv
 
 from vmhost.journal import Event
 
-__all__ = ["venv"]  # a fixture, used by name
+__all__ = ["ct", "venv"]  # fixtures, used by name
 pytestmark = pytest.mark.slow
 
 LIST_BUDGET = 0.5
@@ -55,13 +54,6 @@ def graceful(records: Sequence[dict[str, Any]], vms: Sequence[VM]) -> None:
 @pytest.fixture(scope="module")
 def count(pytestconfig: pytest.Config) -> int:
     return int(pytestconfig.getoption("--scale-vms"))
-
-
-@pytest.fixture(scope="module")
-def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
-    with container.boot("vmhost-scale", ro_binds=[str(venv), str(guest.kernel.parent)]) as booted:
-        install_vmhost(booted, venv)
-        yield booted
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +145,7 @@ def test_poweroff_stops_every_guest_gracefully(
     state.mkdir()
     journal.mkdir()
     binds = [f"{state}:/var/lib/vmhost", f"{journal}:/var/log/journal"]
-    ro = [str(venv), str(guest.kernel.parent)]
-    with container.boot("vmhost-scale-off", binds=binds, ro_binds=ro) as ct:
-        install_vmhost(ct, venv)
+    with booted("vmhost-scale-off", venv, guest, binds=binds) as ct:
         vms = make_fleet(ct, venv, guest, count)
         start_all(ct, vms)
         since = time.time()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VM, prerequisite_missing
-from fixtures import ENV, Vmhost, vmhost_factory, wait_for
+from fixtures import ENV, Vmhost, wait_for
 from guest.build import GuestImage
 
 from vmhost.client import Client
@@ -228,11 +228,6 @@ def test_host_loopback_true_opens_it_again(netns: Netns, make_vm: Callable[..., 
         targets[2]: "LOOPBACK6",
     }, seen
     assert local.accepted == local6.accepted == 1
-
-
-@pytest.fixture
-def vmhost_for() -> Iterator[Callable[[VM], Vmhost]]:
-    yield from vmhost_factory()
 
 
 def tcp_listening_ports(pid: int) -> set[int]:

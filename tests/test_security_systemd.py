@@ -8,31 +8,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import container
 import pytest
 from conftest import free_port
-from container import Container
-from guest.build import GuestImage
-from systemd_vm import VM, install_vmhost, make_vm, venv, wait_for
+from systemd_vm import VM, ct, make_vm, venv, wait_for
 
 from vmhost.journal import Event
 
-__all__ = ["make_vm", "venv"]  # fixtures, used by name
+__all__ = ["ct", "make_vm", "venv"]  # fixtures, used by name
 pytestmark = pytest.mark.slow
 
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
-
-
-@pytest.fixture(scope="module")
-def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
-    binds = {venv, guest.kernel.parent}
-    with container.boot("vmhost-sec", ro_binds=sorted(map(str, binds))) as booted:
-        install_vmhost(booted, venv)
-        booted.write("/run/sec/status_latency.py", _STATUS_LATENCY)
-        yield booted
 
 
 def append_config(vm: VM, text: str, mode: str = "0600") -> None:
@@ -166,6 +153,7 @@ def flood(make_vm: Callable[..., VM], name: str, seconds: int) -> None:
     flags = f"guest.busy={seconds} guest.flood={seconds}"
     vm.ct.run("sed", "-i", f"s/guest.token=/{flags} guest.token=/", config)
     append_config(vm, "[console]\nfile_kib = 256\nfiles = 2\n")
+    vm.ct.write("/run/sec/status_latency.py", _STATUS_LATENCY)
     vm.ct.systemctl("start", vm.unit)
     invocation = vm.show("InvocationID")["InvocationID"]
     vm.wait_console()

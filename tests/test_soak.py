@@ -5,25 +5,16 @@ run; the long one is ``-m soak --soak-vms N --soak-minutes M [--soak-seed S]``."
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
-import container
 import pytest
 from container import Container
 from guest.build import GuestImage
 from soak import Soak
-from systemd_vm import VM, install_vm, install_vmhost, venv
+from systemd_vm import VM, ct, install_vm, venv
 
-__all__ = ["venv"]  # a fixture, used by name
+__all__ = ["ct", "venv"]  # fixtures, used by name
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ct(venv: Path, guest: GuestImage) -> Iterator[Container]:
-    with container.boot("vmhost-soak", ro_binds=[str(venv), str(guest.kernel.parent)]) as booted:
-        install_vmhost(booted, venv)
-        yield booted
 
 
 def make_vms(ct: Container, venv: Path, guest: GuestImage, prefix: str, count: int) -> list[VM]:

@@ -35,7 +35,7 @@ def test_the_go_oracle_without_go(tmp_path: Path, strict: str) -> None:
             "no:cacheprovider",
             "-k",
             "test_answers_match_go",
-            "tests/test_fuzz.py",
+            "tests/test_go_wire.py",
         ],
         cwd=REPO,
         env=env,

@@ -2,7 +2,7 @@
 
 Activation through systemd-socket-activate, sd_notify into a real datagram
 socket, the catalog compiled by journalctl.  The same code under a real
-systemd and journald: test_systemd_e2e.py.
+systemd and journald: the test_systemd_*.py modules.
 """
 
 from __future__ import annotations
