@@ -14,6 +14,7 @@ import contextlib
 import grp
 import os
 import sys
+import traceback
 from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 
@@ -51,6 +52,36 @@ async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncGen
     """
     reader = AsyncJournalReader()  # type: ignore[no-untyped-call]
     try:
+        await _open(reader, vm, follow)
+        newest = await _newest(reader)
+        shown: list[JournalEntry] = []
+        if newest is not None:
+            shown.append(newest)
+            while len(shown) < lines and (entry := await reader.previous()) is not None:
+                shown.append(entry)
+        for entry in reversed(shown[:lines]):
+            yield _format(entry)
+        if not follow:
+            return
+
+        if len(shown) > 1:
+            await reader.skip_next(len(shown) - 1)  # back on the newest, already shown
+        while True:
+            while (entry := await reader.next()) is not None:
+                yield _format(entry)
+            await reader.wait()
+    except BaseException as exc:
+        # cysystemd closes a reader's descriptors only when the reader is freed, and a task
+        # cancelled mid-read that nobody awaits (a log stream whose client left) keeps its
+        # traceback, whose frames hold the reader: let them go now, not at a collection.
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        del reader
+
+
+async def _open(reader: AsyncJournalReader, vm: str, follow: bool) -> None:
+    try:
         await reader.open(JournalOpenMode.LOCAL_ONLY)
         if follow:
             # Watch from now on (as journalctl does): appends made while we read the tail wake us.
@@ -59,24 +90,6 @@ async def entries(vm: str, *, lines: int = 10, follow: bool = False) -> AsyncGen
         await reader.add_filter(unit & Rule(FIELD_VM, vm))
     except (OSError, SystemError) as exc:
         raise JournalError(f"cannot read the journal: {exc}") from exc
-
-    newest = await _newest(reader)
-    shown: list[JournalEntry] = []
-    if newest is not None:
-        shown.append(newest)
-        while len(shown) < lines and (entry := await reader.previous()) is not None:
-            shown.append(entry)
-    for entry in reversed(shown[:lines]):
-        yield _format(entry)
-    if not follow:
-        return
-
-    if len(shown) > 1:
-        await reader.skip_next(len(shown) - 1)  # back on the newest, already shown
-    while True:
-        while (entry := await reader.next()) is not None:
-            yield _format(entry)
-        await reader.wait()
 
 
 async def _newest(reader: AsyncJournalReader) -> JournalEntry | None:
