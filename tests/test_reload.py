@@ -17,12 +17,12 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import VM
-from fixtures import ENV, Vmhost, qemu_alive, vmhost_factory, wait_for
+from fixtures import ENV, Vmhost, qemu_alive, wait_for
 from guest.build import GuestImage
 
 from vmhost import machined, notify, reload
@@ -36,11 +36,6 @@ MakeVM = Callable[..., VM]
 VmhostFor = Callable[[VM], Vmhost]
 RELOADS = 20
 _RELOADED = re.compile(r"vmhost reloaded \((.*?)\): \S+ -> \S+ in ([\d.]+) s")
-
-
-@pytest.fixture
-def vmhost_for() -> Iterator[VmhostFor]:
-    yield from vmhost_factory()
 
 
 class Hammer(threading.Thread):
@@ -258,25 +253,43 @@ class _FailingHandover:
         return "running"
 
 
-async def test_an_unexpected_handover_error_serves_on_with_signals_let_through() -> None:
-    """Any exception in the handover: this vmhost resumes QEMU and the server, and the
-    signals the reload held are let through again."""
-    server, controller = _Drained(), _FailingHandover()
-    reloader = reload.Reloader(
+def _reloader(server: _Drained, stop_asked: bool = False) -> reload.Reloader:
+    return reload.Reloader(
         server=server,  # type: ignore[arg-type]
-        controller=controller,  # type: ignore[arg-type]
+        controller=_FailingHandover(),  # type: ignore[arg-type]
         notifier=notify.Notifier(),
         socket_path=None,
         pid_file=None,
         reexecs=[],
+        stop_asked=lambda: stop_asked,
     )
+
+
+async def _reload_keeps_the_mask(reloader: reload.Reloader) -> None:
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     with contextlib.suppress(RuntimeError):  # 4c097e2 let it out
         await reloader._reload("test", [])
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     signal.pthread_sigmask(signal.SIG_SETMASK, before)
     assert blocked == before
-    assert server.calls == ["drain", "resume"] and controller.resumed
+
+
+async def test_an_unexpected_handover_error_serves_on_with_signals_let_through() -> None:
+    """Any exception in the handover: this vmhost resumes QEMU and the server, and the
+    signals the reload held are let through again."""
+    server = _Drained()
+    reloader = _reloader(server)
+    await _reload_keeps_the_mask(reloader)
+    assert server.calls == ["drain", "resume"]
+    assert reloader.controller.resumed  # type: ignore[attr-defined]
+
+
+async def test_a_stop_signal_caught_as_the_reload_begins_refuses_it() -> None:
+    """A stop signal whose handler ran as the reload blocked the signals (its stop not begun
+    yet: the loop runs it next): the reload is refused before it drains anything."""
+    server = _Drained()
+    await _reload_keeps_the_mask(_reloader(server, stop_asked=True))
+    assert server.calls == []
 
 
 def test_worker_threads_never_take_the_held_signals(make_vm: MakeVM, vmhost_for: VmhostFor) -> None:

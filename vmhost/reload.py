@@ -110,8 +110,10 @@ class Reloader:
         socket_path: Path | None,
         pid_file: PidFile | None,
         reexecs: list[float],
+        stop_asked: Callable[[], bool],
     ) -> None:
         self.server = server
+        self.stop_asked = stop_asked
         self.controller = controller
         self.notifier = notifier
         self.socket_path = socket_path
@@ -138,14 +140,18 @@ class Reloader:
         await self._reload(f"internal error: {error!r}", [*recent, now])
 
     async def _reload(self, reason: str, reexecs: list[float]) -> None:
-        if refusal := self.controller.handover_refusal():
+        since = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        # Held from here, so none is caught and then lost in the exec: whichever vmhost
+        # serves next handles it.  One caught just before has had its handler run by now.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        refusal = self.controller.handover_refusal()
+        if self.stop_asked():
+            refusal = "a stop is running (it goes on)"
+        if refusal:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.warning("reload refused: %s", refusal)
             return
-        since = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self.notifier.reloading(f"reloading ({reason})")
-        # Held from here, so none is caught and then lost in the exec: whichever vmhost
-        # serves next handles it (one caught just before still runs, during the drain).
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             listening = await self.server.drain(DRAIN_TIMEOUT, RELOADED)
             vm = await self.controller.handover()

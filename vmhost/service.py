@@ -177,6 +177,7 @@ async def _run(
     stopping = asyncio.Event()
     controller.on_state = functools.partial(supervise.on_state, controller, notifier, stopping)
     server = Server(controller, listen, logs=functools.partial(_logs, name), consoles=consoles)
+    stop = stopsignals.Stopper(controller, notifier)
     reloader = reload.Reloader(
         server=server,
         controller=controller,
@@ -184,8 +185,8 @@ async def _run(
         socket_path=origin.socket_path,
         pid_file=pid_file,
         reexecs=origin.reexecs,
+        stop_asked=lambda: stop.asked,
     )
-    stop = stopsignals.Stopper(controller, notifier)
     stop.reboots = config.systemd.register_machine and machined.is_service()
     fault = asyncio.Event()
     reload.hold_signals_in_workers()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Final
 
 from . import machined, notify, reload
@@ -37,6 +38,9 @@ class Stopper:
         self.controller = controller
         self.notifier = notifier
         self.task: asyncio.Task[None] | None = None
+        self.asked = False
+        """A stop signal was caught: set by the signal handler itself, before the loop runs
+        the stop, so a reload about to exec sees it (see :func:`install`)."""
         self.reboots = False
         self.rebooting = False
 
@@ -58,14 +62,24 @@ def signal_name(signum: int) -> str:
 
 
 def install(stop: Stopper, reloader: reload.Reloader, fault: asyncio.Event) -> None:
+    """The stop signals get Python handlers, not the loop's: CPython runs the handler of a
+    signal caught just before a reload blocks them inside that ``pthread_sigmask`` call, so
+    :attr:`Stopper.asked` is set before the reload looks; the loop's handlers would run a
+    loop iteration later, after the exec, and the stop would be lost."""
     loop = asyncio.get_running_loop()
+
+    def soon(callback: Callable[..., object], *args: object) -> None:
+        if not loop.is_closed():  # else vmhost is on its way out: nothing is left to run it
+            loop.call_soon_threadsafe(callback, *args)
+
+    def caught(signum: int, _frame: object) -> None:
+        stop.asked = True
+        soon(stop, signum)
+
     for signum in (signal.SIGTERM, signal.SIGINT, machined.POWEROFF):
-        loop.add_signal_handler(signum, stop, signum)
-
-    def child_changed(_signum: int, _frame: object) -> None:
-        loop.call_soon_threadsafe(stop.controller.probe_now)
-
-    signal.signal(signal.SIGCHLD, child_changed)  # uvloop refuses it to add_signal_handler
+        signal.signal(signum, caught)
+    # SIGCHLD: QEMU stopped or went on (uvloop refuses it to add_signal_handler).
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: soon(stop.controller.probe_now))
     reload.install_signals(reloader, fault.set)
 
 
