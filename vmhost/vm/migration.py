@@ -26,6 +26,8 @@ PROGRESS_EVERY: Final = 0.5
 CANCEL_TIMEOUT: Final = 10.0
 FIGURES_TRIES: Final = 50
 _ENDS: Final = frozenset({"completed", "failed", "cancelled"})
+_STREAMING: Final = frozenset({"active", *_ENDS})
+"""The target's statuses once the source's stream has begun."""
 _HOST: Final = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
 _EVENTS: Final = {"capabilities": [{"capability": "events", "state": True}]}
 
@@ -147,10 +149,14 @@ class Migration:
 
     async def arrived(self) -> None:
         """Until the guest has arrived (QEMU runs it if it ran on the source); raises
-        :class:`MigrationError` if it failed or did not arrive within the timeout."""
+        :class:`MigrationError` if it failed, if no stream began within the timeout, or if one
+        that began is not done within the timeout and the time a cancel takes.  The source began
+        later and gives up first, cancelling: its reason is the one an operator is told."""
         timeout = self.config.timeout_seconds
-        if not await self._until(_ENDS, timeout):
+        if not await self._until(_STREAMING, timeout):
             raise self._failed(f"no guest arrived within {timeout} s")
+        if not await self._until(_ENDS, timeout + CANCEL_TIMEOUT):
+            raise self._failed(f"the guest did not arrive within {timeout} s of its start")
         if not self.completed:
             raise self._failed(f"the incoming migration {self.status}")
 
