@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Final
 
 import pytest
 from conftest import free_port
@@ -20,6 +21,11 @@ __all__ = ["ct", "make_vm", "venv"]  # fixtures, used by name
 pytestmark = pytest.mark.slow
 
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+P99_FLOOR: Final = 0.005
+"""A flood's status p99 passes within 2x the quiet one or under 5 ms: with vmhost at 3-4% of a
+core, 2.7-3.7 ms against a 0.4-1.1 ms quiet p99 came from two CPUs shared with a flooding TCG
+guest and journald (2 of 4 full runs on 2026-12-06); the console read that took 70% of a core
+made it seconds, and the CPU bound below catches that first."""
 
 
 def append_config(vm: VM, text: str, mode: str = "0600") -> None:
@@ -190,7 +196,7 @@ def flood(make_vm: Callable[..., VM], name: str, seconds: int) -> None:
     )
     assert dropped > console_lines  # the budget did the limiting, not journald
     assert cpu < 0.25  # reading the console a byte at a time took 70%
-    assert p99(during) <= 2 * p99(quiet), (p99(during), p99(quiet))
+    assert p99(during) <= max(2 * p99(quiet), P99_FLOOR), (p99(during), p99(quiet))
 
 
 def test_console_flood(make_vm: Callable[..., VM]) -> None:
